@@ -1,0 +1,32 @@
+"""Errors with messages ready to show to a user.
+
+Library code raises these; the CLI prints ``Error: <message>`` and exits 1.
+"""
+
+
+class StcError(Exception):
+    """Base class: the message says what went wrong and what to do next."""
+
+
+class ConceptNotFound(StcError):
+    pass
+
+
+class ConceptExists(StcError):
+    pass
+
+
+class InvalidName(StcError):
+    pass
+
+
+class CorruptConcept(StcError):
+    pass
+
+
+class BadInput(StcError):
+    """User-supplied data (photos, words, prompts, options) cannot be used."""
+
+
+class ModelError(StcError):
+    """A base model cannot be resolved, loaded, or does not fit a concept."""

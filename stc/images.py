@@ -1,0 +1,110 @@
+"""Reading the user's photos: never modified, every usable format normalised to RGB squares."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadInput
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
+MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+
+
+@dataclass
+class PhotoSet:
+    """Loaded photos (RGB, square, ``resolution`` px) and what was skipped and why."""
+
+    images: list  # PIL.Image.Image
+    paths: list[Path]
+    skipped: dict[Path, str] = field(default_factory=dict)
+
+
+def _to_rgb(image):
+    from PIL import Image
+
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        # 16/32-bit grayscale: scale to 8 bits by the actual range of the mode
+        import numpy as np
+
+        array = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if array.max() > 255 else 255.0
+        image = Image.fromarray((array / top * 255).clip(0, 255).astype("uint8"), mode="L")
+    if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, rgba)
+    return image.convert("RGB")
+
+
+def _square(image, resolution: int):
+    from PIL import Image
+
+    width, height = image.size
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side)).resize((resolution, resolution), Image.BICUBIC)
+
+
+def load_photo(path: Path, resolution: int):
+    """One photo as an RGB ``resolution`` square (EXIF orientation applied, center-cropped)."""
+    from PIL import Image, ImageOps
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        previous = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = MAX_PIXELS
+        try:
+            with Image.open(path) as image:
+                image.load()
+                image = ImageOps.exif_transpose(image)
+                return _square(_to_rgb(image), resolution)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise BadInput(
+                f"{path.name} is too large ({exc}); images over {MAX_PIXELS // 1_000_000} megapixels are "
+                "refused as possible decompression bombs. Downscale it first"
+            ) from exc
+        finally:
+            Image.MAX_IMAGE_PIXELS = previous
+
+
+def check_photo_folder(folder: Path) -> None:
+    """Cheap check before any model loads: the folder exists and has image-named files."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise BadInput(f"{folder} is not a folder; pass the folder that holds your photos")
+    if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
+        raise BadInput(f"no images in {folder}: put a few jpg, png, webp or bmp photos of your subject there")
+
+
+def load_photos(folder: Path, resolution: int, on_warning=None) -> PhotoSet:
+    """All usable photos in ``folder`` (sorted by name). Read-only: the folder is never touched."""
+    from PIL import UnidentifiedImageError
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise BadInput(f"{folder} is not a folder; pass the folder that holds your photos")
+    warn = on_warning or (lambda message: None)
+    images, paths, skipped = [], [], {}
+    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped[path] = "not an image file (jpg, png, webp or bmp)"
+            continue
+        try:
+            images.append(load_photo(path, resolution))
+            paths.append(path)
+        except BadInput as exc:
+            skipped[path] = str(exc)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            skipped[path] = f"cannot be read as an image ({exc.__class__.__name__}: {exc})"
+    for path, reason in skipped.items():
+        warn(f"skipping {path.name}: {reason}")
+    if not images:
+        raise BadInput(
+            f"no usable images in {folder}: put a few jpg, png, webp or bmp photos of your subject there"
+            + (f" ({len(skipped)} file(s) skipped)" if skipped else "")
+        )
+    if len(images) < 3:
+        warn(f"only {len(images)} usable image(s) in {folder}; 3-6 photos of the subject work best")
+    return PhotoSet(images=images, paths=paths, skipped=skipped)

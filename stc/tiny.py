@@ -1,0 +1,179 @@
+"""``builtin:tiny``: a random-weight Stable Diffusion pipeline with the SD 1.x topology.
+
+Built from code with a fixed seed, in seconds, with no network: 4 down blocks (3 with
+cross-attention), a mid block, 4 up blocks (3 with cross-attention), 2 transformer layers per
+down block and 3 per up block, i.e. the 16 cross-attention layers of SD 1.x, at tiny widths.
+The tokenizer is a real byte-level BPE tokenizer in the CLIP layout (lower-casing, ``</w>``
+word ends, start/end tokens) whose vocabulary covers the words below as single tokens.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+TINY_SEED = 20230524
+TINY_TEXT_WIDTH = 32
+TINY_RESOLUTION = 64
+
+# Words that the tiny tokenizer knows as single tokens (everything else splits into pieces).
+WORDS = """
+a an the of on in at to with and or by for from my one two three next near under over above
+photo photograph picture rendering rendition painting drawing sketch image portrait close-up
+cropped clean dirty dark bright good nice cool weird small large big tiny little old new
+style art artwork oil watercolor pencil sculpture statue toy doll plush figure
+object thing animal pet cat dog kitten puppy bird horse cow fish bear fox rabbit lion tiger
+person man woman boy girl child face head eye eyes hand hair
+car truck bike boat train plane house building castle tower bridge city street road
+tree flower flowers grass forest mountain mountains hill river lake sea ocean beach sand
+sky cloud clouds sun moon star stars space planet earth snow rain water fire ice
+red blue green yellow orange purple pink black white gray grey brown gold golden silver
+table chair bed sofa cup mug bowl vase bottle book lamp clock hat shoe shoes bag box
+teapot teddy backpack sunglasses glasses shirt jacket dress
+sitting standing running walking jumping flying swimming sleeping playing wearing holding
+eating looking lying floating riding reading
+is are as it its this that front back top side behind inside outside around
+colorful vintage modern ancient futuristic realistic detailed beautiful cute happy sad
+high quality best masterpiece wallpaper poster cartoon anime digital 3d render cinematic
+light lighting night day sunset sunrise morning evening
+van gogh monet picasso style of
+""".split()
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2/CLIP's reversible byte -> printable unicode character table."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Plain BPE: repeatedly merge the lowest-ranked adjacent pair."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, index = min(pairs)
+        if rank == 1 << 30:
+            break
+        symbols[index : index + 2] = [symbols[index] + symbols[index + 1]]
+    return symbols
+
+
+@lru_cache(maxsize=1)
+def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of the tiny tokenizer; every word in WORDS is one token."""
+    byte_chars = list(bytes_to_unicode().values())
+    vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    words = sorted({w for w in WORDS if w.isalpha()}, key=lambda w: (len(w), w))
+
+    def add_merge(a: str, b: str) -> None:
+        if (a, b) not in ranks:
+            ranks[(a, b)] = len(merges)
+            merges.append((a, b))
+            vocab_list.append(a + b)
+
+    for _ in range(8):  # later merges never change words that already merge fully
+        unfinished = 0
+        for word in words:
+            symbols = list(word[:-1]) + [word[-1] + "</w>"]
+            pieces = _bpe(symbols, ranks)
+            if len(pieces) == 1:
+                continue
+            unfinished += 1
+            joined = pieces[0]
+            for piece in pieces[1:]:
+                add_merge(joined, piece)
+                joined += piece
+        if not unfinished:
+            break
+    vocab_list = list(dict.fromkeys(vocab_list)) + ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(vocab_list)}, merges
+
+
+def build_tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    vocab, merges = tiny_vocab_and_merges()
+    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    if len(tokenizer("a photo of a cat").input_ids) != 7:  # bos + 5 words + eos
+        raise RuntimeError("the builtin:tiny tokenizer does not tokenize; transformers changed its API")
+    return tokenizer
+
+
+def build_tiny_pipeline():
+    """A ``StableDiffusionPipeline`` with random weights and the SD 1.x topology (fp32, CPU)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_TEXT_WIDTH,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            projection_dim=TINY_TEXT_WIDTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_RESOLUTION // 8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(16, 32, 32, 32),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=TINY_TEXT_WIDTH,
+            attention_head_dim=4,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_RESOLUTION,
+        )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+    )
+    for module in (text_encoder, unet, vae):
+        module.eval().requires_grad_(False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )

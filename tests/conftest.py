@@ -1,0 +1,41 @@
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.fixture(autouse=True)
+def stc_home(tmp_path, monkeypatch):
+    """Every test gets its own registry root; no test touches the real one."""
+    home = tmp_path / "stc-home"
+    monkeypatch.setenv("STC_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return home
+
+
+@pytest.fixture
+def photos(tmp_path) -> Path:
+    """Four small synthetic photos of one 'subject' (a coloured disc on a background)."""
+    from PIL import Image, ImageDraw
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for index in range(4):
+        image = Image.fromarray((rng.random((72, 80, 3)) * 60 + 100).astype("uint8"))
+        draw = ImageDraw.Draw(image)
+        offset = 8 * index
+        draw.ellipse((10 + offset, 12, 50 + offset, 56), fill=(200, 60, 30))
+        image.save(folder / f"photo{index}.png")
+    return folder
+
+
+@pytest.fixture
+def tiny():
+    """A fresh builtin:tiny base model on the CPU (fp32)."""
+    from stc.models import load_base_model
+
+    return load_base_model("builtin:tiny", device="cpu")
