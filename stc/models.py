@@ -162,6 +162,9 @@ def load_base_model(
         else:
             raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor {TINY}")
     for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
-        module.to(device=device, dtype=weight_dtype).eval().requires_grad_(False)
+        module.to(device)
+        if module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)
+        module.eval().requires_grad_(False)
     pipeline.set_progress_bar_config(disable=True)
     return BaseModel(spec=canonical_spec(spec), pipeline=pipeline, device=device, dtype=weight_dtype)

@@ -1,0 +1,84 @@
+import pytest
+import torch
+
+from stc.errors import BadInput, ConceptExists, InvalidName
+from stc.registry import Registry
+from stc.training import OBJECT_TEMPLATES, TrainConfig, train_concept
+
+FAST = dict(steps=15, batch_size=2, grad_accum=1, seed=0, initializer="cat")
+
+
+def test_short_training_lowers_the_denoising_loss_and_reloads_identically(photos):
+    result = train_concept(photos, "blob", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+    metrics = result.concept.metrics
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+
+    registry = Registry()
+    stored = registry.load("blob")
+    assert stored.base_model == "builtin:tiny" and stored.token == "<blob>"
+    assert len(stored.layer_names) == 16 and stored.layer_names[6].startswith("mid_block")
+    assert stored.training["steps_done"] == 15 and stored.training["effective_lr"] == pytest.approx(2e-3)
+    reloaded = registry.load_mapper(stored)
+    trained = result.mapper.eval()
+    t = torch.tensor([999.0, 500.0, 20.0, 0.0])
+    l = torch.tensor([0.0, 6.0, 15.0, 3.0])
+    with torch.no_grad():
+        assert torch.equal(reloaded(t, l), trained(t, l))
+        assert torch.equal(reloaded.encoding.w, trained.encoding.w)
+
+
+def test_training_is_deterministic(photos, tmp_path):
+    first = train_concept(photos, "one", "builtin:tiny", TrainConfig(**{**FAST, "steps": 3}), device="cpu")
+    second = train_concept(photos, "two", "builtin:tiny", TrainConfig(**{**FAST, "steps": 3}), device="cpu")
+    a, b = first.mapper.state_dict(), second.mapper.state_dict()
+    assert all(torch.equal(a[key], b[key]) for key in a)
+
+
+def test_only_the_mapper_is_trained(photos, monkeypatch):
+    from stc import training
+
+    seen = {}
+    original = training.Trainer.train_step
+
+    def spy(self):
+        loss = original(self)
+        seen["frozen_grads"] = [
+            name for module in (self.unet, self.vae, self.text_encoder)
+            for name, p in module.named_parameters() if p.requires_grad or p.grad is not None
+        ]
+        seen["optimized"] = sum(p.numel() for group in self.optimizer.param_groups for p in group["params"])
+        seen["mapper"] = sum(p.numel() for p in self.unwrapped_mapper.parameters())
+        return loss
+
+    monkeypatch.setattr(training.Trainer, "train_step", spy)
+    train_concept(photos, "frozen", "builtin:tiny", TrainConfig(**{**FAST, "steps": 1}), device="cpu")
+    assert seen["frozen_grads"] == []
+    assert seen["optimized"] == seen["mapper"]
+
+
+def test_reference_defaults():
+    config = TrainConfig()
+    assert (config.steps, config.batch_size, config.grad_accum) == (1000, 2, 4)
+    assert config.effective_lr() == pytest.approx(8e-3)
+    assert (config.adam_beta1, config.adam_beta2, config.adam_weight_decay) == (0.9, 0.999, 1e-2)
+    assert config.initializer_word == "object"
+    assert TrainConfig(kind="style").initializer_word == "painting"
+    assert "a photo of a {}" in OBJECT_TEMPLATES
+
+
+def test_errors_before_any_training(photos, tmp_path):
+    with pytest.raises(InvalidName):
+        train_concept(photos, "My Dog", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("no photos here")
+    with pytest.raises(BadInput, match="no images"):
+        train_concept(empty, "x", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+    with pytest.raises(BadInput, match="single token"):
+        train_concept(photos, "x", "builtin:tiny", TrainConfig(**{**FAST, "initializer": "hippopotamus"}), device="cpu")
+    with pytest.raises(BadInput, match="steps"):
+        TrainConfig(steps=0)
+    train_concept(photos, "taken", "builtin:tiny", TrainConfig(**{**FAST, "steps": 1}), device="cpu")
+    with pytest.raises(ConceptExists):
+        train_concept(photos, "taken", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+    assert Registry().names() == ["taken"]
