@@ -22,7 +22,13 @@ from pathlib import Path
 import yaml
 
 from . import __version__
-from .errors import ConceptExists, ConceptNotFound, CorruptConcept, InvalidName, StcError
+from .errors import (
+    ConceptExists,
+    ConceptNotFound,
+    CorruptConcept,
+    InvalidName,
+    StcError,
+)
 
 SCHEMA_VERSION = 1
 CONCEPT_FILE = "concept.yaml"

@@ -1,0 +1,108 @@
+"""Shared pieces of the command line: the app, consoles, option aliases, error boundary.
+
+Heavy libraries (torch, diffusers, transformers) are imported inside commands, so
+``stc --help`` and ``stc ls`` answer instantly.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from .. import __version__
+from ..errors import StcError
+
+app = typer.Typer(
+    name="stc",
+    help="Personalize Stable Diffusion with neural space-time concepts (NeTI): train a concept "
+    "from a few photos, keep it in a local registry, render it at any truncation rank.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+out = Console()
+err = Console(stderr=True)
+
+# Shared option aliases --------------------------------------------------------------------
+ModelOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--model",
+        "-m",
+        help="Base model: a hub id, a local diffusers folder, a .safetensors file, or builtin:tiny.",
+    ),
+]
+ModelConfigOpt = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--model-config", help="For a single-file --model: a local diffusers folder with its configs."
+    ),
+]
+SeedOpt = Annotated[
+    int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result.")
+]
+DeviceOpt = Annotated[
+    Optional[str], typer.Option("--device", help="cpu, cuda or mps (default: the best available).")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+def handle_errors(command):
+    """The one error boundary: StcError -> 'Error: ...' on stderr, exit 1 (STC_DEBUG=1: traceback)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except StcError as exc:
+            if os.environ.get("STC_DEBUG") == "1":
+                raise
+            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("Interrupted.")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def quiet_libraries() -> None:
+    """Silence the heavy libraries' info/warning chatter; our own messages say what matters."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    try:
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover - both are dependencies
+        pass
+
+
+def open_registry():
+    from ..registry import Registry
+
+    return Registry()
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        out.print(f"stc {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")
+    ] = False,
+) -> None:
+    """Personalize Stable Diffusion with neural space-time concepts."""
