@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import BadInput, ConceptExists
+from .errors import BadInput, ConceptExists, StcError
 from .registry import Concept, Registry, validate_name
 
 OBJECT_TEMPLATES = [
@@ -66,6 +67,9 @@ class TrainConfig:
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     eval_samples: int = 8
+    save_every: int = 250  # checkpoint every N steps (0: only at the end and on Ctrl-C)
+    preview_every: int = 0  # render previews every N steps (0: only the final preview)
+    preview_steps: int = 25  # denoising steps of preview renders
 
     def __post_init__(self) -> None:
         positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
@@ -78,6 +82,11 @@ class TrainConfig:
             raise BadInput(f"--kind must be 'object' or 'style', not {self.kind!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
+        for flag in ("save_every", "preview_every"):
+            if getattr(self, flag) < 0:
+                raise BadInput(f"--{flag.replace('_', '-')} must be 0 (off) or positive")
+        if not 0.0 <= self.nested_dropout_prob <= 1.0:
+            raise BadInput("--nested-dropout-prob must lie between 0 and 1")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise BadInput(f"--resolution must be a positive multiple of 8, got {self.resolution}")
 
@@ -101,6 +110,29 @@ class TrainConfig:
     def from_dict(cls, data: dict) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_file(cls, path: Path, overrides: dict) -> "TrainConfig":
+        """Settings from a YAML file, then ``overrides`` (explicit flags) on top."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
+        except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
+            raise BadInput(f"cannot read the config file {path}: {exc}") from exc
+        if not isinstance(data, dict):
+            raise BadInput(f"{path} must hold a mapping of option: value")
+        data = {str(key).replace("-", "_"): value for key, value in data.items()}
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise BadInput(
+                f"unknown setting(s) in {path}: {', '.join(unknown)}. Known: {', '.join(sorted(known))}"
+            )
+        try:
+            return cls(**{**data, **overrides})
+        except TypeError as exc:
+            raise BadInput(f"bad settings in {path}: {exc}") from exc
 
 
 def single_token_id(tokenizer, word: str) -> int:
@@ -161,6 +193,8 @@ class Trainer:
             weight_decay=config.adam_weight_decay,
             eps=config.adam_epsilon,
         )
+        if accelerator.process_index:  # other processes draw other batches
+            self.generator.manual_seed(config.seed + 7919 * accelerator.process_index)
         self.mapper, self.optimizer = accelerator.prepare(mapper, optimizer)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.latent_mean, self.latent_std = self._encode_photos(photos)
@@ -276,7 +310,17 @@ class Trainer:
             return float(self.denoising_loss(image_index, flip, noise, timesteps, captions, gen))
 
 
-StepCallback = Callable[[int, int, float], None]
+@dataclass
+class TrainCallbacks:
+    """How the library reports progress; every callback is optional."""
+
+    on_step: Callable[[int, int, float], None] | None = None  # step, total, loss
+    on_warning: Callable[[str], None] | None = None
+    on_status: Callable[[str], None] | None = None
+
+    def status(self, message: str) -> None:
+        if self.on_status:
+            self.on_status(message)
 
 
 @dataclass
@@ -286,82 +330,281 @@ class TrainResult:
 
 
 def train_concept(
-    photos_dir: Path,
+    photos_dir: Path | None,
     name: str,
-    model: str,
+    model: str | None,
     config: TrainConfig,
     registry: Registry | None = None,
     device: str | None = None,
     model_config: str | None = None,
-    on_step: StepCallback | None = None,
-    on_warning: Callable[[str], None] | None = None,
-    on_status: Callable[[str], None] | None = None,
+    callbacks: TrainCallbacks | None = None,
 ) -> TrainResult:
-    """Train a concept on the photos in ``photos_dir`` and save it in the registry."""
-    from accelerate import Accelerator
-
-    from .images import check_photo_folder, load_photos
-    from .models import load_base_model
-
+    """Train a new concept on the photos in ``photos_dir`` and save it in the registry."""
     registry = registry or Registry()
     validate_name(name)
     if registry.path_of(name).exists():
         raise ConceptExists(
-            f"a concept named {name!r} exists already; choose another --name, or remove it first (stc rm {name})"
+            f"a concept named {name!r} exists already; choose another --name, resume it (stc train --resume "
+            f"{name}), or remove it first (stc rm {name})"
         )
-    check_photo_folder(Path(photos_dir))
-    status = on_status or (lambda message: None)
-    accelerator = Accelerator(
-        mixed_precision=config.mixed_precision,
-        gradient_accumulation_steps=config.grad_accum,
-        cpu=(device == "cpu"),
-    )
-    weight_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]
-    status(f"loading {model}")
-    base = load_base_model(model, device=str(accelerator.device.type), dtype=weight_dtype, config=model_config)
-    resolution = config.resolution or base.default_resolution
-    photos = load_photos(Path(photos_dir), resolution, on_warning=on_warning)
-    status(f"{len(photos.images)} photo(s) at {resolution}px")
-    trainer = Trainer(base, photos.images, f"<{name}>", config, accelerator)
+    if photos_dir is None:
+        raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
+    from .models import DEFAULT_MODEL
 
-    started = time.monotonic()
-    eval_before = trainer.evaluate()
-    losses = []
-    for step in range(1, config.steps + 1):
-        losses.append(trainer.train_step())
-        if on_step:
-            on_step(step, config.steps, losses[-1])
-    eval_after = trainer.evaluate()
-    seconds = time.monotonic() - started
+    run = _Run(registry, name, Path(photos_dir).expanduser().resolve(), model or DEFAULT_MODEL, config, callbacks)
+    return run.execute(device, model_config, previous=None)
 
-    mapper = trainer.unwrapped_mapper
-    training = config.to_dict()
-    training.update(
-        resolution=resolution,
-        initializer=config.initializer_word,
-        effective_lr=config.effective_lr(accelerator.num_processes),
-        num_processes=accelerator.num_processes,
-        photos=[p.name for p in photos.paths],
-        steps_done=config.steps,
-    )
-    tail = losses[-min(len(losses), 20):]
-    metrics = {
-        "final_loss": round(sum(tail) / len(tail), 6),
-        "eval_loss_before": round(eval_before, 6),
-        "eval_loss_after": round(eval_after, 6),
-        "seconds": round(seconds, 2),
-    }
-    concept = Concept(
-        name=name,
-        base_model=base.spec,
-        initializer=config.initializer_word,
-        text_width=base.text_width,
-        layer_names=trainer.layer_names,
-        mapper=mapper.config.to_dict(),
-        training=training,
-        metrics={k: (v if math.isfinite(v) else None) for k, v in metrics.items()},
-    )
-    if accelerator.is_main_process:
-        registry.save(concept, mapper.state_dict())
-    accelerator.wait_for_everyone()
-    return TrainResult(concept=concept, mapper=mapper)
+
+def resume_training(
+    name: str,
+    steps: int | None = None,
+    registry: Registry | None = None,
+    photos_dir: Path | None = None,
+    device: str | None = None,
+    model_config: str | None = None,
+    callbacks: TrainCallbacks | None = None,
+    **run_options,
+) -> TrainResult:
+    """Continue an interrupted (or finished) concept to ``steps`` (default: the planned total)."""
+    from . import checkpoints
+
+    registry = registry or Registry()
+    concept = registry.load(name)
+    state = checkpoints.load(concept.path)
+    config = TrainConfig.from_dict({**concept.training, **run_options, "steps": steps or concept.training["steps"]})
+    if state.step >= config.steps:
+        raise BadInput(
+            f"{name!r} has already trained {state.step}/{config.steps} steps; pass --steps N (more than "
+            f"{state.step}) to train further"
+        )
+    folder = photos_dir or concept.training.get("photos_dir")
+    if folder is None:
+        raise BadInput(f"{name!r} does not record its photos folder; pass it: stc train PHOTOS --resume {name}")
+    run = _Run(registry, name, Path(folder).expanduser().resolve(), concept.base_model, config, callbacks)
+    return run.execute(device, model_config, previous=(concept, state))
+
+
+class _Run:
+    """One training session of a concept: new, or resumed from a checkpoint."""
+
+    def __init__(self, registry, name, photos_dir, model, config, callbacks):
+        self.registry, self.name, self.photos_dir, self.model = registry, name, photos_dir, model
+        self.config = config
+        self.callbacks = callbacks or TrainCallbacks()
+        self.metrics_lines: list[str] = []
+        self.files: dict[str, bytes] = {}  # previews etc. carried into every save
+        self.losses: list[float] = []
+        self.metrics: dict = {}
+        self.previous_seconds = 0.0
+        self.created = ""
+
+    def execute(self, device, model_config, previous) -> TrainResult:
+        from accelerate import Accelerator
+
+        from .images import check_photo_folder, load_photos
+        from .models import load_base_model
+
+        check_photo_folder(self.photos_dir)
+        config = self.config
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
+            cpu=(device == "cpu"),
+        )
+        weight_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]
+        self.callbacks.status(f"loading {self.model}")
+        self.base = load_base_model(
+            self.model, device=str(self.accelerator.device.type), dtype=weight_dtype, config=model_config
+        )
+        self.resolution = config.resolution or self.base.default_resolution
+        self.photos = load_photos(self.photos_dir, self.resolution, on_warning=self.callbacks.on_warning)
+        self.callbacks.status(f"{len(self.photos.images)} photo(s) at {self.resolution}px")
+        self.trainer = Trainer(self.base, self.photos.images, f"<{self.name}>", config, self.accelerator)
+        start = self._restore(previous) if previous else 0
+        if not previous:
+            self.metrics["eval_loss_before"] = self.trainer.evaluate()
+        self.started = time.monotonic()
+        self._loop(start)
+        self.metrics["eval_loss_after"] = self.trainer.evaluate()
+        self.files["preview.png"] = self._preview_grid()
+        concept = self._save(config.steps, final=True)
+        return TrainResult(concept=concept, mapper=self.trainer.unwrapped_mapper)
+
+    def _restore(self, previous) -> int:
+        import torch
+
+        concept, state = previous
+        mapper = self.trainer.unwrapped_mapper
+        mapper.load_state_dict(self.registry.load_state_dict(concept))
+        self.trainer.optimizer.load_state_dict(state.optimizer)
+        if self.accelerator.process_index == 0:
+            self.trainer.generator.set_state(state.generator)
+        torch.set_rng_state(state.global_rng)
+        self.metrics = dict(concept.metrics)
+        self.created = concept.created
+        self.previous_seconds = float(concept.metrics.get("seconds") or 0.0)
+        for relative in _carried_files(concept.path):
+            self.files[relative] = (concept.path / relative).read_bytes()
+        metrics_file = concept.path / "metrics.jsonl"
+        if metrics_file.exists():
+            lines = metrics_file.read_text(encoding="utf-8").splitlines()
+            self.metrics_lines = [line for line in lines if line and json.loads(line)["step"] <= state.step]
+            self.losses = [json.loads(line)["loss"] for line in self.metrics_lines]
+        self.callbacks.status(f"resuming {self.name} at step {state.step}/{self.config.steps}")
+        return state.step
+
+    def _loop(self, start: int) -> None:
+        config, accelerator = self.config, self.accelerator
+        with InterruptGuard() as guard:
+            for step in range(start + 1, config.steps + 1):
+                loss = self.trainer.train_step()
+                self.losses.append(loss)
+                self.metrics_lines.append(json.dumps({
+                    "step": step, "loss": round(loss, 6), "lr": self.trainer.optimizer.param_groups[0]["lr"],
+                    "time": round(self.previous_seconds + time.monotonic() - self.started, 3),
+                }))
+                if self.callbacks.on_step:
+                    self.callbacks.on_step(step, config.steps, loss)
+                if guard.requested(accelerator):
+                    self._save(step, final=False)
+                    raise TrainingInterrupted(
+                        f"training of {self.name!r} stopped at step {step}/{config.steps}; the checkpoint is saved. "
+                        f"Resume with: stc train --resume {self.name}"
+                    )
+                if config.preview_every and step % config.preview_every == 0 and step < config.steps:
+                    self.files[f"previews/step-{step:06d}.png"] = self._preview_grid()
+                if config.save_every and step % config.save_every == 0 and step < config.steps:
+                    self._save(step, final=False)
+
+    def _preview_grid(self) -> bytes:
+        """A PNG of fixed-seed renders of a few prompts with the current mapper."""
+        from .generation import Renderer, RenderSettings
+
+        trainer = self.trainer
+        mapper = trainer.unwrapped_mapper
+        was_training = mapper.training
+        concept = self._concept(step=0)
+        renderer = Renderer(self.base, {self.name: (concept, mapper.eval())})
+        settings = RenderSettings(steps=self.config.preview_steps, width=self.resolution, height=self.resolution)
+        prompts = PREVIEW_PROMPTS[self.config.kind]
+        columns = [renderer.render(p.format(f"<{self.name}>"), PREVIEW_SEEDS, settings) for p in prompts]
+        mapper.train(was_training)
+        rows = [[column[index].image for column in columns] for index in range(len(PREVIEW_SEEDS))]
+        return _tile_png(rows)
+
+    def _concept(self, step: int) -> Concept:
+        trainer, config = self.trainer, self.config
+        training = config.to_dict()
+        training.update(
+            resolution=self.resolution, initializer=config.initializer_word,
+            effective_lr=config.effective_lr(self.accelerator.num_processes),
+            num_processes=self.accelerator.num_processes, photos=[p.name for p in self.photos.paths],
+            photos_dir=str(self.photos_dir), steps_done=step,
+        )
+        tail = self.losses[-20:]
+        metrics = dict(self.metrics)
+        metrics.update(
+            final_loss=sum(tail) / len(tail) if tail else None,
+            seconds=self.previous_seconds + time.monotonic() - self.started,
+        )
+        return Concept(
+            name=self.name, base_model=self.base.spec, initializer=config.initializer_word,
+            text_width=self.base.text_width, layer_names=trainer.layer_names,
+            mapper=trainer.unwrapped_mapper.config.to_dict(), training=training,
+            metrics={k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in metrics.items()},
+            created=self.created,
+        )
+
+    def _save(self, step: int, final: bool) -> Concept:
+        """Write the concept (and, unless final, its training state) atomically; main process only."""
+        import torch
+
+        from . import checkpoints
+
+        concept = self._concept(step)
+        if self.accelerator.is_main_process:
+            files = dict(self.files)
+            files["metrics.jsonl"] = ("\n".join(self.metrics_lines) + "\n").encode()
+            if not final:
+                state = checkpoints.TrainingState(
+                    step=step, optimizer=self.trainer.optimizer.state_dict(),
+                    generator=self.trainer.generator.get_state(), global_rng=torch.get_rng_state(),
+                )
+                files.update(checkpoints.serialize(state))
+            mapper = self.trainer.unwrapped_mapper
+            concept = self.registry.save(concept, mapper.state_dict(), overwrite=True, extra_files=files)
+        self.accelerator.wait_for_everyone()
+        concept.path = self.registry.path_of(self.name)
+        return concept
+
+
+PREVIEW_PROMPTS = {
+    "object": ["a photo of a {}", "a {} on the beach", "an oil painting of a {}"],
+    "style": ["a painting in the style of {}", "a house in the style of {}", "a cat in the style of {}"],
+}
+PREVIEW_SEEDS = [0, 1]
+
+
+def _tile_png(rows: list[list]) -> bytes:
+    """PNG bytes of equally sized images laid out in rows."""
+    import io
+
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    sheet = Image.new("RGB", (width * len(rows[0]), height * len(rows)), "white")
+    for row_index, row in enumerate(rows):
+        for column_index, image in enumerate(row):
+            sheet.paste(image, (column_index * width, row_index * height))
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _carried_files(folder: Path) -> list[str]:
+    """Files of a concept folder that a resumed run keeps (previews)."""
+    found = [p for p in (folder / "previews").glob("*.png")] if (folder / "previews").is_dir() else []
+    return [str(p.relative_to(folder)) for p in found]
+
+
+class TrainingInterrupted(StcError):
+    """Ctrl-C or SIGTERM during training: the checkpoint is saved, the run can resume."""
+
+    exit_code = 130
+
+
+class InterruptGuard:
+    """Turns SIGINT/SIGTERM into a request to stop after the current step (a second Ctrl-C aborts)."""
+
+    def __init__(self):
+        self.flag = False
+        self.previous = {}
+
+    def _handle(self, signum, frame):
+        if self.flag:
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __enter__(self):
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        import signal
+
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        return False
+
+    def requested(self, accelerator) -> bool:
+        """True when any process was asked to stop (all processes agree, so none hangs)."""
+        if accelerator.num_processes == 1:
+            return self.flag
+        import torch
+
+        flags = accelerator.gather(torch.tensor([float(self.flag)], device=accelerator.device))
+        return bool(flags.max() > 0)

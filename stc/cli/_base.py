@@ -62,8 +62,10 @@ def handle_errors(command):
         except StcError as exc:
             if os.environ.get("STC_DEBUG") == "1":
                 raise
-            err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
+            code = getattr(exc, "exit_code", 1)
+            label = "[bold red]Error:[/]" if code == 1 else "[bold yellow]Stopped:[/]"
+            err.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(code) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None

@@ -11,7 +11,6 @@ from ._base import (
     DeviceOpt,
     ModelConfigOpt,
     ModelOpt,
-    SeedOpt,
     app,
     err,
     handle_errors,
@@ -21,73 +20,140 @@ from ._base import (
 )
 
 
+def _opt(flag: str, help: str, *aliases: str):
+    return typer.Option(flag, *aliases, help=help, rich_help_panel="Hyper-parameters (reference defaults)")
+
+
 @app.command()
 @handle_errors
 def train(
-    photos: Annotated[Path, typer.Argument(help="Folder with 3-6 photos of the subject (never modified).")],
-    name: Annotated[str, typer.Option("--name", "-n", help="Concept name; use it in prompts as <name>.")],
+    photos: Annotated[
+        Optional[Path], typer.Argument(help="Folder with 3-6 photos of the subject (only read, never modified).")
+    ] = None,
+    name: Annotated[
+        Optional[str], typer.Option("--name", "-n", help="Concept name; use it in prompts as <name>.")
+    ] = None,
+    resume: Annotated[
+        Optional[str],
+        typer.Option("--resume", help="Continue the interrupted concept NAME from its checkpoint "
+                     "(to its planned --steps unless --steps is given)."),
+    ] = None,
     init: Annotated[
         Optional[str],
-        typer.Option(
-            "--init",
-            help="Initializer (super-category) word, one token: e.g. dog, cat, toy. "
-            "Default: object (painting for --kind style).",
-        ),
+        typer.Option("--init", help="Initializer (super-category) word, one token: e.g. dog, cat, toy. "
+                     "Default: object (painting for --kind style)."),
     ] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Optimizer steps (reference: 1000).")] = 1000,
+    kind: Annotated[Optional[str], typer.Option("--kind", help="object or style: the caption templates.")] = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
-    seed: SeedOpt = 0,
-    kind: Annotated[
-        str, typer.Option("--kind", help="object or style: chooses the caption templates.")
-    ] = "object",
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per micro-batch.")] = 2,
-    grad_accum: Annotated[int, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = 4,
-    lr: Annotated[
-        float, typer.Option("--lr", help="Base learning rate (scaled by batch x accumulation).")
-    ] = 1e-3,
-    resolution: Annotated[
-        Optional[int], typer.Option("--resolution", help="Training image size (default: the model's).")
+    config_file: Annotated[
+        Optional[Path], typer.Option("--config", help="YAML file of settings (keys as below, e.g. lr: 0.002); "
+                                     "flags override it.")
     ] = None,
     device: DeviceOpt = None,
+    save_every: Annotated[
+        Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (default 250; 0: only at the "
+                                    "end and on Ctrl-C).")
+    ] = None,
+    preview_every: Annotated[
+        Optional[int], typer.Option("--preview-every", help="Render preview images every N steps into the "
+                                    "concept folder (default 0: only the final preview).")
+    ] = None,
+    steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps (1000).")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", "Random seed (0); same seed, same concept.", "-s")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per micro-batch (2).")] = None,
+    grad_accum: Annotated[Optional[int], _opt("--grad-accum", "Micro-batches per optimizer step (4).")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", "Base learning rate (1e-3).")] = None,
+    scale_lr: Annotated[
+        Optional[bool], _opt("--scale-lr/--no-scale-lr", "Scale the LR by batch x accumulation x processes (on).")
+    ] = None,
+    adam_beta1: Annotated[Optional[float], _opt("--adam-beta1", "AdamW beta1 (0.9).")] = None,
+    adam_beta2: Annotated[Optional[float], _opt("--adam-beta2", "AdamW beta2 (0.999).")] = None,
+    adam_weight_decay: Annotated[Optional[float], _opt("--weight-decay", "AdamW weight decay (1e-2).")] = None,
+    adam_epsilon: Annotated[Optional[float], _opt("--adam-epsilon", "AdamW epsilon (1e-8).")] = None,
+    resolution: Annotated[Optional[int], _opt("--resolution", "Training image size (the model's: 512 for SD).")] = None,
+    bypass: Annotated[Optional[bool], _opt("--bypass/--no-bypass", "Textual bypass (on); off for ablations.")] = None,
+    nested_dropout: Annotated[
+        Optional[bool], _opt("--nested-dropout/--no-nested-dropout", "Nested dropout (on); off for ablations.")
+    ] = None,
+    nested_dropout_prob: Annotated[Optional[float], _opt("--nested-dropout-prob", "Probability per call (0.5).")] = None,
+    mixed_precision: Annotated[
+        Optional[str], _opt("--mixed-precision", "no, fp16 or bf16 for the frozen models (no); the mapper stays fp32.")
+    ] = None,
+    gradient_checkpointing: Annotated[
+        Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for memory (off).")
+    ] = None,
 ) -> None:
-    """Train a concept from a folder of photos and save it in the registry."""
-    from ..models import DEFAULT_MODEL
+    """Train a concept from a folder of photos and save it in the registry.
+
+    Ctrl-C saves a checkpoint; continue with: stc train --resume NAME
+    """
     from ..registry import validate_name
     from ..training import TrainConfig
 
+    settings = {
+        "steps": steps, "seed": seed, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
+        "scale_lr": scale_lr, "adam_beta1": adam_beta1, "adam_beta2": adam_beta2,
+        "adam_weight_decay": adam_weight_decay, "adam_epsilon": adam_epsilon, "resolution": resolution,
+        "bypass": bypass, "nested_dropout": nested_dropout, "nested_dropout_prob": nested_dropout_prob,
+        "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
+        "kind": kind, "initializer": init, "save_every": save_every, "preview_every": preview_every,
+    }
+    given = {key: value for key, value in settings.items() if value is not None}
+    if resume is not None:
+        _resume(resume, photos, given, config_file, model, device, model_config)
+        return
+    if name is None or photos is None:
+        raise typer.BadParameter("give the photos folder and --name (or --resume NAME)", param_hint="PHOTOS/--name")
     validate_name(name)
-    config = TrainConfig(
-        steps=steps,
-        batch_size=batch_size,
-        grad_accum=grad_accum,
-        lr=lr,
-        resolution=resolution,
-        seed=seed,
-        kind=kind,
-        initializer=init,
-    )
+    config = TrainConfig.from_file(config_file, given) if config_file else TrainConfig(**given)
     quiet_libraries()
     from ..training import train_concept
 
-    with _training_progress() as on_step:
+    with _training_progress() as callbacks:
         result = train_concept(
-            photos,
-            name,
-            model or DEFAULT_MODEL,
-            config,
-            registry=open_registry(),
-            device=device,
-            model_config=str(model_config) if model_config else None,
-            on_step=on_step,
-            on_warning=lambda message: err.print(f"[yellow]Warning:[/] {message}", highlight=False),
-            on_status=lambda message: err.print(f"[dim]{message}[/]", highlight=False),
+            photos, name, model, config, registry=open_registry(), device=device,
+            model_config=str(model_config) if model_config else None, callbacks=callbacks,
         )
-    concept = result.concept
+    _summary(result.concept)
+
+
+RESUMABLE = {"steps", "save_every", "preview_every"}
+
+
+def _resume(name, photos, given, config_file, model, device, model_config) -> None:
+    changed = sorted(set(given) - RESUMABLE) + (["--config"] if config_file else []) + (["--model"] if model else [])
+    if changed:
+        raise typer.BadParameter(
+            f"cannot change {', '.join(changed)} when resuming; only --steps, --save-every and --preview-every",
+            param_hint="--resume",
+        )
+    quiet_libraries()
+    from ..training import resume_training
+
+    with _training_progress() as callbacks:
+        result = resume_training(
+            name, steps=given.pop("steps", None), registry=open_registry(), photos_dir=photos, device=device,
+            model_config=str(model_config) if model_config else None, callbacks=callbacks, **given,
+        )
+    _summary(result.concept)
+
+
+def _is_main_process() -> bool:
+    """Under torchrun / accelerate launch only rank 0 talks."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _summary(concept) -> None:
+    if not _is_main_process():
+        return
     metrics = concept.metrics
     err.print(
-        f"Trained [bold]{concept.token}[/] in {metrics['seconds']:.1f}s: loss {metrics['final_loss']:.4f}, "
-        f"eval loss {metrics['eval_loss_before']:.4f} -> {metrics['eval_loss_after']:.4f}",
+        f"Trained [bold]{concept.token}[/] for {concept.training['steps_done']} steps in {metrics['seconds']:.1f}s: "
+        f"loss {metrics['final_loss']:.4f}, eval loss {metrics['eval_loss_before']:.4f} -> "
+        f"{metrics['eval_loss_after']:.4f}",
         highlight=False,
     )
     err.print(f'Use it: stc gen "{concept.token} on the beach" --rank 8', highlight=False)
@@ -95,9 +161,11 @@ def train(
 
 
 class _training_progress:
-    """A rich progress bar on stderr (step, smoothed loss, it/s, ETA); yields the callback."""
+    """A rich progress bar on stderr (step, smoothed loss, it/s, ETA); yields TrainCallbacks."""
 
     def __enter__(self):
+
+        from rich.console import Console
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -113,18 +181,24 @@ class _training_progress:
             TextColumn("loss {task.fields[loss]}"),
             TextColumn("{task.fields[rate]}"),
             TimeRemainingColumn(),
-            console=err,
+            console=err if _is_main_process() else Console(stderr=True, quiet=True),
             transient=False,
         )
         self.task = None
         self.smoothed = None
         self.progress.__enter__()
-        return self.update
+        from ..training import TrainCallbacks
+
+        return TrainCallbacks(
+            on_step=self.update,
+            on_warning=lambda message: self.progress.console.print(f"[yellow]Warning:[/] {message}", highlight=False),
+            on_status=lambda message: self.progress.console.print(f"[dim]{message}[/]", highlight=False),
+        )
 
     def update(self, step: int, total: int, loss: float) -> None:
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
         if self.task is None:
-            self.task = self.progress.add_task("train", total=total, loss="-", rate="")
+            self.task = self.progress.add_task("train", total=total, completed=step - 1, loss="-", rate="")
         task = self.progress.tasks[self.task]
         speed = task.speed
         self.progress.update(

@@ -1,0 +1,195 @@
+"""Checkpoints, resume, Ctrl-C, previews, config files, scale-out, gradient checkpointing."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from stc.cli import app
+from stc.errors import BadInput
+from stc.registry import Registry
+from stc.training import (
+    TrainCallbacks,
+    TrainConfig,
+    Trainer,
+    TrainingInterrupted,
+    resume_training,
+    train_concept,
+)
+
+FAST = dict(steps=6, batch_size=2, grad_accum=2, seed=1, initializer="cat", save_every=0, preview_steps=2)
+
+
+def weights_equal(a, b):
+    return set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
+
+
+def interrupt_at(step_to_stop):
+    def on_step(step, total, loss):
+        if step == step_to_stop:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    return TrainCallbacks(on_step=on_step)
+
+
+def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(photos):
+    full = train_concept(photos, "straight", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+
+    with pytest.raises(TrainingInterrupted, match="stc train --resume halted"):
+        train_concept(photos, "halted", "builtin:tiny", TrainConfig(**FAST), device="cpu", callbacks=interrupt_at(3))
+    registry = Registry()
+    partial = registry.load("halted")
+    assert (partial.training["steps_done"], partial.training["steps"]) == (3, 6)
+    assert (partial.path / "checkpoint" / "state.safetensors").is_file()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+
+    resumed = resume_training("halted", device="cpu")  # no --steps: continues to the planned 6
+    assert resumed.concept.training["steps_done"] == 6
+    assert weights_equal(resumed.mapper.state_dict(), full.mapper.state_dict())
+    stored = registry.load("halted")
+    assert weights_equal(registry.load_state_dict(stored), registry.load_state_dict(registry.load("straight")))
+    assert not (stored.path / "checkpoint").exists()  # a finished concept keeps no optimizer state
+    steps = [json.loads(line)["step"] for line in (stored.path / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    record = json.loads((stored.path / "metrics.jsonl").read_text().splitlines()[0])
+    assert set(record) == {"step", "loss", "lr", "time"} and record["lr"] == pytest.approx(4e-3)
+
+
+def test_periodic_checkpoints_survive_a_crash(photos):
+    full = train_concept(photos, "whole", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+
+    def crash(step, total, loss):
+        if step == 5:
+            raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        train_concept(photos, "crashy", "builtin:tiny", TrainConfig(**{**FAST, "save_every": 2}), device="cpu",
+                      callbacks=TrainCallbacks(on_step=crash))
+    assert Registry().load("crashy").training["steps_done"] == 4
+    resumed = resume_training("crashy", device="cpu")
+    assert weights_equal(resumed.mapper.state_dict(), full.mapper.state_dict())
+
+
+def test_an_interrupted_concept_renders_and_lists_as_incomplete(photos, tmp_path):
+    with pytest.raises(TrainingInterrupted):
+        train_concept(photos, "half", "builtin:tiny", TrainConfig(**FAST), device="cpu", callbacks=interrupt_at(2))
+    runner = CliRunner()
+    listing = json.loads(runner.invoke(app, ["ls", "--json"]).stdout)
+    record = next(r for r in listing if r["name"] == "half")
+    assert "2" in str(record.get("steps_done", record.get("steps")))
+    result = runner.invoke(app, ["gen", "<half> on the moon", "--steps", "2", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip().endswith(".png")
+
+
+def test_resume_further_and_refuse_when_done(photos):
+    train_concept(photos, "short", "builtin:tiny", TrainConfig(**{**FAST, "steps": 2}), device="cpu")
+    with pytest.raises(Exception, match="no training checkpoint"):
+        resume_training("short", device="cpu")
+    with pytest.raises(TrainingInterrupted):
+        train_concept(photos, "more", "builtin:tiny", TrainConfig(**{**FAST, "steps": 3}), device="cpu",
+                      callbacks=interrupt_at(3))
+    with pytest.raises(BadInput, match="already trained 3/3"):
+        resume_training("more", device="cpu")
+    longer = resume_training("more", steps=5, device="cpu")
+    assert longer.concept.training["steps_done"] == 5 and longer.concept.training["steps"] == 5
+
+
+def test_previews_are_written_into_the_concept_folder(photos):
+    result = train_concept(photos, "seen", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4, "preview_every": 2}),
+                           device="cpu")
+    folder = result.concept.path
+    previews = sorted(p.name for p in (folder / "previews").iterdir())
+    assert previews == ["step-000002.png"]
+    from PIL import Image
+
+    with Image.open(folder / "preview.png") as grid:
+        assert grid.size == (3 * 64, 2 * 64)  # 3 prompts x 2 seeds
+        assert len(set(grid.convert("L").getdata())) > 10
+
+
+def test_config_file_and_flag_precedence(photos, tmp_path):
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump({"lr": 0.002, "batch-size": 1, "grad_accum": 1, "steps": 2, "init": None}))
+    with pytest.raises(BadInput, match="unknown setting.*init"):
+        TrainConfig.from_file(config_file, {})
+    config_file.write_text(yaml.safe_dump({"lr": 0.002, "batch-size": 1, "grad_accum": 1, "steps": 2, "kind": "style"}))
+    config = TrainConfig.from_file(config_file, {"lr": 0.003})
+    assert (config.lr, config.batch_size, config.steps, config.kind) == (0.003, 1, 2, "style")
+
+    result = CliRunner().invoke(app, [
+        "train", str(photos), "--name", "fromfile", "--model", "builtin:tiny", "--config", str(config_file),
+        "--lr", "0.005", "--init", "cat", "--no-bypass", "--mixed-precision", "no", "--save-every", "0",
+    ])
+    assert result.exit_code == 0, result.output
+    stored = Registry().load("fromfile")
+    assert stored.training["lr"] == 0.005 and stored.training["batch_size"] == 1
+    assert stored.training["kind"] == "style" and stored.training["bypass"] is False
+    assert stored.mapper["bypass"] is False and stored.training["effective_lr"] == pytest.approx(0.005)
+
+
+def test_resume_refuses_changed_hyper_parameters(photos):
+    result = CliRunner().invoke(app, ["train", "--resume", "whatever", "--lr", "0.1"])
+    assert result.exit_code == 2 and "cannot change lr" in result.output
+
+
+def test_cli_interrupt_message_says_how_to_resume(monkeypatch, photos):
+    import stc.training
+
+    def interrupted(*args, **kwargs):
+        raise TrainingInterrupted("training of 'x' stopped at step 3/10; Resume with: stc train --resume x")
+
+    monkeypatch.setattr(stc.training, "train_concept", interrupted)
+    result = CliRunner().invoke(app, ["train", str(photos), "--name", "x", "--model", "builtin:tiny"])
+    assert result.exit_code == 130
+    assert "stc train --resume x" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, photos):
+    from accelerate import Accelerator
+
+    from stc.images import load_photos
+
+    images = load_photos(photos, 64).images
+
+    def loss_and_grads(checkpointing):
+        from stc.models import load_base_model
+
+        base = load_base_model("builtin:tiny", device="cpu")
+        config = TrainConfig(**{**FAST, "gradient_checkpointing": checkpointing})
+        trainer = Trainer(base, images, "<gc>", config, Accelerator(cpu=True))
+        assert trainer.unet.is_gradient_checkpointing == checkpointing
+        trainer.mapper.eval()  # no nested dropout: identical inputs
+        batch = trainer.random_batch()
+        loss = trainer.denoising_loss(*batch, generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in trainer.unwrapped_mapper.parameters()]
+
+    loss_plain, grads_plain = loss_and_grads(False)
+    loss_ckpt, grads_ckpt = loss_and_grads(True)
+    assert torch.allclose(loss_plain, loss_ckpt, atol=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_plain, grads_ckpt))
+    assert any(g.abs().sum() > 0 for g in grads_ckpt)
+
+
+def test_two_processes_train_and_write_exactly_one_concept(photos, stc_home, tmp_path):
+    env = {**os.environ, "STC_HOME": str(stc_home), "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        "-m", "stc", "train", str(photos), "--name", "duo", "--init", "cat", "--model", "builtin:tiny",
+        "--steps", "2", "--grad-accum", "1", "--device", "cpu", "--save-every", "1",
+    ]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entries = sorted(p.name for p in (stc_home / "concepts").iterdir())
+    assert entries == ["duo"]  # no second copy, no leftover staging folders
+    stored = Registry().load("duo")
+    assert stored.training["num_processes"] == 2
+    assert stored.training["effective_lr"] == pytest.approx(1e-3 * 2 * 1 * 2)
+    assert result.stdout.count(str(stc_home / "concepts" / "duo")) == 1  # only rank 0 reports
