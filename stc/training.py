@@ -410,6 +410,8 @@ class _Run:
             mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum,
             cpu=(device == "cpu"),
         )
+        if config.mixed_precision == "fp16" and self.accelerator.device.type == "cpu":
+            raise BadInput("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
         weight_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[config.mixed_precision]
         self.callbacks.status(f"loading {self.model}")
         self.base = load_base_model(
