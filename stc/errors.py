@@ -30,3 +30,15 @@ class BadInput(StcError):
 
 class ModelError(StcError):
     """A base model cannot be resolved, loaded, or does not fit a concept."""
+
+
+class UnsupportedSchema(CorruptConcept):
+    """A concept.yaml written by a newer stc (schema_version above this one's)."""
+
+
+class DamagedWeights(CorruptConcept):
+    """A concept's weights file is missing, truncated, or does not match its recorded sha256."""
+
+
+class ConfirmationRequired(StcError):
+    """A destructive command needs a yes and cannot ask for one (no terminal), or was declined."""
