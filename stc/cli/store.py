@@ -1,12 +1,22 @@
-"""Registry commands: stc ls."""
+"""Registry commands: stc ls, show, inspect, rm, mv, cp.
+
+``ls`` and ``show`` never import torch; ``inspect`` does, inside the command.
+"""
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import sys
+from enum import Enum
 from pathlib import Path
+from typing import Annotated, Optional
 
+import typer
 from rich.table import Table
+from rich.text import Text
 
+from ..errors import ConceptNotFound, ConfirmationRequired
 from ._base import (
     JsonOpt,
     app,
@@ -16,9 +26,11 @@ from ._base import (
     out,
 )
 
+NameArg = Annotated[str, typer.Argument(help="Concept name (used in prompts as <name>).", show_default=False)]
+FIRST_CONCEPT_HINT = "Train one:\n  stc train ./photos --name mydog --init dog"
 
-def _size_of(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+
+# --------------------------------------------------------------------------- helpers
 
 
 def _human(size: int) -> str:
@@ -29,46 +41,440 @@ def _human(size: int) -> str:
     return str(size)
 
 
-@app.command("ls")
-@handle_errors
-def ls(as_json: JsonOpt = False) -> None:
-    """List the concepts in the registry."""
-    registry = open_registry()
-    records = []
-    for name, concept, problem in registry.scan():
-        if problem is not None:
-            err.print(f"[yellow]Warning:[/] {name}: {problem}", highlight=False)
-            continue
-        training = concept.training
-        records.append(
-            {
-                "name": concept.name,
-                "token": concept.token,
-                "base_model": concept.base_model,
-                "steps": training.get("steps_done", training.get("steps")),
-                "size": _size_of(concept.path),
-                "created": concept.created,
-            }
-        )
-    if as_json:
-        out.print_json(json.dumps(records))
-        return
-    if not records:
-        err.print(
-            f"No concepts in {registry.concepts_dir} yet. Train one:\n"
-            "  stc train ./photos --name mydog --init dog",
-            highlight=False,
-        )
-        return
-    table = Table(box=None, header_style="bold")
-    for column in ("name", "base model", "steps", "size", "created"):
-        table.add_column(column, justify="right" if column in ("steps", "size") else "left")
+def _print_json(data) -> None:
+    out.print_json(json.dumps(data, default=str))
+
+
+def _warn(message: str) -> None:
+    err.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+
+
+def _matches(name: str, pattern: str | None) -> bool:
+    """Glob match (``dog*``); a pattern without wildcards matches anywhere in the name."""
+    if not pattern:
+        return True
+    if any(char in pattern for char in "*?["):
+        return fnmatch.fnmatchcase(name, pattern)
+    return pattern in name
+
+
+def _steps_text(record: dict) -> str:
+    done, planned = record["steps_done"], record["steps_planned"]
+    if done is None:
+        return "-"
+    if not record["complete"]:
+        return f"{done}/{planned} (incomplete)"
+    return str(done)
+
+
+# --------------------------------------------------------------------------- ls
+
+
+class SortKey(str, Enum):
+    name = "name"
+    created = "created"
+    size = "size"
+
+
+def _ls_record(concept) -> dict:
+    from ..registry import folder_size
+
+    return {
+        "name": concept.name,
+        "token": concept.token,
+        "base_model": concept.base_model,
+        "steps": concept.steps_done,
+        "steps_done": concept.steps_done,
+        "steps_planned": concept.steps_planned,
+        "complete": concept.complete,
+        "rank_max": concept.rank_max,
+        "size": folder_size(concept.path),
+        "created": concept.created,
+        "path": str(concept.path),
+    }
+
+
+def _sorted_records(records: list[dict], sort: SortKey) -> list[dict]:
+    if sort is SortKey.created:
+        return sorted(records, key=lambda record: (record["created"], record["name"]), reverse=True)
+    if sort is SortKey.size:
+        return sorted(records, key=lambda record: (-record["size"], record["name"]))
+    return sorted(records, key=lambda record: record["name"])
+
+
+def _ls_table(records: list[dict]) -> Table:
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("name", "token", "base model", "steps", "rank max", "size", "created"):
+        numeric = column in ("steps", "rank max", "size")
+        table.add_column(column, justify="right" if numeric else "left", overflow="fold",
+                         no_wrap=column in ("name", "token", "steps", "created"))
     for record in records:
         table.add_row(
             record["name"],
+            record["token"],
             record["base_model"],
-            str(record["steps"]),
+            Text(_steps_text(record), style="" if record["complete"] else "yellow"),
+            str(record["rank_max"] if record["rank_max"] is not None else "-"),
             _human(record["size"]),
-            record["created"].replace("T", " ")[:16],
+            record["created"][:10],
         )
+    return table
+
+
+@app.command("ls")
+@handle_errors
+def ls(
+    pattern: Annotated[
+        Optional[str],
+        typer.Argument(help="Only names matching this glob (e.g. 'dog*'); plain text matches anywhere in the name."),
+    ] = None,
+    as_json: JsonOpt = False,
+    sort: Annotated[
+        SortKey, typer.Option("--sort", help="name (A-Z), created (newest first) or size (largest first).")
+    ] = SortKey.name,
+) -> None:
+    """List the concepts in the registry (damaged or foreign entries are reported on stderr)."""
+    registry = open_registry()
+    records = []
+    for name, concept, problem in registry.scan():
+        if not _matches(name, pattern):
+            continue
+        if problem is not None:
+            _warn(f"{name}: {problem}")
+        else:
+            records.append(_ls_record(concept))
+    for path, reason in registry.foreign_entries():
+        if _matches(path.name, pattern):
+            _warn(f"{path} is not a concept: {reason}")
+    records = _sorted_records(records, sort)
+    if as_json:
+        _print_json(records)
+    elif records:
+        out.print(_ls_table(records))
+    if not records:
+        _hint_when_empty(registry, pattern)
+
+
+def _hint_when_empty(registry, pattern: str | None) -> None:
+    if pattern and registry.names():
+        err.print(f"No concept matches {pattern!r}. Run 'stc ls' to see them all.", highlight=False)
+    elif not registry.names():
+        err.print(f"No concepts in {registry.concepts_dir} yet. {FIRST_CONCEPT_HINT}", highlight=False)
+
+
+# --------------------------------------------------------------------------- show
+
+
+def _show_record(registry, concept) -> dict:
+    from ..registry import folder_files, preview_paths
+
+    check = registry.verify(concept)
+    files = [{"path": path, "size": size} for path, size in folder_files(concept.path)]
+    return {
+        "name": concept.name,
+        "token": concept.token,
+        "path": str(concept.path),
+        "base_model": concept.base_model,
+        "initializer": concept.initializer,
+        "text_width": concept.text_width,
+        "layer_names": concept.layer_names,
+        "rank_max": concept.rank_max,
+        "steps_done": concept.steps_done,
+        "steps_planned": concept.steps_planned,
+        "complete": concept.complete,
+        "final_loss": concept.metrics.get("final_loss"),
+        "training": concept.training,
+        "metrics": concept.metrics,
+        "mapper": concept.mapper,
+        "created": concept.created,
+        "stc_version": concept.stc_version,
+        "schema_version": concept.schema_version,
+        "migrated_from": concept.migrated_from,
+        "weights": {
+            "file": str(concept.weights_path),
+            "sha256": concept.weights_sha256 or None,
+            "sha256_on_disk": check.sha256,
+            "verified": check.ok and bool(concept.weights_sha256),
+            "problem": check.problem,
+        },
+        "files": files,
+        "size": sum(file["size"] for file in files),
+        "previews": [str(path) for path in preview_paths(concept.path)],
+        "extra": concept.extra,
+    }
+
+
+def _compact(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    if isinstance(value, (list, tuple)):
+        return f"[{len(value)} items]" if len(value) > 6 else ", ".join(map(str, value))
+    if isinstance(value, dict):
+        return json.dumps(value, default=str)
+    return str(value)
+
+
+def _key_values(title: str, rows: list[tuple[str, object]]) -> None:
+    out.print(f"[bold]{title}[/]", highlight=False)
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="dim", no_wrap=True)
+    grid.add_column(overflow="fold")
+    for key, value in rows:
+        grid.add_row(f"  {key}", value if isinstance(value, Text) else _compact(value))
+    out.print(grid)
+
+
+def _weights_status(weights: dict) -> Text:
+    if weights["verified"]:
+        return Text("yes", style="green")
+    if weights["problem"] and weights["sha256"] is None and weights["sha256_on_disk"]:
+        return Text("unknown (no sha256 recorded)", style="yellow")
+    return Text(f"NO: {weights['problem']}", style="bold red")
+
+
+def _print_show(record: dict) -> None:
+    steps = _steps_text(record)
+    schema = str(record["schema_version"])
+    if record["migrated_from"] is not None:
+        schema += f" (file is schema {record['migrated_from']}; updated on the next write)"
+    _key_values(record["token"], [
+        ("path", record["path"]),
+        ("base model", record["base_model"]),
+        ("initializer", record["initializer"]),
+        ("text width", record["text_width"]),
+        ("rank max", record["rank_max"]),
+        ("steps", steps),
+        ("final loss", record["final_loss"] if record["final_loss"] is not None else "-"),
+        ("created", record["created"]),
+        ("stc version", record["stc_version"]),
+        ("schema", schema),
+    ])
+    _key_values("weights", [
+        ("file", record["weights"]["file"]),
+        ("sha256", record["weights"]["sha256"] or "-"),
+        ("verifies", _weights_status(record["weights"])),
+    ])
+    _key_values(f"layers ({len(record['layer_names'])})", list(enumerate(record["layer_names"])))
+    _key_values("training", sorted(record["training"].items()))
+    if record["metrics"]:
+        _key_values("metrics", sorted(record["metrics"].items()))
+    _key_values(f"files ({_human(record['size'])})", [(file["path"], _human(file["size"])) for file in record["files"]])
+    if record["previews"]:
+        _key_values("previews", [(str(index), path) for index, path in enumerate(record["previews"], 1)])
+    if record["extra"]:
+        _key_values("other keys (kept as they are)", sorted(record["extra"].items()))
+
+
+@app.command("show")
+@handle_errors
+def show(name: NameArg, as_json: JsonOpt = False) -> None:
+    """Show a concept's metadata: base model, layers, training, weights check, files, previews."""
+    registry = open_registry()
+    concept = registry.load(name)
+    record = _show_record(registry, concept)
+    if not record["weights"]["verified"] and record["weights"]["problem"]:
+        _warn(record["weights"]["problem"])
+    if as_json:
+        _print_json(record)
+    else:
+        _print_show(record)
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def _cell_style(fraction: float) -> str:
+    from ..inspection import colormap
+
+    red, green, blue = colormap(fraction)
+    text = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
+    return f"{text} on rgb({red},{green},{blue})"
+
+
+def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
+    from ..inspection import fraction_in, short_layer_name, value_range
+
+    low, high = value_range(values)
+    numbers = out.width >= 16 + 6 * len(grid.timesteps)
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), collapse_padding=True,
+                  header_style="bold", pad_edge=False)
+    table.add_column("layer \\ t", no_wrap=True)
+    for timestep in grid.timesteps:
+        table.add_column(str(timestep), justify="right", no_wrap=True)
+    for layer_name, row in zip(grid.layer_names, values):
+        cells = [Text(f"{value:.3f}" if numbers else "  ", style=_cell_style(fraction_in(value, low, high)))
+                 for value in row]
+        table.add_row(short_layer_name(layer_name), *cells)
+    return table
+
+
+def _legend(values: list[list[float]]) -> Text:
+    from ..inspection import value_range
+
+    low, high = value_range(values)
+    legend = Text("  legend: ")
+    legend.append(f"{low:.3f} ")
+    for step in range(16):
+        legend.append("  ", style=_cell_style(step / 15))
+    legend.append(f" {high:.3f}")
+    return legend
+
+
+def _rank_table(report) -> Table:
+    suggested = report.suggested_rank()
+    has_bypass = report.ranks[0].bypass_mean is not None
+    table = Table(title="Rank r vs full concept (cosine similarity)",
+                  title_justify="left", box=None, header_style="bold", pad_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("token mean", justify="right")
+    table.add_column("token min", justify="right")
+    if has_bypass:
+        table.add_column("bypass mean", justify="right")
+        table.add_column("bypass min", justify="right")
+    for agreement in report.ranks:
+        row = [str(agreement.rank), f"{agreement.token_mean:.4f}", f"{agreement.token_min:.4f}"]
+        if has_bypass:
+            row += [f"{agreement.bypass_mean:.4f}", f"{agreement.bypass_min:.4f}"]
+        table.add_row(*row, style="bold green" if agreement.rank == suggested else "")
+    return table
+
+
+def _print_inspection(report) -> None:
+    from ..inspection import AGREEMENT_THRESHOLD
+
+    grid = report.grid
+    out.print(_heatmap_table(f"<{report.name}> token embedding norm (rank {grid.rank})", grid, grid.token))
+    out.print(_legend(grid.token))
+    if grid.bypass is not None:
+        out.print()
+        out.print(_heatmap_table(f"<{report.name}> bypass vector norm (rank {grid.rank})", grid, grid.bypass))
+        out.print(_legend(grid.bypass))
+    out.print()
+    out.print(_rank_table(report))
+    out.print(
+        f"Suggested: --rank {report.suggested_rank()} (the smallest rank whose token embeddings keep a mean "
+        f"cosine of {AGREEMENT_THRESHOLD} to the full concept). Lower ranks are coarser and easier to edit "
+        "with the prompt; higher ranks are more faithful.",
+        highlight=False,
+    )
+
+
+@app.command("inspect")
+@handle_errors
+def inspect_concept(
+    name: NameArg,
+    rank: Annotated[
+        Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, 1..128 (default: full).")
+    ] = None,
+    steps: Annotated[
+        int, typer.Option("--steps", "-k", help="Timesteps shown, evenly spaced from 999 down to 0.")
+    ] = 10,
+    as_json: JsonOpt = False,
+    plot: Annotated[
+        Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap (token and bypass side by side).")
+    ] = None,
+) -> None:
+    """Show the token and bypass norms per (timestep, layer) and how outputs change with rank."""
+    from .. import inspection
+
+    registry = open_registry()
+    concept = registry.load(name)
+    if plot is not None:
+        inspection.check_plot_path(plot)
+    report = inspection.inspect_concept(registry, concept, rank=rank, num_timesteps=steps)
+    if plot is not None:
+        inspection.save_norm_heatmaps(report.grid, plot, concept.name)
+        err.print(f"Wrote {plot}", highlight=False, soft_wrap=True)
+    if as_json:
+        _print_json({**report.to_dict(), "plot": str(plot) if plot else None})
+    else:
+        _print_inspection(report)
+
+
+# --------------------------------------------------------------------------- rm, mv, cp
+
+
+def _stdin_is_interactive() -> bool:
+    """Whether a confirmation can be asked (tests replace this)."""
+    try:
+        return sys.stdin is not None and sys.stdin.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _removal_plan(registry, names: list[str]) -> list[dict]:
+    from ..errors import StcError
+
+    plan, missing = [], []
+    for name in dict.fromkeys(names):  # unique, in the order given
+        try:
+            path = registry.folder_of(name)
+        except ConceptNotFound as exc:
+            missing.append(str(exc))
+            continue
+        try:
+            registry.load(name)
+            state = "ok"
+        except StcError:
+            state = "damaged"
+        plan.append({"name": name, "path": str(path), "size": registry.size(name), "state": state})
+    if missing:
+        raise ConceptNotFound(" ".join(missing) + " Nothing was deleted.")
+    return plan
+
+
+@app.command("rm")
+@handle_errors
+def rm(
+    names: Annotated[list[str], typer.Argument(help="Concept names to delete.", show_default=False)],
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
+) -> None:
+    """Delete concepts (shows what goes and its size, then asks unless --yes)."""
+    registry = open_registry()
+    plan = _removal_plan(registry, names)
+    total = sum(entry["size"] for entry in plan)
+    table = Table(box=None, header_style="bold", pad_edge=False)
+    for column in ("name", "size", "path"):
+        table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column == "name")
+    for entry in plan:
+        label = entry["name"] + (" (damaged)" if entry["state"] != "ok" else "")
+        table.add_row(label, _human(entry["size"]), entry["path"])
     out.print(table)
+    if dry_run:
+        err.print(f"Dry run: would delete {len(plan)} concept(s), {_human(total)}; nothing deleted.", highlight=False)
+        return
+    if not yes:
+        _confirm_removal(len(plan), total)
+    for entry in plan:
+        registry.remove(entry["name"])
+        err.print(f"Removed {entry['name']} ({_human(entry['size'])})", highlight=False)
+
+
+def _confirm_removal(count: int, total: int) -> None:
+    if not _stdin_is_interactive():
+        raise ConfirmationRequired(
+            "not deleting: there is no terminal to confirm on; pass --yes to delete without asking "
+            "(or --dry-run to only see the plan)"
+        )
+    if not typer.confirm(f"Delete {count} concept(s), {_human(total)}?", default=False, err=True):
+        err.print("Nothing deleted.")
+        raise typer.Exit(1)
+
+
+@app.command("mv")
+@handle_errors
+def mv(old: NameArg, new: Annotated[str, typer.Argument(help="New name (the token becomes <new>).")]) -> None:
+    """Rename a concept; its token follows the name (<old> becomes <new>)."""
+    concept = open_registry().rename(old, new)
+    err.print(f"Renamed <{old}> to {concept.token}; use {concept.token} in prompts now.", highlight=False)
+    out.print(str(concept.path), highlight=False, soft_wrap=True)
+
+
+@app.command("cp")
+@handle_errors
+def cp(source: NameArg, target: Annotated[str, typer.Argument(help="Name of the copy.")]) -> None:
+    """Copy a concept under a new name (its weights are verified first)."""
+    concept = open_registry().copy(source, target)
+    err.print(f"Copied <{source}> to {concept.token}.", highlight=False)
+    out.print(str(concept.path), highlight=False, soft_wrap=True)
