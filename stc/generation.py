@@ -1,9 +1,18 @@
-"""Rendering images with concepts: prompt parsing, the denoising loop, PNG files."""
+"""Rendering images with concepts: prompt parsing, the denoising loop, PNG files.
+
+Speed (DESIGN.md §2, "Fast paths"): the text conditioning of a prompt at one set of ranks is
+computed once for the whole schedule — every (step, layer) in ceil(K·L / 256) batched
+text-encoder calls — and shared by every image that uses it; the negative prompt is encoded
+once per render call. CFG halves run as one UNet batch, and images that need different
+conditionings (other ranks, other prompts) still share a batch: the per-layer key/value
+sequences are per sample.
+"""
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,13 +21,21 @@ from .errors import BadInput, ModelError
 from .registry import Concept, Registry
 
 CONCEPT_REF = re.compile(r"<([a-z0-9][a-z0-9_-]{0,63})(?::(\d+))?>")
-SCHEDULERS = {
+_ANY_CASE_REF = re.compile(r"<([A-Za-z0-9][A-Za-z0-9_-]{0,63})(?::(\d+))?>")
+SCHEDULERS = {  # --scheduler: (diffusers class, A1111 sampler name)
     "dpm": ("DPMSolverMultistepScheduler", "DPM++ 2M"),
     "ddim": ("DDIMScheduler", "DDIM"),
     "euler": ("EulerDiscreteScheduler", "Euler"),
-    "pndm": ("PNDMScheduler", "PNDM"),
+    "pndm": ("PNDMScheduler", "PLMS"),
 }
 FULL_RANK = 128
+SCHEDULE_CHUNK = 256  # (step, layer) rows per text-encoder call
+
+# progress(done, total): denoising steps summed over images
+ProgressCallback = Callable[[int, int], None]
+
+
+# --------------------------------------------------------------------------- prompts
 
 
 @dataclass
@@ -30,6 +47,12 @@ class ParsedPrompt:
 
 
 def parse_prompt(prompt: str) -> ParsedPrompt:
+    """Find the concepts of ``prompt``; ``<name:8>`` sets that concept's rank inline."""
+    for match in _ANY_CASE_REF.finditer(prompt):
+        if match.group(1) != match.group(1).lower():
+            raise BadInput(
+                f"concept names are lower-case: write <{match.group(1).lower()}>, not <{match.group(1)}>"
+            )
     ranks: dict[str, int | None] = {}
 
     def replace(match: re.Match) -> str:
@@ -46,12 +69,18 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
     return ParsedPrompt(text=CONCEPT_REF.sub(replace, prompt), ranks=ranks)
 
 
+def resolve_ranks(parsed: ParsedPrompt, default_rank: int) -> dict[str, int]:
+    """Each concept's rank: its inline rank, else ``default_rank``."""
+    return {name: (rank or default_rank) for name, rank in parsed.ranks.items()}
+
+
 def make_scheduler(name: str, config):
     import diffusers
 
     if name not in SCHEDULERS:
         raise BadInput(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
-    return getattr(diffusers, SCHEDULERS[name][0]).from_config(config)
+    overrides = {"skip_prk_steps": True} if name == "pndm" else {}  # as SD's own PNDM config; PRK needs >= 4 steps
+    return getattr(diffusers, SCHEDULERS[name][0]).from_config(config, **overrides)
 
 
 @dataclass
@@ -70,13 +99,28 @@ class RenderSettings:
             raise BadInput(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be at least 1, got {self.batch_size}")
-        if not 1 <= self.rank <= FULL_RANK:
-            raise BadInput(f"--rank must be between 1 and {FULL_RANK}, got {self.rank}")
+        check_rank(self.rank, "--rank")
         for flag, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and (value < 8 or value % 8):
                 raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
         if self.scheduler not in SCHEDULERS:
             raise BadInput(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {self.scheduler!r}")
+        if CONCEPT_REF.search(self.negative):
+            raise BadInput("--negative cannot use concepts (<name>); write the negative prompt in plain words")
+
+
+def check_rank(rank: int, flag: str) -> None:
+    if not 1 <= rank <= FULL_RANK:
+        raise BadInput(f"{flag} must be between 1 and {FULL_RANK}, got {rank}")
+
+
+@dataclass
+class RenderRequest:
+    """One image to render: a prompt, a seed, and the default rank for its concepts."""
+
+    prompt: str
+    seed: int
+    rank: int = FULL_RANK
 
 
 @dataclass
@@ -86,6 +130,32 @@ class RenderedImage:
     seed: int
     ranks: dict[str, int]
     metadata: dict = field(default_factory=dict)
+
+
+@dataclass
+class Conditioning:
+    """The text conditioning of one prompt at one set of ranks, for one schedule.
+
+    negative, positive: 1 x S x D stock encodings (the positive one is what every layer reads
+    when the prompt names no concept). keys, values: K x L x S x D per (step, layer) sequences
+    without and with the textual bypass, or None without concepts.
+    """
+
+    ranks: dict[str, int]
+    negative: object
+    positive: object
+    keys: object | None = None
+    values: object | None = None
+
+    def at_step(self, step_index: int, num_layers: int):
+        """Keys and values (L x S x D each) of one denoising step."""
+        if self.keys is None:
+            plain = self.positive.expand(num_layers, -1, -1)
+            return plain, plain
+        return self.keys[step_index], self.values[step_index]
+
+
+# --------------------------------------------------------------------------- rendering
 
 
 class Renderer:
@@ -104,7 +174,6 @@ class Renderer:
             pipe.tokenizer.add_tokens([concept.token])
             token_id = pipe.tokenizer.convert_tokens_to_ids(concept.token)
             self.slots[name] = ConceptSlot(token_id=token_id, mapper=mapper.to(base.device))
-        self.text_encoder_calls = 0
 
     # ------------------------------------------------------------------ text
 
@@ -114,83 +183,150 @@ class Renderer:
             [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids
-        return ids.to(self.base.device)
+        return ids.to(self.base.device)  # 1, S
 
     def plain_encoding(self, text: str):
-        """The stock text encoding of ``text`` (1 x S x D)."""
+        """The stock text encoding of ``text`` (1 x S x D): one text-encoder call."""
         import torch
 
-        self.text_encoder_calls += 1
         with torch.no_grad():
             return self.base.pipeline.text_encoder(self._tokenize(text))[0]
 
-    def schedule_encoding(self, parsed: ParsedPrompt, timesteps, default_rank: int):
-        """Keys and values for every (step, layer): two K x L x S x D tensors, or None without concepts."""
+    def timesteps(self, settings: RenderSettings):
+        scheduler = make_scheduler(settings.scheduler, self.base.pipeline.scheduler.config)
+        scheduler.set_timesteps(settings.steps, device=self.base.device)
+        return scheduler.timesteps
+
+    def condition(self, prompt: str, settings: RenderSettings, rank: int | None = None, negative=None) -> Conditioning:
+        """The conditioning of ``prompt`` for the whole schedule of ``settings``.
+
+        ``rank`` (default: settings.rank) applies to concepts without an inline rank;
+        ``negative``: a precomputed plain encoding of settings.negative, to share it.
+        """
+        parsed = parse_prompt(prompt)
+        self._check_loaded(parsed)
+        ranks = resolve_ranks(parsed, rank or settings.rank)
+        if negative is None:
+            negative = self.plain_encoding(settings.negative)
+        if not parsed.ranks:
+            return Conditioning(ranks={}, negative=negative, positive=self.plain_encoding(parsed.text))
+        keys, values = self.schedule_encoding(parsed, self.timesteps(settings), ranks)
+        return Conditioning(ranks=ranks, negative=negative, positive=None, keys=keys, values=values)
+
+    def schedule_encoding(self, parsed: ParsedPrompt, timesteps, ranks: dict[str, int]):
+        """Keys and values for every (step, layer): two K x L x S x D tensors.
+
+        Repeated timesteps (PNDM's warm-up) are encoded once.
+        """
         import torch
 
         from .spacetime import ConceptSlot, encode_schedule
 
-        if not parsed.ranks:
-            return None
+        input_ids = self._tokenize(parsed.text)
         slots = {}
-        for name, inline_rank in parsed.ranks.items():
+        for name in parsed.ranks:
             slot = self.slots[name]
-            rank = inline_rank or default_rank
+            if not bool((input_ids == slot.token_id).any()):
+                limit = self.base.pipeline.tokenizer.model_max_length
+                raise BadInput(f"<{name}> falls beyond the text encoder's {limit} tokens; shorten the prompt")
+            rank = ranks[name]
             slots[slot.token_id] = ConceptSlot(slot.token_id, slot.mapper, None if rank == FULL_RANK else rank)
-        chunk = 256
-        self.text_encoder_calls += -(-len(timesteps) * len(self.layer_names) // chunk)
+        unique, inverse = torch.unique(timesteps, return_inverse=True)
+        repeated = unique.shape[0] < timesteps.shape[0]
         with torch.no_grad():
-            return encode_schedule(
-                self.base.pipeline.text_encoder, self._tokenize(parsed.text), timesteps,
-                len(self.layer_names), slots, chunk_size=chunk,
+            keys, values = encode_schedule(
+                self.base.pipeline.text_encoder, input_ids, unique if repeated else timesteps,
+                len(self.layer_names), slots, chunk_size=SCHEDULE_CHUNK,
             )
+        return (keys[inverse], values[inverse]) if repeated else (keys, values)
 
     def resolve_ranks(self, parsed: ParsedPrompt, default_rank: int) -> dict[str, int]:
-        return {name: (rank or default_rank) for name, rank in parsed.ranks.items()}
+        return resolve_ranks(parsed, default_rank)
+
+    def _check_loaded(self, parsed: ParsedPrompt) -> None:
+        unknown = [name for name in parsed.ranks if name not in self.slots]
+        if unknown:
+            raise BadInput(f"concept(s) {', '.join(unknown)} are not loaded for this render")
 
     # ------------------------------------------------------------------ images
 
-    def render(self, prompt: str, seeds: list[int], settings: RenderSettings) -> list[RenderedImage]:
+    def render(
+        self, prompt: str, seeds: list[int], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> list[RenderedImage]:
         """Render one image per seed; the text conditioning is computed once for all of them."""
-        return self._render(prompt, seeds, settings, decode=True)
+        requests = [RenderRequest(prompt, seed, settings.rank) for seed in seeds]
+        return self.render_requests(requests, settings, progress)
 
     def latents(self, prompt: str, seeds: list[int], settings: RenderSettings):
         """The final latents (N x 4 x h x w) instead of images."""
         import torch
 
-        return torch.cat(self._render(prompt, seeds, settings, decode=False))
+        requests = [RenderRequest(prompt, seed, settings.rank) for seed in seeds]
+        return torch.cat([latents for _, latents in self._denoise_requests(requests, settings)])
 
-    def _render(self, prompt: str, seeds: list[int], settings: RenderSettings, decode: bool):
-        parsed = parse_prompt(prompt)
-        unknown = [name for name in parsed.ranks if name not in self.slots]
-        if unknown:
-            raise BadInput(f"concept(s) {', '.join(unknown)} are not loaded for this render")
-        pipe = self.base.pipeline
-        width = settings.width or self.base.default_resolution
-        height = settings.height or self.base.default_resolution
-        scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
-        scheduler.set_timesteps(settings.steps, device=self.base.device)
-        timesteps = scheduler.timesteps
-        negative = self.plain_encoding(settings.negative)
-        schedule = self.schedule_encoding(parsed, timesteps, settings.rank)
-        # with concepts, every cross-attention layer reads the schedule instead
-        positive = negative if schedule is not None else self.plain_encoding(parsed.text)
-        ranks = self.resolve_ranks(parsed, settings.rank)
-        results = []
-        for start in range(0, len(seeds), settings.batch_size):
-            batch_seeds = seeds[start : start + settings.batch_size]
-            scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
-            scheduler.set_timesteps(settings.steps, device=self.base.device)
-            latents = self._denoise(scheduler, batch_seeds, width, height, settings.cfg, negative, positive, schedule)
-            if not decode:
-                results.append(latents)
-                continue
-            for seed, image in zip(batch_seeds, self.decode(latents)):
+    def render_requests(
+        self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> list[RenderedImage]:
+        """Render many (prompt, seed, rank) images, in order, sharing conditionings and batches.
+
+        Each distinct (prompt, resolved ranks) is encoded once, just before its first batch,
+        and dropped after its last; identical requests (e.g. a prompt without concepts at
+        several ranks) are rendered once.
+        """
+        width, height = self.size(settings)
+        images: dict[tuple, RenderedImage] = {}
+        for jobs, latents in self._denoise_requests(requests, settings, progress):
+            for (key, seed, prompt, ranks), image in zip(jobs, self.decode(latents)):
                 metadata = self.metadata(prompt, seed, width, height, settings, ranks)
-                results.append(RenderedImage(image=image, prompt=prompt, seed=seed, ranks=ranks, metadata=metadata))
-        return results
+                images[key, seed] = RenderedImage(image=image, prompt=prompt, seed=seed, ranks=ranks, metadata=metadata)
+        return [images[self._job_key(request, settings), request.seed] for request in requests]
 
-    def _denoise(self, scheduler, seeds, width, height, cfg, negative, positive, schedule):
+    def size(self, settings: RenderSettings) -> tuple[int, int]:
+        native = self.base.default_resolution
+        return settings.width or native, settings.height or native
+
+    def _job_key(self, request: RenderRequest, settings: RenderSettings) -> tuple:
+        parsed = parse_prompt(request.prompt)
+        ranks = resolve_ranks(parsed, request.rank or settings.rank)
+        return (parsed.text, tuple(sorted(ranks.items())))
+
+    def _denoise_requests(
+        self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> Iterable[tuple[list[tuple], object]]:
+        """Yield (jobs, latents) per batch; a job is (conditioning key, seed, prompt, ranks)."""
+        for request in requests:
+            check_rank(request.rank, "rank")
+            self._check_loaded(parse_prompt(request.prompt))
+        jobs: dict[tuple, tuple] = {}  # (key, seed) -> job, first occurrence order
+        for request in requests:
+            key = self._job_key(request, settings)
+            jobs.setdefault((key, request.seed), (key, request.seed, request.prompt, request.rank))
+        ordered = list(jobs.values())
+        last_use = {job[0]: index for index, job in enumerate(ordered)}
+        width, height = self.size(settings)
+        steps_per_image = len(self.timesteps(settings))
+        total, done = len(ordered) * steps_per_image, 0
+        negative = self.plain_encoding(settings.negative)
+        conditionings: dict[tuple, Conditioning] = {}
+        for start in range(0, len(ordered), settings.batch_size):
+            batch = ordered[start : start + settings.batch_size]
+            for key, _, prompt, rank in batch:
+                if key not in conditionings:
+                    conditionings[key] = self.condition(prompt, settings, rank=rank, negative=negative)
+            per_sample = [conditionings[key] for key, *_ in batch]
+
+            def on_step(batch_done: int, batch=batch, done=done) -> None:
+                if progress is not None:
+                    progress(done + batch_done * len(batch), total)
+
+            latents = self._denoise(settings, [seed for _, seed, *_ in batch], width, height, per_sample, on_step)
+            done += steps_per_image * len(batch)
+            stop = start + len(batch)
+            for key in [key for key in conditionings if last_use[key] < stop]:
+                del conditionings[key]
+            yield [(key, seed, prompt, conditioning.ranks) for (key, seed, prompt, _), conditioning in zip(batch, per_sample)], latents
+
+    def _denoise(self, settings: RenderSettings, seeds, width, height, conditionings: list[Conditioning], on_step=None):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
@@ -198,25 +334,35 @@ class Renderer:
 
         pipe, device = self.base.pipeline, self.base.device
         unet = pipe.unet
+        scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+        scheduler.set_timesteps(settings.steps, device=device)
         batch = len(seeds)
         shape = (batch, unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
         latents = latents * scheduler.init_noise_sigma
-        hidden = torch.cat([negative.expand(batch, -1, -1), positive.expand(batch, -1, -1)])  # 2B, S, D
+        negative = torch.cat([c.negative for c in conditionings])  # B, S, D
+        use_spacetime = any(c.keys is not None for c in conditionings)
+        hidden = None
+        if not use_spacetime:
+            hidden = torch.cat([negative, torch.cat([c.positive for c in conditionings])])  # 2B, S, D
+        num_layers = len(self.layer_names)
         with torch.no_grad():
             for step_index, timestep in enumerate(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 kwargs = None
-                if schedule is not None:
-                    keys, values = schedule[0][step_index], schedule[1][step_index]  # L, S, D
+                if use_spacetime:
+                    keys, values = _stack_step(conditionings, step_index, num_layers)  # L, B, S, D
                     kwargs = {"spacetime": SpaceTimeConditioning(
-                        keys=_with_uncond(negative, keys, batch), values=_with_uncond(negative, values, batch)
+                        keys=_with_uncond(negative, keys), values=_with_uncond(negative, values)
                     )}
+                    hidden = kwargs["spacetime"].keys[0]  # read by no layer; sets the batch shape
                 noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs).sample
                 uncond, cond = noise.chunk(2)
-                noise = uncond + cfg * (cond - uncond)
+                noise = uncond + settings.cfg * (cond - uncond)
                 latents = scheduler.step(noise, timestep, latents).prev_sample
+                if on_step is not None:
+                    on_step(step_index + 1)
         return latents
 
     def decode(self, latents) -> list:
@@ -224,7 +370,7 @@ class Renderer:
 
         pipe = self.base.pipeline
         with torch.no_grad():
-            decoded = pipe.vae.decode(latents / pipe.vae.config.scaling_factor).sample
+            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
         return pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def metadata(self, prompt, seed, width, height, settings: RenderSettings, ranks) -> dict:
@@ -242,19 +388,32 @@ class Renderer:
             "width": width,
             "height": height,
             "base_model": self.base.spec,
+            "dtype": str(self.base.dtype).removeprefix("torch."),
             "concepts": concepts,
             "stc_version": __version__,
         }
 
 
-def _with_uncond(negative, conditional, batch: int):
-    """L x S x D conditional sequences -> L x 2B x S x D with the plain negative first (CFG)."""
+def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
+    """Per-sample keys and values of one step: L x B x S x D each (a view when all samples share one)."""
+    import torch
+
+    batch = len(conditionings)
+    first = conditionings[0]
+    if all(c is first for c in conditionings):
+        keys, values = first.at_step(step_index, num_layers)
+        return keys.unsqueeze(1).expand(-1, batch, -1, -1), values.unsqueeze(1).expand(-1, batch, -1, -1)
+    pairs = [c.at_step(step_index, num_layers) for c in conditionings]
+    return torch.stack([k for k, _ in pairs], dim=1), torch.stack([v for _, v in pairs], dim=1)
+
+
+def _with_uncond(negative, conditional):
+    """L x B x S x D conditional sequences -> L x 2B x S x D with the plain negative first (CFG)."""
     import torch
 
     layers = conditional.shape[0]
-    uncond = negative.expand(layers, batch, *negative.shape[1:])
-    cond = conditional.unsqueeze(1).expand(layers, batch, *conditional.shape[1:])
-    return torch.cat([uncond, cond], dim=1)
+    uncond = negative.unsqueeze(0).expand(layers, -1, -1, -1).to(conditional.dtype)
+    return torch.cat([uncond, conditional], dim=1)
 
 
 def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
@@ -270,22 +429,82 @@ def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
         )
 
 
+# --------------------------------------------------------------------------- PNG metadata
+
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/.]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_CONCEPT_FIELD = re.compile(r"stc concept ([a-z0-9][a-z0-9_-]*)")
+_CONCEPT_VALUE = re.compile(r"rank (\d+)(?: sha256 ([0-9a-f]*))?")
+
+
+def _quote(value: object) -> str:
+    """A1111's quoting: values with commas, colons or newlines become JSON strings."""
+    text = str(value)
+    if any(char in text for char in ',:\n"'):
+        return json.dumps(text)
+    return text
+
+
 def a1111_parameters(metadata: dict) -> str:
-    """The ``parameters`` text chunk in the layout A1111-style tools read."""
+    """The ``parameters`` text chunk in the layout A1111-style tools read.
+
+    ``prompt``, ``Negative prompt: ...``, then one line of ``Key: value`` fields.
+    """
     sampler = SCHEDULERS[metadata["scheduler"]][1]
     fields = [
-        f"Steps: {metadata['steps']}", f"Sampler: {sampler}", f"CFG scale: {metadata['cfg']}",
-        f"Seed: {metadata['seed']}", f"Size: {metadata['width']}x{metadata['height']}",
-        f"Model: {metadata['base_model']}",
+        ("Steps", metadata["steps"]), ("Sampler", sampler), ("CFG scale", metadata["cfg"]),
+        ("Seed", metadata["seed"]), ("Size", f"{metadata['width']}x{metadata['height']}"),
+        ("Model", metadata["base_model"]),
     ]
     for name, info in metadata["concepts"].items():
-        fields.append(f"stc concept {name}: rank {info['rank']}, sha256 {info['sha256'][:12]}")
-    fields.append(f"stc version: {metadata['stc_version']}")
+        value = f"rank {info['rank']}" + (f" sha256 {info['sha256']}" if info.get("sha256") else "")
+        fields.append((f"stc concept {name}", value))
+    fields.append(("stc scheduler", metadata["scheduler"]))
+    fields.append(("stc version", metadata["stc_version"]))
     lines = [metadata["prompt"]]
     if metadata["negative"]:
         lines.append(f"Negative prompt: {metadata['negative']}")
-    lines.append(", ".join(fields))
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
     return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """Read a ``parameters`` chunk back into stc's metadata keys (what A1111 layouts hold).
+
+    Returns prompt, negative, steps, cfg, seed, width, height, scheduler, base_model,
+    concepts ({name: {rank, sha256}}), stc_version, plus ``extra`` for unknown fields.
+    """
+    *prompt_lines, field_line = text.split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in prompt_lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {}
+    for key, value in _A1111_FIELD.findall(field_line):
+        fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    samplers = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
+    width, _, height = fields.pop("Size", "x").partition("x")
+    result = {
+        "prompt": "\n".join(prompt),
+        "negative": "\n".join(negative),
+        "steps": int(fields.pop("Steps")),
+        "cfg": float(fields.pop("CFG scale")),
+        "seed": int(fields.pop("Seed")),
+        "width": int(width),
+        "height": int(height),
+        "base_model": fields.pop("Model", ""),
+        "concepts": {},
+        "stc_version": fields.pop("stc version", ""),
+    }
+    sampler = fields.pop("Sampler", "")
+    result["scheduler"] = fields.pop("stc scheduler", samplers.get(sampler, sampler))
+    for key in list(fields):
+        name, value = _CONCEPT_FIELD.fullmatch(key), _CONCEPT_VALUE.fullmatch(fields[key])
+        if name and value:
+            result["concepts"][name.group(1)] = {"rank": int(value.group(1)), "sha256": value.group(2) or ""}
+            del fields[key]
+    result["extra"] = fields
+    return result
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -303,22 +522,37 @@ def free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
     return candidate
 
 
-def save_png(rendered: RenderedImage, folder: Path, stem: str | None = None) -> Path:
+def png_info(metadata: dict, extra: dict[str, str] | None = None):
+    """PNG text chunks: ``parameters`` (A1111 layout) and ``stc`` (the full record as JSON)."""
     from PIL.PngImagePlugin import PngInfo
 
-    folder.mkdir(parents=True, exist_ok=True)
     info = PngInfo()
-    info.add_text("parameters", a1111_parameters(rendered.metadata))
-    info.add_text("stc", json.dumps(rendered.metadata, sort_keys=True))
+    info.add_text("parameters", a1111_parameters(metadata))
+    info.add_text("stc", json.dumps(metadata, sort_keys=True))
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
+    return info
+
+
+def default_stem(rendered: RenderedImage) -> str:
     rank_part = "-".join(f"r{rank}" for rank in rendered.ranks.values())
-    stem = stem or "-".join(part for part in (slug(parse_prompt(rendered.prompt).text), f"s{rendered.seed}", rank_part) if part)
-    path = free_path(folder, stem)
-    rendered.image.save(path, pnginfo=info)
+    parts = (slug(parse_prompt(rendered.prompt).text), f"s{rendered.seed}", rank_part)
+    return "-".join(part for part in parts if part)
+
+
+def save_png(rendered: RenderedImage, folder: Path, stem: str | None = None) -> Path:
+    """Save with its metadata as ``folder/stem.png``, at a free name (never overwrites)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = free_path(folder, stem or default_stem(rendered))
+    rendered.image.save(path, pnginfo=png_info(rendered.metadata))
     return path
 
 
+# --------------------------------------------------------------------------- loading
+
+
 def load_concepts_for(prompts: list[str], registry: Registry) -> dict[str, tuple[Concept, object]]:
-    """Load every concept referenced in ``prompts`` (registry errors propagate)."""
+    """Load every concept referenced in ``prompts`` (registry errors, e.g. close names, propagate)."""
     names: dict[str, None] = {}
     for prompt in prompts:
         for name in parse_prompt(prompt).ranks:

@@ -1,8 +1,9 @@
-"""stc gen."""
+"""stc gen, stc grid."""
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -22,11 +23,65 @@ from ._base import (
     quiet_libraries,
 )
 
+# Rendering options shared by gen and grid ---------------------------------------------------
+BatchSizeOpt = Annotated[
+    int, typer.Option("--batch-size", help="Images per UNet batch (CFG halves are batched on top).")
+]
+StepsOpt = Annotated[int, typer.Option("--steps", help="Denoising steps.")]
+CfgOpt = Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")]
+NegativeOpt = Annotated[str, typer.Option("--negative", help="Negative prompt (plain words, no concepts).")]
+WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Width in px, a multiple of 8 (default: the model's).")]
+HeightOpt = Annotated[
+    Optional[int], typer.Option("--height", help="Height in px, a multiple of 8 (default: the model's).")
+]
+SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="dpm, ddim, euler or pndm.")]
+DtypeOpt = Annotated[
+    Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU).")
+]
+
+
+def _print_record(record: dict) -> None:
+    """One JSON record per line on stdout."""
+    out.print(json.dumps(record, sort_keys=True), markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+def _load_renderer(prompts: list[str], model, model_config, device, dtype):
+    quiet_libraries()
+    from ..generation import Renderer, choose_model, load_concepts_for
+    from ..models import load_base_model
+
+    concepts = load_concepts_for(prompts, open_registry())
+    if not concepts:
+        err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
+    spec = choose_model(concepts, model)
+    with err.status(f"loading {spec}"):
+        base = load_base_model(spec, device=device, dtype=dtype, config=str(model_config) if model_config else None)
+        return Renderer(base, concepts)
+
+
+@contextmanager
+def _progress_bar(description: str):
+    """A rich progress bar on stderr; yields the library's progress(done, total) callback."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as progress:
+        task = progress.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        yield update
+
 
 @app.command()
 @handle_errors
 def gen(
-    prompt: Annotated[str, typer.Argument(help="Prompt; <name> uses a concept, <name:8> sets its rank.")],
+    prompt: Annotated[
+        str,
+        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank."),
+    ],
     rank: Annotated[
         int,
         typer.Option(
@@ -39,62 +94,120 @@ def gen(
     num_images: Annotated[
         int, typer.Option("-n", "--num-images", help="Images to render (seeds S, S+1, ...).")
     ] = 1,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per UNet batch.")] = 4,
-    steps: Annotated[int, typer.Option("--steps", help="Denoising steps.")] = 50,
-    cfg: Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")] = 7.5,
-    negative: Annotated[str, typer.Option("--negative", help="Negative prompt.")] = "",
-    width: Annotated[
-        Optional[int], typer.Option("--width", help="Width in px (default: the model's).")
-    ] = None,
-    height: Annotated[
-        Optional[int], typer.Option("--height", help="Height in px (default: the model's).")
-    ] = None,
-    scheduler: Annotated[str, typer.Option("--scheduler", help="dpm, ddim, euler or pndm.")] = "dpm",
+    batch_size: BatchSizeOpt = 4,
+    steps: StepsOpt = 50,
+    cfg: CfgOpt = 7.5,
+    negative: NegativeOpt = "",
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    scheduler: SchedulerOpt = "dpm",
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
-    dtype: Annotated[
-        Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU).")
-    ] = None,
+    dtype: DtypeOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("stc-out"),
-    as_json: JsonOpt = False,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON record per image (path and parameters).")
+    ] = False,
 ) -> None:
-    """Render images of a prompt; prints the paths of the PNG files."""
-    from ..generation import RenderSettings, parse_prompt
+    """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
+    from ..generation import RenderSettings, parse_prompt, save_png
 
     if num_images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="-n")
     settings = RenderSettings(
-        steps=steps,
-        cfg=cfg,
-        width=width,
-        height=height,
-        scheduler=scheduler,
-        negative=negative,
-        rank=rank,
-        batch_size=batch_size,
+        steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
+        rank=rank, batch_size=batch_size,
     )
     parse_prompt(prompt)  # bad inline ranks fail before anything loads
-    quiet_libraries()
-    from ..generation import Renderer, choose_model, load_concepts_for, save_png
-    from ..models import load_base_model
-
-    registry = open_registry()
-    concepts = load_concepts_for([prompt], registry)
-    if not concepts:
-        err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
-    spec = choose_model(concepts, model)
-    with err.status(f"loading {spec}"):
-        base = load_base_model(
-            spec, device=device, dtype=dtype, config=str(model_config) if model_config else None
-        )
-        renderer = Renderer(base, concepts)
+    renderer = _load_renderer([prompt], model, model_config, device, dtype)
     seeds = list(range(seed, seed + num_images))
-    with err.status(f"rendering {num_images} image(s)"):
-        images = renderer.render(prompt, seeds, settings)
+    with _progress_bar(f"rendering {num_images} image(s)") as progress:
+        images = renderer.render(prompt, seeds, settings, progress=progress)
     for rendered in images:
         path = save_png(rendered, out_dir)
         if as_json:
-            out.print_json(json.dumps({"path": str(path), **rendered.metadata}))
+            _print_record({"path": str(path), **rendered.metadata})
         else:
             out.print(str(path), highlight=False, soft_wrap=True)
+
+
+@app.command()
+@handle_errors
+def grid(
+    prompt: Annotated[
+        Optional[str],
+        typer.Argument(help="Prompt with one or more <concept>s (or use --prompts FILE)."),
+    ] = None,
+    ranks: Annotated[
+        str, typer.Option("--ranks", help="Comma-separated ranks, one column each (ranges like 1-4 work too).")
+    ] = "1,2,4,8,16,32,64,128",
+    seeds: Annotated[
+        Optional[str],
+        typer.Option(
+            "--seeds",
+            help="Comma-separated seeds, one row each (default: 0,1,2,3; with --prompts: 0).",
+        ),
+    ] = None,
+    prompts_file: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--prompts",
+            help="A text file with one prompt per line (# comments, blank lines skipped): one row per "
+            "prompt and seed.",
+        ),
+    ] = None,
+    out_file: Annotated[
+        Optional[Path],
+        typer.Option("--out", "-o", help="The grid PNG (default: stc-out/grid-<prompt>.png); cells go in a "
+                     "folder of the same name beside it."),
+    ] = None,
+    batch_size: BatchSizeOpt = 4,
+    steps: StepsOpt = 50,
+    cfg: CfgOpt = 7.5,
+    negative: NegativeOpt = "",
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    scheduler: SchedulerOpt = "dpm",
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
+    from ..errors import BadInput
+    from ..generation import RenderSettings, parse_prompt
+    from ..grid import DEFAULT_SEEDS, default_grid_path, parse_ranks, parse_seeds, read_prompts
+
+    if (prompt is None) == (prompts_file is None):
+        raise BadInput("give a PROMPT or --prompts FILE (one of them, not both)")
+    prompts = read_prompts(prompts_file) if prompts_file else [prompt]
+    for text in prompts:
+        parse_prompt(text)  # bad inline ranks fail before anything loads
+    rank_list = parse_ranks(ranks)
+    if seeds is not None:
+        seed_list = parse_seeds(seeds)
+    else:
+        seed_list = [0] if prompts_file else list(DEFAULT_SEEDS)
+    settings = RenderSettings(
+        steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
+        batch_size=batch_size,
+    )
+    target = out_file or default_grid_path(prompts, prompts_file)
+    from ..grid import free_grid_path, render_grid, save_grid
+
+    free_grid_path(target)  # a bad --out fails before rendering
+    renderer = _load_renderer(prompts, model, model_config, device, dtype)
+    cells = len(prompts) * len(seed_list) * len(rank_list)
+    with _progress_bar(f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)") as progress:
+        result = render_grid(renderer, prompts, rank_list, seed_list, settings, progress=progress)
+    saved = save_grid(result, target)
+    err.print(f"[dim]{len(saved.images)} cell images in {saved.folder}[/]", highlight=False)
+    if as_json:
+        _print_record({
+            "path": str(saved.path), "folder": str(saved.folder), "prompts": prompts, "ranks": rank_list,
+            "seeds": seed_list, "images": [str(path) for path in saved.images],
+        })
+    else:
+        out.print(str(saved.path), highlight=False, soft_wrap=True)

@@ -1,0 +1,295 @@
+"""stc gen: prompts with several concepts, inline ranks, PNG metadata, call counts, the CLI."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from stc.cli import app
+from stc.errors import BadInput
+from stc.generation import (
+    RenderSettings,
+    Renderer,
+    a1111_parameters,
+    parse_parameters,
+    parse_prompt,
+    resolve_ranks,
+    save_png,
+)
+from stc.mapper import MapperConfig, NeTIMapper
+from stc.registry import Concept, Registry
+from stc.spacetime import _text_transformer, cross_attention_layer_names
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def make_mapper(seed: int) -> NeTIMapper:
+    mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
+    return mapper.eval().requires_grad_(False)
+
+
+def make_concept(name: str, unet) -> Concept:
+    return Concept(
+        name=name, base_model="builtin:tiny", initializer="cat", text_width=32,
+        layer_names=cross_attention_layer_names(unet), mapper=make_mapper(0).config.to_dict(),
+        training={"steps": 10, "steps_done": 10}, weights_sha256="ab" * 32,
+    )
+
+
+@pytest.fixture
+def saved_concepts(tiny):
+    """Concepts mydog and mycat in the (temporary) registry, with different random mappers."""
+    registry = Registry()
+    for name, seed in (("mydog", 1), ("mycat", 2)):
+        mapper = make_mapper(seed)
+        registry.save(make_concept(name, tiny.pipeline.unet), mapper.state_dict())
+    return registry
+
+
+def count_text_encoder_calls(renderer) -> list:
+    """Instrument the text encoder: every call (batched or not) appends its batch size."""
+    calls = []
+    encoder = _text_transformer(renderer.base.pipeline.text_encoder).encoder
+    encoder.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs.get(
+        "inputs_embeds", args[0] if args else None).shape[0]), with_kwargs=True)
+    return calls
+
+
+# --------------------------------------------------------------------------- prompts
+
+
+def test_inline_ranks_are_parsed_per_concept():
+    parsed = parse_prompt("<mydog:8> sitting next to <mycat> and <mydog>")
+    assert parsed.text == "<mydog> sitting next to <mycat> and <mydog>"
+    assert parsed.ranks == {"mydog": 8, "mycat": None}
+    assert resolve_ranks(parsed, 2) == {"mydog": 8, "mycat": 2}
+    assert parse_prompt("a cat").ranks == {}
+    assert parse_prompt("<lora:foo:0.8> <x y>").ranks == {}  # not ours: left as text
+    for bad, fragment in (("<mydog:0>", "between 1 and 128"), ("<mydog:129>", "between 1 and 128"),
+                          ("<mydog:4> and <mydog:8>", "two different ranks"), ("<MyDog>", "<mydog>")):
+        with pytest.raises(BadInput, match=fragment):
+            parse_prompt(bad)
+
+
+def test_inline_rank_overrides_the_default_rank(tiny):
+    unet = tiny.pipeline.unet
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", unet), make_mapper(1))})
+    settings = RenderSettings(steps=2)
+    inline = renderer.condition("<mydog:8> on the moon", settings)  # default rank 128
+    default = renderer.condition("<mydog> on the moon", settings, rank=8)
+    full = renderer.condition("<mydog> on the moon", settings)
+    assert inline.ranks == default.ranks == {"mydog": 8}
+    assert torch.equal(inline.keys, default.keys) and torch.equal(inline.values, default.values)
+    assert not torch.allclose(inline.keys, full.keys)
+
+
+# --------------------------------------------------------------------------- several concepts
+
+
+def placeholder_inputs(renderer, prompt: str, settings: RenderSettings) -> dict[str, torch.Tensor]:
+    """The token embeddings the text encoder receives at each concept's position: name -> K·L x D."""
+    captured = []
+    embeddings = _text_transformer(renderer.base.pipeline.text_encoder).embeddings
+    handle = embeddings.register_forward_pre_hook(
+        lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"]) if "inputs_embeds" in kwargs else None,
+        with_kwargs=True,
+    )
+    try:
+        renderer.condition(prompt, settings)
+    finally:
+        handle.remove()
+    inputs = torch.cat(captured)  # K·L, S, D
+    ids = renderer._tokenize(parse_prompt(prompt).text)[0]
+    return {name: inputs[:, int((ids == slot.token_id).nonzero()[0])] for name, slot in renderer.slots.items()}
+
+
+def mapper_tokens(mapper, timesteps, num_layers: int) -> torch.Tensor:
+    rows_t = timesteps.float().repeat_interleave(num_layers)
+    rows_l = torch.arange(num_layers).repeat(len(timesteps)).float()
+    return mapper.split(mapper(rows_t, rows_l))[0]
+
+
+def test_each_placeholder_is_conditioned_by_its_own_mapper(tiny):
+    unet = tiny.pipeline.unet
+    dog, cat = make_concept("mydog", unet), make_concept("mycat", unet)
+    mapper_a, mapper_b = make_mapper(1), make_mapper(2)
+    settings = RenderSettings(steps=2, batch_size=2)
+    prompt = "<mydog> sitting next to <mycat>"
+    straight = Renderer(tiny, {"mydog": (dog, mapper_a), "mycat": (cat, mapper_b)})
+    timesteps = straight.timesteps(settings)
+    tokens_a, tokens_b = mapper_tokens(mapper_a, timesteps, 16), mapper_tokens(mapper_b, timesteps, 16)
+    assert not torch.allclose(tokens_a, tokens_b)
+
+    inputs = placeholder_inputs(straight, prompt, settings)
+    assert torch.allclose(inputs["mydog"], tokens_a, atol=1e-6)
+    assert torch.allclose(inputs["mycat"], tokens_b, atol=1e-6)
+    straight_images = straight.latents(prompt, [0, 1], settings)
+
+    swapped = Renderer(tiny, {"mydog": (dog, mapper_b), "mycat": (cat, mapper_a)})
+    inputs = placeholder_inputs(swapped, prompt, settings)
+    assert torch.allclose(inputs["mydog"], tokens_b, atol=1e-6)
+    assert torch.allclose(inputs["mycat"], tokens_a, atol=1e-6)
+    swapped_images = swapped.latents(prompt, [0, 1], settings)
+    assert (straight_images - swapped_images).abs().max() > 1e-3
+
+    # swapping the names in the prompt too gives back the first images: each name follows its mapper
+    back = swapped.latents("<mycat> sitting next to <mydog>", [0, 1], settings)
+    assert torch.allclose(back, straight_images, atol=1e-5)
+
+
+def test_negative_with_a_concept_and_overlong_prompts_are_clear_errors(tiny):
+    with pytest.raises(BadInput, match="--negative"):
+        RenderSettings(negative="<mydog>")
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", tiny.pipeline.unet), make_mapper(1))})
+    with pytest.raises(BadInput, match="shorten the prompt"):
+        renderer.condition("cat " * 80 + "<mydog>", RenderSettings(steps=1))
+    with pytest.raises(BadInput, match="not loaded"):
+        renderer.render("<mycat>", [0], RenderSettings(steps=1))
+
+
+# --------------------------------------------------------------------------- speed
+
+
+def test_text_encoder_calls_stay_within_the_design_and_do_not_grow_with_images(tiny):
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", tiny.pipeline.unet), make_mapper(1))})
+    calls = count_text_encoder_calls(renderer)
+    settings = RenderSettings(steps=3, batch_size=2)
+    counts = []
+    for seeds in ([0], [0, 1, 2]):
+        calls.clear()
+        renderer.latents("<mydog> on the moon", seeds, settings)
+        counts.append(len(calls))
+    assert counts == [2, 2]  # the negative prompt + all 3 x 16 (step, layer) rows in one call
+    for steps in (16, 17, 40):  # 256, 272 and 640 rows: 1, 2 and 3 batched calls
+        calls.clear()
+        renderer.condition("<mydog> on the moon", RenderSettings(steps=steps), negative=torch.zeros(1, 77, 32))
+        assert len(calls) == math.ceil(steps * 16 / 256), steps
+    calls.clear()
+    renderer.latents("a cat on the moon", [0, 1, 2], RenderSettings(steps=3))
+    assert len(calls) == 2  # negative + positive, plain SD
+
+
+# --------------------------------------------------------------------------- metadata
+
+
+def test_png_metadata_round_trips(tiny, tmp_path):
+    renderer = Renderer(tiny, {
+        "mydog": (make_concept("mydog", tiny.pipeline.unet), make_mapper(1)),
+        "mycat": (make_concept("mycat", tiny.pipeline.unet), make_mapper(2)),
+    })
+    settings = RenderSettings(steps=2, cfg=6.0, scheduler="euler", negative="blurry, low quality: bad", rank=16)
+    [rendered] = renderer.render("<mydog:4> next to <mycat>, at night", [7], settings)
+    path = save_png(rendered, tmp_path)
+    from PIL import Image
+
+    with Image.open(path) as image:
+        text = dict(image.text)
+    record = json.loads(text["stc"])
+    assert record == rendered.metadata
+    assert record["concepts"] == {"mydog": {"rank": 4, "sha256": "ab" * 32}, "mycat": {"rank": 16, "sha256": "ab" * 32}}
+    lines = text["parameters"].split("\n")
+    assert lines[0] == "<mydog:4> next to <mycat>, at night"
+    assert lines[1] == "Negative prompt: blurry, low quality: bad"
+    assert lines[2].startswith("Steps: 2, Sampler: Euler, CFG scale: 6.0, Seed: 7, Size: 64x64, ")
+    parsed = parse_parameters(text["parameters"])
+    assert parsed.pop("extra") == {}
+    assert parsed == {key: record[key] for key in parsed}
+    assert set(record) - set(parsed) == {"dtype"}
+
+
+def test_parameters_without_negative_or_concepts():
+    metadata = {
+        "prompt": "a cat\non two lines", "negative": "", "seed": 1, "steps": 5, "cfg": 7.5, "scheduler": "pndm",
+        "width": 64, "height": 96, "base_model": "/models/my, model", "concepts": {}, "stc_version": "0.1.0",
+    }
+    text = a1111_parameters(metadata)
+    assert "Negative prompt" not in text and "Sampler: PLMS" in text and 'Model: "/models/my, model"' in text
+    parsed = parse_parameters(text)
+    parsed.pop("extra")
+    assert parsed == metadata
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_gen_two_concepts_json_records(saved_concepts, tmp_path):
+    result = invoke("gen", "<mydog> sitting next to <mycat:4>", "--rank", 8, "-n", 3, "--batch-size", 2,
+                    "--steps", 2, "--out", tmp_path, "--json", "--seed", 3)
+    assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["seed"] for r in records] == [3, 4, 5]
+    assert all(r["concepts"]["mydog"]["rank"] == 8 and r["concepts"]["mycat"]["rank"] == 4 for r in records)
+    assert len({r["concepts"]["mydog"]["sha256"] for r in records}) == 1
+    from PIL import Image
+
+    pixels = []
+    for record in records:
+        with Image.open(record["path"]) as image:
+            assert image.size == (64, 64)
+            assert json.loads(image.text["stc"]) == {k: v for k, v in record.items() if k != "path"}
+            pixels.append(np.asarray(image))
+    assert not np.array_equal(pixels[0], pixels[1])
+
+
+def test_gen_is_byte_reproducible(saved_concepts, tmp_path):
+    args = ("gen", "<mydog> and <mycat>", "--steps", 2, "--seed", 4, "--scheduler", "ddim", "--cfg", 5)
+    first = invoke(*args, "--out", tmp_path / "a").stdout.strip()
+    second = invoke(*args, "--out", tmp_path / "b").stdout.strip()
+    third = invoke(*args, "--rank", 2, "--out", tmp_path / "c").stdout.strip()
+    data = [open(path, "rb").read() for path in (first, second, third)]
+    assert data[0] == data[1] and data[0] != data[2]
+
+
+def test_gen_unknown_concept_lists_close_names(saved_concepts):
+    result = invoke("gen", "<mydgo> on the moon", "--steps", 1)
+    assert result.exit_code == 1
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert "mydgo" in line and "mydog" in line and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--scheduler", "heun"), "--scheduler"),
+    (("--width", 60), "--width"),
+    (("--height", 0), "--height"),
+    (("--dtype", "fp8"), "--dtype"),
+    (("--dtype", "fp16", "--device", "cpu"), "fp16"),
+    (("--rank", 0), "--rank"),
+    (("--negative", "<mycat>"), "--negative"),
+])
+def test_gen_bad_options_are_one_line_errors(saved_concepts, args, fragment):
+    result = invoke("gen", "<mydog>", "--steps", 1, *args)
+    assert result.exit_code == 1, result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_gen_sizes_schedulers_and_bf16(saved_concepts, tmp_path):
+    from PIL import Image
+
+    pixels = {}
+    for scheduler in ("dpm", "ddim", "euler", "pndm"):
+        result = invoke("gen", "<mydog>", "--steps", 2, "--scheduler", scheduler, "--width", 72, "--height", 64,
+                        "--out", tmp_path / scheduler)
+        assert result.exit_code == 0, result.output
+        with Image.open(result.stdout.strip()) as image:
+            assert image.size == (72, 64)
+            assert parse_parameters(image.text["parameters"])["scheduler"] == scheduler
+            pixels[scheduler] = np.asarray(image)
+    assert not np.array_equal(pixels["dpm"], pixels["euler"])
+    result = invoke("gen", "<mydog>", "--steps", 2, "--dtype", "bf16", "--device", "cpu", "--json", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["dtype"] == "bfloat16"
+
+
+def test_gen_without_concept_notes_plain_sd(tmp_path):
+    result = invoke("gen", "a cat on the moon", "--model", "builtin:tiny", "--steps", 1, "--out", tmp_path, "--json")
+    assert result.exit_code == 0, result.output
+    assert "plain Stable Diffusion" in result.stderr
+    assert json.loads(result.stdout)["concepts"] == {}
