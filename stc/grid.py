@@ -1,0 +1,263 @@
+"""Truncation grids: one prompt (or several) at many ranks and seeds, in one labelled PNG.
+
+Columns are ranks; rows are seeds, or (prompt, seed) pairs when several prompts are given
+(prompt-major: every seed of prompt 1, then of prompt 2, ...). The column's rank is the
+default rank of every concept in the prompt; a concept with an inline rank (``<mydog:4>``)
+keeps it in every column.
+
+Speed: each (prompt, rank) is encoded once for the whole schedule and shared by all seeds;
+cells are rendered rank by rank in batches of ``settings.batch_size`` (the seeds of one rank
+form one batch when they fit), and cells that would be identical (a prompt without concepts,
+or whose concepts all have inline ranks) are rendered once.
+"""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+from .generation import (
+    FULL_RANK,
+    ProgressCallback,
+    RenderedImage,
+    RenderRequest,
+    RenderSettings,
+    a1111_parameters,
+    parse_prompt,
+    save_png,
+    slug,
+)
+
+DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
+DEFAULT_SEEDS = (0, 1, 2, 3)
+MAX_SEED = 2**63 - 1
+ROW_LABEL_CHARS = 60  # a prompt label is cut to this many characters
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """'0,1,2' or '0-3' or '0-3,8' -> ints (duplicates dropped, order kept)."""
+    values: list[int] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        try:
+            if "-" in part[1:]:
+                low, high = (int(v) for v in part.split("-", 1))
+                if high < low:
+                    raise ValueError
+                values.extend(range(low, high + 1))
+            else:
+                values.append(int(part))
+        except ValueError:
+            raise BadInput(f"{flag}: {part!r} is not a number or a range like 0-3 (e.g. {flag} 1,2,4,8)") from None
+    if not values:
+        raise BadInput(f"{flag} is empty; give a comma-separated list such as {flag} 1,2,4,8")
+    return list(dict.fromkeys(values))
+
+
+def parse_ranks(text: str) -> list[int]:
+    ranks = _int_list(text, "--ranks")
+    bad = [rank for rank in ranks if not 1 <= rank <= FULL_RANK]
+    if bad:
+        raise BadInput(f"--ranks must lie between 1 and {FULL_RANK}; got {', '.join(map(str, bad))}")
+    return ranks
+
+
+def parse_seeds(text: str) -> list[int]:
+    seeds = _int_list(text, "--seeds")
+    bad = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
+    if bad:
+        raise BadInput(f"--seeds must be non-negative integers; got {', '.join(map(str, bad))}")
+    return seeds
+
+
+def read_prompts(path: Path) -> list[str]:
+    """One prompt per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise BadInput(f"--prompts: {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BadInput(f"--prompts: cannot read {path}: {exc}") from None
+    prompts = [line.strip() for line in text.splitlines()]
+    prompts = [line for line in prompts if line and not line.startswith("#")]
+    if not prompts:
+        raise BadInput(f"--prompts: {path} holds no prompts (one per line; blank lines and # comments are skipped)")
+    for prompt in prompts:
+        parse_prompt(prompt)  # bad inline ranks fail before anything loads
+    return prompts
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+@dataclass
+class GridCell:
+    row: int
+    column: int
+    prompt_index: int
+    prompt: str
+    seed: int
+    rank: int
+    rendered: RenderedImage
+
+
+@dataclass
+class Grid:
+    prompts: list[str]
+    seeds: list[int]
+    ranks: list[int]
+    cells: list[GridCell]  # row-major
+
+    @property
+    def rows(self) -> list[tuple[int, int]]:
+        """(prompt index, seed) of every row."""
+        return [(index, seed) for index in range(len(self.prompts)) for seed in self.seeds]
+
+    def row_label(self, row: int) -> tuple[str | None, str | None]:
+        """(prompt, "seed N") of a row; the prompt only with several prompts, the seed only with several seeds."""
+        prompt_index, seed = self.rows[row]
+        prompt = self.prompts[prompt_index] if len(self.prompts) > 1 else None
+        if prompt is not None and len(prompt) > ROW_LABEL_CHARS:
+            prompt = prompt[: ROW_LABEL_CHARS - 1] + "…"
+        seed_text = f"seed {seed}" if len(self.seeds) > 1 or prompt is None else None
+        return prompt, seed_text
+
+
+def fit_label(prompt: str | None, seed_text: str | None, chars_per_line: int, max_lines: int) -> str:
+    """Wrap a row label into at most ``max_lines`` lines; the seed line always survives."""
+    lines = textwrap.wrap(prompt, width=chars_per_line) if prompt else []
+    budget = max(1, max_lines - (1 if seed_text else 0))
+    if len(lines) > budget:
+        lines = lines[:budget]
+        lines[-1] = lines[-1][: max(1, chars_per_line - 1)].rstrip() + "…"
+    if seed_text:
+        lines.append(seed_text)
+    return "\n".join(lines)
+
+
+def render_grid(
+    renderer, prompts: list[str], ranks: list[int], seeds: list[int], settings: RenderSettings,
+    progress: ProgressCallback | None = None,
+) -> Grid:
+    """Render every (prompt, seed) row at every rank."""
+    if not prompts or not ranks or not seeds:
+        raise BadInput("a grid needs at least one prompt, one rank and one seed")
+    # rank-major within a prompt: the seeds of one rank are consecutive, so they share batches
+    order = [(p, rank, seed) for p in range(len(prompts)) for rank in ranks for seed in seeds]
+    requests = [RenderRequest(prompts[p], seed, rank) for p, rank, seed in order]
+    images = dict(zip(order, renderer.render_requests(requests, settings, progress)))
+    cells = []
+    for row, (p, seed) in enumerate((p, seed) for p in range(len(prompts)) for seed in seeds):
+        for column, rank in enumerate(ranks):
+            cells.append(GridCell(row, column, p, prompts[p], seed, rank, images[p, rank, seed]))
+    return Grid(prompts=list(prompts), seeds=list(seeds), ranks=list(ranks), cells=cells)
+
+
+# --------------------------------------------------------------------------- composing
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def compose_grid(grid: Grid, padding: int = 4):
+    """The labelled grid image: a header row of ranks ("r=8"), a left column of row labels."""
+    from PIL import Image, ImageDraw
+
+    cell_width, cell_height = grid.cells[0].rendered.image.size
+    font = _font(max(10, min(28, cell_height // 10)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+
+    def box(text: str) -> tuple[int, int]:
+        left, top, right, bottom = measure.multiline_textbbox((0, 0), text, font=font)
+        return right - left, bottom - top
+
+    chars_per_line = max(12, cell_width // max(1, int(font.getlength("x"))))
+    max_lines = max(1, cell_height // max(1, box("Ag\nAg")[1] - box("Ag")[1]))
+    labels = [fit_label(*grid.row_label(row), chars_per_line, max_lines) for row in range(len(grid.rows))]
+
+    label_width = max(box(label)[0] for label in labels) + 2 * padding
+    header_height = max(box(f"r={rank}")[1] for rank in grid.ranks) + 2 * padding
+    columns, rows = len(grid.ranks), len(grid.rows)
+    size = (label_width + columns * (cell_width + padding), header_height + rows * (cell_height + padding))
+    canvas = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(canvas)
+    for column, rank in enumerate(grid.ranks):
+        text = f"r={rank}"
+        x = label_width + column * (cell_width + padding) + (cell_width - box(text)[0]) // 2
+        draw.text((x, padding), text, fill="black", font=font)
+    for row, label in enumerate(labels):
+        y = header_height + row * (cell_height + padding) + (cell_height - box(label)[1]) // 2
+        draw.multiline_text((padding, max(header_height, y)), label, fill="black", font=font)
+    for cell in grid.cells:
+        x = label_width + cell.column * (cell_width + padding)
+        y = header_height + cell.row * (cell_height + padding)
+        canvas.paste(cell.rendered.image, (x, y))
+    return canvas
+
+
+# --------------------------------------------------------------------------- saving
+
+
+@dataclass
+class SavedGrid:
+    path: Path  # the labelled grid PNG
+    folder: Path  # the individual images
+    images: list[Path]  # row-major, like Grid.cells
+
+
+def default_grid_path(prompts: list[str], prompts_file: Path | None = None) -> Path:
+    name = slug(prompts_file.stem) if prompts_file else slug(parse_prompt(prompts[0]).text)
+    return Path("stc-out") / f"grid-{name}.png"
+
+
+def free_grid_path(path: Path) -> Path:
+    """``path``, or ``stem-1.png``... such that neither the PNG nor its folder exists yet."""
+    if path.suffix.lower() != ".png":
+        raise BadInput(f"--out must name a .png file, got {path}")
+    candidate, counter = path, 1
+    while candidate.exists() or candidate.with_suffix("").exists():
+        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
+        counter += 1
+    return candidate
+
+
+def save_grid(grid: Grid, path: Path) -> SavedGrid:
+    """Write the grid PNG at a free name near ``path`` and every cell into a folder beside it.
+
+    Cells are ``<grid stem>/p{prompt}-s{seed}-r{rank}.png``, each with its own metadata; the
+    grid carries the first cell's ``parameters`` and an ``stc-grid`` JSON chunk.
+    """
+    from PIL.PngImagePlugin import PngInfo
+
+    path = free_grid_path(Path(path))
+    folder = path.with_suffix("")
+    folder.mkdir(parents=True)
+    images = [
+        save_png(cell.rendered, folder, stem=f"p{cell.prompt_index}-s{cell.seed}-r{cell.rank}")
+        for cell in grid.cells
+    ]
+    first = grid.cells[0].rendered.metadata
+    record = {
+        "prompts": grid.prompts, "seeds": grid.seeds, "ranks": grid.ranks,
+        "images": [str(image.relative_to(path.parent)) for image in images],
+        **{key: value for key, value in first.items() if key not in ("prompt", "seed", "concepts")},
+    }
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(first))  # the first cell's, like A1111 grids
+    info.add_text("stc-grid", json.dumps(record, sort_keys=True))
+    compose_grid(grid).save(path, pnginfo=info)
+    return SavedGrid(path=path, folder=folder, images=images)
+
