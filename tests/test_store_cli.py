@@ -114,6 +114,16 @@ def test_ls_warns_about_corrupt_and_foreign_entries_and_keeps_going(two_concepts
     assert [r["name"] for r in records] == ["blob"]
 
 
+def test_rich_markup_in_stored_values_is_shown_verbatim(two_concepts, stc_home, tmp_path):
+    meta = stc_home / "concepts" / "blob" / CONCEPT_FILE
+    meta.write_text(meta.read_text().replace("base_model: builtin:tiny", "base_model: '[/bold]odd[red]'"))
+    assert "[/bold]odd[red]" in invoke("ls").stdout
+    assert "[/bold]odd[red]" in invoke("show", "blob").stdout
+    meta.write_text("name: [/x] [oops")
+    result = invoke("ls")
+    assert result.exit_code == 0 and "Warning:" in result.stderr
+
+
 # --------------------------------------------------------------------------- show
 
 

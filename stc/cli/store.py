@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -26,7 +27,7 @@ from ._base import (
     out,
 )
 
-NameArg = Annotated[str, typer.Argument(help="Concept name (used in prompts as <name>).", show_default=False)]
+NameArg = Annotated[str, typer.Argument(help="Concept name (used in prompts as <name>).", metavar="NAME", show_default=False)]
 FIRST_CONCEPT_HINT = "Train one:\n  stc train ./photos --name mydog --init dog"
 
 
@@ -46,7 +47,7 @@ def _print_json(data) -> None:
 
 
 def _warn(message: str) -> None:
-    err.print(f"[yellow]Warning:[/] {message}", highlight=False, soft_wrap=True)
+    err.print(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True)
 
 
 def _matches(name: str, pattern: str | None) -> bool:
@@ -112,7 +113,7 @@ def _ls_table(records: list[dict]) -> Table:
         table.add_row(
             record["name"],
             record["token"],
-            record["base_model"],
+            Text(record["base_model"]),
             Text(_steps_text(record), style="" if record["complete"] else "yellow"),
             str(record["rank_max"] if record["rank_max"] is not None else "-"),
             _human(record["size"]),
@@ -126,7 +127,8 @@ def _ls_table(records: list[dict]) -> Table:
 def ls(
     pattern: Annotated[
         Optional[str],
-        typer.Argument(help="Only names matching this glob (e.g. 'dog*'); plain text matches anywhere in the name."),
+        typer.Argument(help="Only names matching this glob (e.g. 'dog*'); plain text matches anywhere in the name.",
+                       metavar="PATTERN"),
     ] = None,
     as_json: JsonOpt = False,
     sort: Annotated[
@@ -157,9 +159,9 @@ def ls(
 
 def _hint_when_empty(registry, pattern: str | None) -> None:
     if pattern and registry.names():
-        err.print(f"No concept matches {pattern!r}. Run 'stc ls' to see them all.", highlight=False)
+        err.print(Text(f"No concept matches {pattern!r}. Run 'stc ls' to see them all."))
     elif not registry.names():
-        err.print(f"No concepts in {registry.concepts_dir} yet. {FIRST_CONCEPT_HINT}", highlight=False)
+        err.print(Text(f"No concepts in {registry.concepts_dir} yet. {FIRST_CONCEPT_HINT}"))
 
 
 # --------------------------------------------------------------------------- show
@@ -215,12 +217,12 @@ def _compact(value) -> str:
 
 
 def _key_values(title: str, rows: list[tuple[str, object]]) -> None:
-    out.print(f"[bold]{title}[/]", highlight=False)
+    out.print(Text(title, style="bold"))
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
     grid.add_column(overflow="fold")
     for key, value in rows:
-        grid.add_row(f"  {key}", value if isinstance(value, Text) else _compact(value))
+        grid.add_row(Text(f"  {key}"), value if isinstance(value, Text) else Text(_compact(value)))
     out.print(grid)
 
 
@@ -304,7 +306,7 @@ def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
     for layer_name, row in zip(grid.layer_names, values):
         cells = [Text(f"{value:.3f}" if numbers else "  ", style=_cell_style(fraction_in(value, low, high)))
                  for value in row]
-        table.add_row(short_layer_name(layer_name), *cells)
+        table.add_row(Text(short_layer_name(layer_name)), *cells)
     return table
 
 
@@ -384,7 +386,7 @@ def inspect_concept(
     report = inspection.inspect_concept(registry, concept, rank=rank, num_timesteps=steps)
     if plot is not None:
         inspection.save_norm_heatmaps(report.grid, plot, concept.name)
-        err.print(f"Wrote {plot}", highlight=False, soft_wrap=True)
+        err.print(Text(f"Wrote {plot}"), soft_wrap=True)
     if as_json:
         _print_json({**report.to_dict(), "plot": str(plot) if plot else None})
     else:
@@ -426,7 +428,7 @@ def _removal_plan(registry, names: list[str]) -> list[dict]:
 @app.command("rm")
 @handle_errors
 def rm(
-    names: Annotated[list[str], typer.Argument(help="Concept names to delete.", show_default=False)],
+    names: Annotated[list[str], typer.Argument(help="Concept names to delete.", metavar="NAME", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
 ) -> None:
@@ -439,7 +441,7 @@ def rm(
         table.add_column(column, justify="right" if column == "size" else "left", no_wrap=column == "name")
     for entry in plan:
         label = entry["name"] + (" (damaged)" if entry["state"] != "ok" else "")
-        table.add_row(label, _human(entry["size"]), entry["path"])
+        table.add_row(label, _human(entry["size"]), Text(entry["path"]))
     out.print(table)
     if dry_run:
         err.print(f"Dry run: would delete {len(plan)} concept(s), {_human(total)}; nothing deleted.", highlight=False)
@@ -464,17 +466,17 @@ def _confirm_removal(count: int, total: int) -> None:
 
 @app.command("mv")
 @handle_errors
-def mv(old: NameArg, new: Annotated[str, typer.Argument(help="New name (the token becomes <new>).")]) -> None:
+def mv(old: NameArg, new: Annotated[str, typer.Argument(help="New name (the token becomes <new>).", metavar="NEW")]) -> None:
     """Rename a concept; its token follows the name (<old> becomes <new>)."""
     concept = open_registry().rename(old, new)
     err.print(f"Renamed <{old}> to {concept.token}; use {concept.token} in prompts now.", highlight=False)
-    out.print(str(concept.path), highlight=False, soft_wrap=True)
+    out.print(Text(str(concept.path)), soft_wrap=True)
 
 
 @app.command("cp")
 @handle_errors
-def cp(source: NameArg, target: Annotated[str, typer.Argument(help="Name of the copy.")]) -> None:
+def cp(source: NameArg, target: Annotated[str, typer.Argument(help="Name of the copy.", metavar="DST")]) -> None:
     """Copy a concept under a new name (its weights are verified first)."""
     concept = open_registry().copy(source, target)
     err.print(f"Copied <{source}> to {concept.token}.", highlight=False)
-    out.print(str(concept.path), highlight=False, soft_wrap=True)
+    out.print(Text(str(concept.path)), soft_wrap=True)
