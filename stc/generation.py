@@ -10,6 +10,7 @@ sequences are per sample.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable, Iterable
@@ -120,7 +121,25 @@ class RenderRequest:
 
     prompt: str
     seed: int
-    rank: int = FULL_RANK
+    rank: int | None = None  # None: RenderSettings.rank
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A request resolved: which conditioning it needs and which image it is."""
+
+    prompt: str  # as given (inline ranks included): what the metadata records
+    seed: int
+    text: str  # the prompt with inline ranks stripped: what the text encoder reads
+    ranks: tuple[tuple[str, int], ...]  # resolved rank per concept
+
+    @property
+    def conditioning_key(self) -> tuple:
+        return (self.text, self.ranks)
+
+    @property
+    def image_key(self) -> tuple:
+        return (self.prompt, self.ranks, self.seed)
 
 
 @dataclass
@@ -203,15 +222,10 @@ class Renderer:
         ``rank`` (default: settings.rank) applies to concepts without an inline rank;
         ``negative``: a precomputed plain encoding of settings.negative, to share it.
         """
-        parsed = parse_prompt(prompt)
-        self._check_loaded(parsed)
-        ranks = resolve_ranks(parsed, rank or settings.rank)
+        job = self._job(RenderRequest(prompt, seed=0, rank=rank), settings)
         if negative is None:
             negative = self.plain_encoding(settings.negative)
-        if not parsed.ranks:
-            return Conditioning(ranks={}, negative=negative, positive=self.plain_encoding(parsed.text))
-        keys, values = self.schedule_encoding(parsed, self.timesteps(settings), ranks)
-        return Conditioning(ranks=ranks, negative=negative, positive=None, keys=keys, values=values)
+        return self._condition_job(job, settings, negative)
 
     def schedule_encoding(self, parsed: ParsedPrompt, timesteps, ranks: dict[str, int]):
         """Keys and values for every (step, layer): two K x L x S x D tensors.
@@ -276,55 +290,65 @@ class Renderer:
         width, height = self.size(settings)
         images: dict[tuple, RenderedImage] = {}
         for jobs, latents in self._denoise_requests(requests, settings, progress):
-            for (key, seed, prompt, ranks), image in zip(jobs, self.decode(latents)):
-                metadata = self.metadata(prompt, seed, width, height, settings, ranks)
-                images[key, seed] = RenderedImage(image=image, prompt=prompt, seed=seed, ranks=ranks, metadata=metadata)
-        return [images[self._job_key(request, settings), request.seed] for request in requests]
+            for job, image in zip(jobs, self.decode(latents)):
+                ranks = dict(job.ranks)
+                metadata = self.metadata(job.prompt, job.seed, width, height, settings, ranks)
+                images[job.image_key] = RenderedImage(
+                    image=image, prompt=job.prompt, seed=job.seed, ranks=ranks, metadata=metadata
+                )
+        return [images[self._job(request, settings).image_key] for request in requests]
 
     def size(self, settings: RenderSettings) -> tuple[int, int]:
         native = self.base.default_resolution
         return settings.width or native, settings.height or native
 
-    def _job_key(self, request: RenderRequest, settings: RenderSettings) -> tuple:
+    def _job(self, request: RenderRequest, settings: RenderSettings) -> _Job:
+        rank = settings.rank if request.rank is None else request.rank
+        check_rank(rank, "rank")
         parsed = parse_prompt(request.prompt)
-        ranks = resolve_ranks(parsed, request.rank or settings.rank)
-        return (parsed.text, tuple(sorted(ranks.items())))
+        self._check_loaded(parsed)
+        ranks = tuple(resolve_ranks(parsed, rank).items())
+        return _Job(prompt=request.prompt, seed=request.seed, text=parsed.text, ranks=ranks)
 
     def _denoise_requests(
         self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
-    ) -> Iterable[tuple[list[tuple], object]]:
-        """Yield (jobs, latents) per batch; a job is (conditioning key, seed, prompt, ranks)."""
+    ) -> Iterable[tuple[list[_Job], object]]:
+        """Yield (jobs, latents) per batch of distinct jobs, in first-request order."""
+        distinct: dict[tuple, _Job] = {}
         for request in requests:
-            check_rank(request.rank, "rank")
-            self._check_loaded(parse_prompt(request.prompt))
-        jobs: dict[tuple, tuple] = {}  # (key, seed) -> job, first occurrence order
-        for request in requests:
-            key = self._job_key(request, settings)
-            jobs.setdefault((key, request.seed), (key, request.seed, request.prompt, request.rank))
-        ordered = list(jobs.values())
-        last_use = {job[0]: index for index, job in enumerate(ordered)}
+            job = self._job(request, settings)
+            distinct.setdefault(job.image_key, job)  # first occurrence order, duplicates dropped
+        jobs = list(distinct.values())
+        last_use = {job.conditioning_key: index for index, job in enumerate(jobs)}
         width, height = self.size(settings)
         steps_per_image = len(self.timesteps(settings))
-        total, done = len(ordered) * steps_per_image, 0
+        total, done = len(jobs) * steps_per_image, 0
         negative = self.plain_encoding(settings.negative)
         conditionings: dict[tuple, Conditioning] = {}
-        for start in range(0, len(ordered), settings.batch_size):
-            batch = ordered[start : start + settings.batch_size]
-            for key, _, prompt, rank in batch:
-                if key not in conditionings:
-                    conditionings[key] = self.condition(prompt, settings, rank=rank, negative=negative)
-            per_sample = [conditionings[key] for key, *_ in batch]
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
+            for job in batch:
+                if job.conditioning_key not in conditionings:
+                    conditionings[job.conditioning_key] = self._condition_job(job, settings, negative)
+            per_sample = [conditionings[job.conditioning_key] for job in batch]
 
-            def on_step(batch_done: int, batch=batch, done=done) -> None:
-                if progress is not None:
-                    progress(done + batch_done * len(batch), total)
-
-            latents = self._denoise(settings, [seed for _, seed, *_ in batch], width, height, per_sample, on_step)
+            on_step = None
+            if progress is not None:
+                on_step = functools.partial(_report_progress, progress, done, len(batch), total)
+            latents = self._denoise(settings, [job.seed for job in batch], width, height, per_sample, on_step)
             done += steps_per_image * len(batch)
             stop = start + len(batch)
             for key in [key for key in conditionings if last_use[key] < stop]:
                 del conditionings[key]
-            yield [(key, seed, prompt, conditioning.ranks) for (key, seed, prompt, _), conditioning in zip(batch, per_sample)], latents
+            yield batch, latents
+
+    def _condition_job(self, job: _Job, settings: RenderSettings, negative) -> Conditioning:
+        parsed = parse_prompt(job.text)
+        ranks = dict(job.ranks)
+        if not ranks:
+            return Conditioning(ranks={}, negative=negative, positive=self.plain_encoding(parsed.text))
+        keys, values = self.schedule_encoding(parsed, self.timesteps(settings), ranks)
+        return Conditioning(ranks=ranks, negative=negative, positive=None, keys=keys, values=values)
 
     def _denoise(self, settings: RenderSettings, seeds, width, height, conditionings: list[Conditioning], on_step=None):
         import torch
@@ -392,6 +416,10 @@ class Renderer:
             "concepts": concepts,
             "stc_version": __version__,
         }
+
+
+def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps_done: int) -> None:
+    progress(done_before + steps_done * batch, total)
 
 
 def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):

@@ -10,8 +10,16 @@ from typer.testing import CliRunner
 
 from stc.cli import app
 from stc.errors import BadInput
-from stc.generation import RenderSettings, Renderer
-from stc.grid import compose_grid, fit_label, parse_ranks, parse_seeds, read_prompts, render_grid, save_grid
+from stc.generation import Renderer, RenderSettings
+from stc.grid import (
+    compose_grid,
+    fit_label,
+    parse_ranks,
+    parse_seeds,
+    read_prompts,
+    render_grid,
+    save_grid,
+)
 from stc.mapper import MapperConfig, NeTIMapper
 from stc.registry import Concept, Registry
 from stc.spacetime import _text_transformer, cross_attention_layer_names
@@ -227,3 +235,13 @@ def test_grid_cli_empty_prompts_file(tmp_path):
     empty.write_text("\n# only a comment\n", encoding="utf-8")
     result = invoke("grid", "--prompts", empty)
     assert result.exit_code == 1 and "no prompts" in result.stderr
+
+
+def test_prompts_that_differ_only_in_inline_ranks_share_the_encoding_not_the_metadata(renderer):
+    calls = count_calls(_text_transformer(renderer.base.pipeline.text_encoder).encoder)
+    grid = render_grid(renderer, ["<mydog:8> on the moon", "<mydog> on the moon"], [8], [0], RenderSettings(steps=2))
+    assert len(calls) == 1 + 1  # the negative + one schedule for both rows
+    first, second = (cell.rendered for cell in grid.cells)
+    assert (first.prompt, second.prompt) == ("<mydog:8> on the moon", "<mydog> on the moon")
+    assert first.metadata["prompt"] != second.metadata["prompt"] and first.ranks == second.ranks == {"mydog": 8}
+    assert np.array_equal(np.asarray(first.image), np.asarray(second.image))

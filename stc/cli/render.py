@@ -62,7 +62,13 @@ def _load_renderer(prompts: list[str], model, model_config, device, dtype):
 @contextmanager
 def _progress_bar(description: str):
     """A rich progress bar on stderr; yields the library's progress(done, total) callback."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.progress import (
+        BarColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -178,7 +184,16 @@ def grid(
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
     from ..errors import BadInput
     from ..generation import RenderSettings, parse_prompt
-    from ..grid import DEFAULT_SEEDS, default_grid_path, parse_ranks, parse_seeds, read_prompts
+    from ..grid import (
+        DEFAULT_SEEDS,
+        default_grid_path,
+        free_grid_path,
+        parse_ranks,
+        parse_seeds,
+        read_prompts,
+        render_grid,
+        save_grid,
+    )
 
     if (prompt is None) == (prompts_file is None):
         raise BadInput("give a PROMPT or --prompts FILE (one of them, not both)")
@@ -195,8 +210,6 @@ def grid(
         batch_size=batch_size,
     )
     target = out_file or default_grid_path(prompts, prompts_file)
-    from ..grid import free_grid_path, render_grid, save_grid
-
     free_grid_path(target)  # a bad --out fails before rendering
     renderer = _load_renderer(prompts, model, model_config, device, dtype)
     cells = len(prompts) * len(seed_list) * len(rank_list)
