@@ -41,13 +41,14 @@ def interrupt_at(step_to_stop):
 def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(photos):
     full = train_concept(photos, "straight", "builtin:tiny", TrainConfig(**FAST), device="cpu")
 
+    handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted, match="stc train --resume halted"):
         train_concept(photos, "halted", "builtin:tiny", TrainConfig(**FAST), device="cpu", callbacks=interrupt_at(3))
     registry = Registry()
     partial = registry.load("halted")
     assert (partial.training["steps_done"], partial.training["steps"]) == (3, 6)
     assert (partial.path / "checkpoint" / "state.safetensors").is_file()
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
+    assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
     resumed = resume_training("halted", device="cpu")  # no --steps: continues to the planned 6
     assert resumed.concept.training["steps_done"] == 6

@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from .. import __version__
 from ..errors import StcError
@@ -64,7 +65,7 @@ def handle_errors(command):
                 raise
             code = getattr(exc, "exit_code", 1)
             label = "[bold red]Error:[/]" if code == 1 else "[bold yellow]Stopped:[/]"
-            err.print(f"{label} {exc}", highlight=False, soft_wrap=True)
+            err.print(f"{label} {escape(str(exc))}", highlight=False, soft_wrap=True)
             raise typer.Exit(code) from None
         except KeyboardInterrupt:
             err.print("Interrupted.")
