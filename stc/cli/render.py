@@ -135,7 +135,7 @@ def gen(
         if as_json:
             _print_record({"path": str(path), **rendered.metadata})
         else:
-            out.print(str(path), highlight=False, soft_wrap=True)
+            out.print(str(path), markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -216,11 +216,11 @@ def grid(
     with _progress_bar(f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)") as progress:
         result = render_grid(renderer, prompts, rank_list, seed_list, settings, progress=progress)
     saved = save_grid(result, target)
-    err.print(f"[dim]{len(saved.images)} cell images in {saved.folder}[/]", highlight=False)
+    err.print(f"{len(saved.images)} cell images in {saved.folder}", style="dim", markup=False, highlight=False)
     if as_json:
         _print_record({
             "path": str(saved.path), "folder": str(saved.folder), "prompts": prompts, "ranks": rank_list,
             "seeds": seed_list, "images": [str(path) for path in saved.images],
         })
     else:
-        out.print(str(saved.path), highlight=False, soft_wrap=True)
+        out.print(str(saved.path), markup=False, highlight=False, soft_wrap=True)
