@@ -1,24 +1,7 @@
 import json
 
 import pytest
-from typer.testing import CliRunner
-
-from stc.cli import app
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
-    lines = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(lines) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr
+from helpers import assert_one_line_error, invoke
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ import copy
 
 import torch
 
-from stc.generation import RenderSettings, Renderer
+from stc.generation import Renderer, RenderSettings
 from stc.mapper import MapperConfig, NeTIMapper
 from stc.registry import Concept
 from stc.spacetime import cross_attention_layer_names

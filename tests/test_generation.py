@@ -7,9 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
+from helpers import invoke, make_concept, make_mapper
 
-from stc.cli import app
 from stc.errors import BadInput
 from stc.generation import (
     Renderer,
@@ -20,28 +19,8 @@ from stc.generation import (
     resolve_ranks,
     save_png,
 )
-from stc.mapper import MapperConfig, NeTIMapper
-from stc.registry import Concept, Registry
+from stc.registry import Registry
 from stc.spacetime import _text_transformer, cross_attention_layer_names
-
-runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def make_mapper(seed: int) -> NeTIMapper:
-    mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
-    return mapper.eval().requires_grad_(False)
-
-
-def make_concept(name: str, unet) -> Concept:
-    return Concept(
-        name=name, base_model="builtin:tiny", initializer="cat", text_width=32,
-        layer_names=cross_attention_layer_names(unet), mapper=make_mapper(0).config.to_dict(),
-        training={"steps": 10, "steps_done": 10}, weights_sha256="ab" * 32,
-    )
 
 
 @pytest.fixture
@@ -50,7 +29,7 @@ def saved_concepts(tiny):
     registry = Registry()
     for name, seed in (("mydog", 1), ("mycat", 2)):
         mapper = make_mapper(seed)
-        registry.save(make_concept(name, tiny.pipeline.unet), mapper.state_dict())
+        registry.save(make_concept(name, cross_attention_layer_names(tiny.pipeline.unet)), mapper.state_dict())
     return registry
 
 
@@ -81,7 +60,7 @@ def test_inline_ranks_are_parsed_per_concept():
 
 def test_inline_rank_overrides_the_default_rank(tiny):
     unet = tiny.pipeline.unet
-    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", unet), make_mapper(1))})
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(unet)), make_mapper(1))})
     settings = RenderSettings(steps=2)
     inline = renderer.condition("<mydog:8> on the moon", settings)  # default rank 128
     default = renderer.condition("<mydog> on the moon", settings, rank=8)
@@ -119,7 +98,7 @@ def mapper_tokens(mapper, timesteps, num_layers: int) -> torch.Tensor:
 
 def test_each_placeholder_is_conditioned_by_its_own_mapper(tiny):
     unet = tiny.pipeline.unet
-    dog, cat = make_concept("mydog", unet), make_concept("mycat", unet)
+    dog, cat = make_concept("mydog", cross_attention_layer_names(unet)), make_concept("mycat", cross_attention_layer_names(unet))
     mapper_a, mapper_b = make_mapper(1), make_mapper(2)
     settings = RenderSettings(steps=2, batch_size=2)
     prompt = "<mydog> sitting next to <mycat>"
@@ -148,7 +127,7 @@ def test_each_placeholder_is_conditioned_by_its_own_mapper(tiny):
 def test_negative_with_a_concept_and_overlong_prompts_are_clear_errors(tiny):
     with pytest.raises(BadInput, match="--negative"):
         RenderSettings(negative="<mydog>")
-    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", tiny.pipeline.unet), make_mapper(1))})
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(1))})
     with pytest.raises(BadInput, match="shorten the prompt"):
         renderer.condition("cat " * 80 + "<mydog>", RenderSettings(steps=1))
     with pytest.raises(BadInput, match="not loaded"):
@@ -159,7 +138,7 @@ def test_negative_with_a_concept_and_overlong_prompts_are_clear_errors(tiny):
 
 
 def test_text_encoder_calls_stay_within_the_design_and_do_not_grow_with_images(tiny):
-    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", tiny.pipeline.unet), make_mapper(1))})
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(1))})
     calls = count_text_encoder_calls(renderer)
     settings = RenderSettings(steps=3, batch_size=2)
     counts = []
@@ -182,8 +161,8 @@ def test_text_encoder_calls_stay_within_the_design_and_do_not_grow_with_images(t
 
 def test_png_metadata_round_trips(tiny, tmp_path):
     renderer = Renderer(tiny, {
-        "mydog": (make_concept("mydog", tiny.pipeline.unet), make_mapper(1)),
-        "mycat": (make_concept("mycat", tiny.pipeline.unet), make_mapper(2)),
+        "mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(1)),
+        "mycat": (make_concept("mycat", cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(2)),
     })
     settings = RenderSettings(steps=2, cfg=6.0, scheduler="euler", negative="blurry, low quality: bad", rank=16)
     [rendered] = renderer.render("<mydog:4> next to <mycat>, at night", [7], settings)

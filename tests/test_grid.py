@@ -5,10 +5,8 @@ import math
 
 import numpy as np
 import pytest
-import torch
-from typer.testing import CliRunner
+from helpers import invoke, make_concept, make_mapper
 
-from stc.cli import app
 from stc.errors import BadInput
 from stc.generation import Renderer, RenderSettings
 from stc.grid import (
@@ -20,43 +18,27 @@ from stc.grid import (
     render_grid,
     save_grid,
 )
-from stc.mapper import MapperConfig, NeTIMapper
-from stc.registry import Concept, Registry
+from stc.registry import Registry
 from stc.spacetime import _text_transformer, cross_attention_layer_names
 
-runner = CliRunner()
 CELL = 64
 
 
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
-
-def make_mapper(seed: int) -> NeTIMapper:
-    mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
-    return mapper.eval().requires_grad_(False)
-
-
-def make_concept(name: str, unet) -> Concept:
-    return Concept(
-        name=name, base_model="builtin:tiny", initializer="cat", text_width=32,
-        layer_names=cross_attention_layer_names(unet), mapper=make_mapper(0).config.to_dict(),
-        training={"steps": 10, "steps_done": 10},
-    )
 
 
 @pytest.fixture
 def renderer(tiny):
     unet = tiny.pipeline.unet
-    return Renderer(tiny, {"mydog": (make_concept("mydog", unet), make_mapper(1)),
-                           "mycat": (make_concept("mycat", unet), make_mapper(2))})
+    return Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(unet)), make_mapper(1)),
+                           "mycat": (make_concept("mycat", cross_attention_layer_names(unet)), make_mapper(2))})
 
 
 @pytest.fixture
 def saved_concepts(tiny):
     registry = Registry()
     for name, seed in (("mydog", 1), ("mycat", 2)):
-        registry.save(make_concept(name, tiny.pipeline.unet), make_mapper(seed).state_dict())
+        registry.save(make_concept(name, cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(seed).state_dict())
     return registry
 
 

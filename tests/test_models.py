@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stc.errors import ModelError
-from stc.generation import RenderSettings, Renderer
+from stc.generation import Renderer, RenderSettings
 from stc.models import load_base_model
 
 

@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 import yaml
+from helpers import save_concept
 
 from stc import registry as registry_module
 from stc.errors import (
@@ -22,7 +23,6 @@ from stc.mapper import MapperConfig, NeTIMapper
 from stc.registry import (
     CONCEPT_FILE,
     SCHEMA_VERSION,
-    WEIGHTS_FILE,
     Concept,
     Registry,
     sha256_file,
@@ -32,13 +32,8 @@ from stc.registry import (
 
 
 def make_concept(registry: Registry, name: str, steps_done: int = 10, seed: int = 0, **extra) -> Concept:
-    mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
-    concept = Concept(
-        name=name, base_model="builtin:tiny", initializer="cat", text_width=32,
-        layer_names=[f"l{i}" for i in range(16)], mapper=mapper.config.to_dict(),
-        training={"steps": 10, "steps_done": steps_done}, metrics={"final_loss": 0.25}, extra=extra,
-    )
-    return registry.save(concept, mapper.state_dict())
+    return save_concept(name, seed=seed, registry=registry, steps_done=steps_done, metrics={"final_loss": 0.25},
+                        extra=extra)
 
 
 def retrain(registry: Registry, name: str) -> Concept:

@@ -7,39 +7,18 @@ import sys
 import textwrap
 
 import pytest
-import torch
-from typer.testing import CliRunner
+from helpers import assert_one_line_error, invoke, save_concept
 
-from stc.cli import app
 from stc.cli import store as store_cli
-from stc.mapper import MapperConfig, NeTIMapper
 from stc.registry import CONCEPT_FILE, Concept, Registry
-
-runner = CliRunner()
-
-
-def invoke(*args, **kwargs):
-    return runner.invoke(app, [str(arg) for arg in args], **kwargs)
 
 
 def make_concept(name: str, steps_done: int = 10, seed: int = 0) -> Concept:
-    mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
-    concept = Concept(
-        name=name, base_model="builtin:tiny", initializer="cat", text_width=32,
+    return save_concept(
+        name, seed=seed,
         layer_names=[f"down_blocks.{i // 4}.attentions.{i % 4}.transformer_blocks.0.attn2" for i in range(16)],
-        mapper=mapper.config.to_dict(), training={"steps": 10, "steps_done": steps_done, "lr": 0.008},
-        metrics={"final_loss": 0.125},
+        training={"steps": 10, "steps_done": steps_done, "lr": 0.008}, metrics={"final_loss": 0.125},
     )
-    return Registry().save(concept, mapper.state_dict())
-
-
-def assert_one_line_error(result, *fragments, code=1):
-    assert result.exit_code == code, result.output
-    assert "Traceback" not in result.output
-    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
-    assert len(errors) == 1, result.stderr
-    for fragment in fragments:
-        assert fragment in result.stderr, result.stderr
 
 
 @pytest.fixture

@@ -1,0 +1,48 @@
+"""Shared test helpers: the CLI runner and small concepts made without training."""
+
+import torch
+from typer.testing import CliRunner
+
+from stc.cli import app
+from stc.mapper import MapperConfig, NeTIMapper
+from stc.registry import Concept, Registry
+
+runner = CliRunner()
+
+
+def invoke(*args, **kwargs):
+    """Run ``stc ARGS`` in-process (arguments may be paths or numbers)."""
+    return runner.invoke(app, [str(arg) for arg in args], **kwargs)
+
+
+def assert_one_line_error(result, *fragments, code=1):
+    """Exit ``code``, exactly one 'Error:' line on stderr containing ``fragments``, no traceback."""
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+def make_mapper(seed: int = 0) -> NeTIMapper:
+    """A random mapper for builtin:tiny's text width (32), in eval mode."""
+    mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
+    return mapper.eval().requires_grad_(False)
+
+
+def make_concept(name: str, layer_names=None, steps_done: int = 10, **fields) -> Concept:
+    """Metadata of a builtin:tiny concept planned for 10 steps (not saved)."""
+    values = dict(
+        base_model="builtin:tiny", initializer="cat", text_width=32,
+        layer_names=list(layer_names) if layer_names is not None else [f"l{i}" for i in range(16)],
+        mapper=make_mapper(0).config.to_dict(), training={"steps": 10, "steps_done": steps_done},
+        weights_sha256="ab" * 32,  # replaced by the real digest when saved
+    )
+    values.update(fields)
+    return Concept(name=name, **values)
+
+
+def save_concept(name: str, seed: int = 0, registry: Registry | None = None, **concept_fields) -> Concept:
+    """A concept with a random mapper (seeded) saved in the registry."""
+    return (registry or Registry()).save(make_concept(name, **concept_fields), make_mapper(seed).state_dict())
