@@ -83,7 +83,9 @@ def test_an_interrupted_concept_renders_and_lists_as_incomplete(photos, tmp_path
     runner = CliRunner()
     listing = json.loads(runner.invoke(app, ["ls", "--json"]).stdout)
     record = next(r for r in listing if r["name"] == "half")
-    assert "2" in str(record.get("steps_done", record.get("steps")))
+    assert record["complete"] is False
+    assert (record["steps_done"], record["steps_planned"]) == (2, 6)
+    assert "2/6 (incomplete)" in runner.invoke(app, ["ls"]).stdout
     result = runner.invoke(app, ["gen", "<half> on the moon", "--steps", "2", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     assert result.stdout.strip().endswith(".png")
