@@ -254,9 +254,6 @@ class Renderer:
             )
         return (keys[inverse], values[inverse]) if repeated else (keys, values)
 
-    def resolve_ranks(self, parsed: ParsedPrompt, default_rank: int) -> dict[str, int]:
-        return resolve_ranks(parsed, default_rank)
-
     def _check_loaded(self, parsed: ParsedPrompt) -> None:
         unknown = [name for name in parsed.ranks if name not in self.slots]
         if unknown:

@@ -31,7 +31,6 @@ from .generation import (
     slug,
 )
 
-DEFAULT_RANKS = (1, 2, 4, 8, 16, 32, 64, 128)
 DEFAULT_SEEDS = (0, 1, 2, 3)
 MAX_SEED = 2**63 - 1
 ROW_LABEL_CHARS = 60  # a prompt label is cut to this many characters

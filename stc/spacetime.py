@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from .errors import ModelError
 
 BYPASS_SCALE = 0.2
-SPACETIME_KWARG = "spacetime"
 
 
 # --------------------------------------------------------------------------- layer order

@@ -11,7 +11,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from .errors import BadInput, ConceptExists, StcError
-from .registry import Concept, Registry, validate_name
+from .registry import (
+    PREVIEW_FILE,
+    PREVIEWS_DIR,
+    Concept,
+    Registry,
+    preview_paths,
+    validate_name,
+)
 
 OBJECT_TEMPLATES = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -427,7 +434,7 @@ class _Run:
         self.started = time.monotonic()
         self._loop(start)
         self.metrics["eval_loss_after"] = self.trainer.evaluate()
-        self.files["preview.png"] = self._preview_grid()
+        self.files[PREVIEW_FILE] = self._preview_grid()
         concept = self._save(config.steps, final=True)
         return TrainResult(concept=concept, mapper=self.trainer.unwrapped_mapper)
 
@@ -444,8 +451,8 @@ class _Run:
         self.metrics = dict(concept.metrics)
         self.created = concept.created
         self.previous_seconds = float(concept.metrics.get("seconds") or 0.0)
-        for relative in _carried_files(concept.path):
-            self.files[relative] = (concept.path / relative).read_bytes()
+        for path in preview_paths(concept.path):
+            self.files[str(path.relative_to(concept.path))] = path.read_bytes()
         metrics_file = concept.path / "metrics.jsonl"
         if metrics_file.exists():
             lines = metrics_file.read_text(encoding="utf-8").splitlines()
@@ -473,7 +480,7 @@ class _Run:
                         f"Resume with: stc train --resume {self.name}"
                     )
                 if config.preview_every and step % config.preview_every == 0 and step < config.steps:
-                    self.files[f"previews/step-{step:06d}.png"] = self._preview_grid()
+                    self.files[f"{PREVIEWS_DIR}/step-{step:06d}.png"] = self._preview_grid()
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
                     self._save(step, final=False)
 
@@ -562,12 +569,6 @@ def _tile_png(rows: list[list]) -> bytes:
     return buffer.getvalue()
 
 
-def _carried_files(folder: Path) -> list[str]:
-    """Files of a concept folder that a resumed run keeps (previews)."""
-    found = [p for p in (folder / "previews").glob("*.png")] if (folder / "previews").is_dir() else []
-    return [str(p.relative_to(folder)) for p in found]
-
-
 class TrainingInterrupted(StcError):
     """Ctrl-C or SIGTERM during training: the checkpoint is saved, the run can resume."""
 
@@ -581,7 +582,7 @@ class InterruptGuard:
         self.flag = False
         self.previous = {}
 
-    def _handle(self, signum, frame):
+    def _handle(self, signum, _frame):
         if self.flag:
             raise KeyboardInterrupt
         self.flag = True

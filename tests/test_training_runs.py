@@ -104,12 +104,15 @@ def test_resume_further_and_refuse_when_done(photos):
     assert longer.concept.training["steps_done"] == 5 and longer.concept.training["steps"] == 5
 
 
-def test_previews_are_written_into_the_concept_folder(photos):
-    result = train_concept(photos, "seen", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4, "preview_every": 2}),
-                           device="cpu")
+def test_previews_are_written_into_the_concept_folder_and_kept_on_resume(photos):
+    with pytest.raises(TrainingInterrupted):
+        train_concept(photos, "seen", "builtin:tiny", TrainConfig(**{**FAST, "preview_every": 2}), device="cpu",
+                      callbacks=interrupt_at(3))
+    assert sorted(p.name for p in (Registry().path_of("seen") / "previews").iterdir()) == ["step-000002.png"]
+    result = resume_training("seen", device="cpu")
     folder = result.concept.path
     previews = sorted(p.name for p in (folder / "previews").iterdir())
-    assert previews == ["step-000002.png"]
+    assert previews == ["step-000002.png", "step-000004.png"]  # the first run's preview survives the resume
     from PIL import Image
 
     with Image.open(folder / "preview.png") as grid:
