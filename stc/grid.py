@@ -19,17 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput
-from .generation import (
-    FULL_RANK,
-    ProgressCallback,
-    RenderedImage,
-    RenderRequest,
-    RenderSettings,
-    a1111_parameters,
-    parse_prompt,
-    save_png,
-    slug,
-)
+from .generation import ProgressCallback, RenderedImage, RenderRequest, RenderSettings
+from .pngmeta import a1111_parameters, save_png, slug
+from .prompts import parse_prompt
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
 MAX_SEED = 2**63 - 1
@@ -61,10 +53,11 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def parse_ranks(text: str) -> list[int]:
+    """Positive ranks; whether each fits its concepts is checked when the grid's requests resolve."""
     ranks = _int_list(text, "--ranks")
-    bad = [rank for rank in ranks if not 1 <= rank <= FULL_RANK]
+    bad = [rank for rank in ranks if rank < 1]
     if bad:
-        raise BadInput(f"--ranks must lie between 1 and {FULL_RANK}; got {', '.join(map(str, bad))}")
+        raise BadInput(f"--ranks must be positive; got {', '.join(map(str, bad))}")
     return ranks
 
 
@@ -141,16 +134,21 @@ def fit_label(prompt: str | None, seed_text: str | None, chars_per_line: int, ma
     return "\n".join(lines)
 
 
+def grid_requests(prompts: list[str], ranks: list[int], seeds: list[int]) -> list[RenderRequest]:
+    """Every cell's request, rank-major within a prompt: the seeds of one rank are consecutive,
+    so they share batches."""
+    if not prompts or not ranks or not seeds:
+        raise BadInput("a grid needs at least one prompt, one rank and one seed")
+    return [RenderRequest(prompt, seed, rank) for prompt in prompts for rank in ranks for seed in seeds]
+
+
 def render_grid(
     renderer, prompts: list[str], ranks: list[int], seeds: list[int], settings: RenderSettings,
     progress: ProgressCallback | None = None,
 ) -> Grid:
     """Render every (prompt, seed) row at every rank."""
-    if not prompts or not ranks or not seeds:
-        raise BadInput("a grid needs at least one prompt, one rank and one seed")
-    # rank-major within a prompt: the seeds of one rank are consecutive, so they share batches
+    requests = grid_requests(prompts, ranks, seeds)
     order = [(p, rank, seed) for p in range(len(prompts)) for rank in ranks for seed in seeds]
-    requests = [RenderRequest(prompts[p], seed, rank) for p, rank, seed in order]
     images = dict(zip(order, renderer.render_requests(requests, settings, progress)))
     cells = []
     for row, (p, seed) in enumerate((p, seed) for p in range(len(prompts)) for seed in seeds):
@@ -171,11 +169,13 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def compose_grid(grid: Grid, padding: int = 4):
-    """The labelled grid image: a header row of ranks ("r=8"), a left column of row labels."""
+def tile_images(rows: list[list], column_labels: list[str] | None = None, row_labels: list[str] | None = None,
+                padding: int = 4):
+    """Equally sized images laid out in rows on white, with an optional header row of column
+    labels and a left column of (multi-line) row labels. Grids and training previews use it."""
     from PIL import Image, ImageDraw
 
-    cell_width, cell_height = grid.cells[0].rendered.image.size
+    cell_width, cell_height = rows[0][0].size
     font = _font(max(10, min(28, cell_height // 10)))
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
@@ -183,28 +183,38 @@ def compose_grid(grid: Grid, padding: int = 4):
         left, top, right, bottom = measure.multiline_textbbox((0, 0), text, font=font)
         return right - left, bottom - top
 
-    chars_per_line = max(12, cell_width // max(1, int(font.getlength("x"))))
-    max_lines = max(1, cell_height // max(1, box("Ag\nAg")[1] - box("Ag")[1]))
-    labels = [fit_label(*grid.row_label(row), chars_per_line, max_lines) for row in range(len(grid.rows))]
-
-    label_width = max(box(label)[0] for label in labels) + 2 * padding
-    header_height = max(box(f"r={rank}")[1] for rank in grid.ranks) + 2 * padding
-    columns, rows = len(grid.ranks), len(grid.rows)
-    size = (label_width + columns * (cell_width + padding), header_height + rows * (cell_height + padding))
+    label_width = max(box(label)[0] for label in row_labels) + 2 * padding if row_labels else 0
+    header_height = max(box(label)[1] for label in column_labels) + 2 * padding if column_labels else 0
+    columns = len(rows[0])
+    size = (label_width + columns * (cell_width + padding), header_height + len(rows) * (cell_height + padding))
     canvas = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(canvas)
-    for column, rank in enumerate(grid.ranks):
-        text = f"r={rank}"
+    for column, text in enumerate(column_labels or []):
         x = label_width + column * (cell_width + padding) + (cell_width - box(text)[0]) // 2
         draw.text((x, padding), text, fill="black", font=font)
-    for row, label in enumerate(labels):
+    for row, label in enumerate(row_labels or []):
         y = header_height + row * (cell_height + padding) + (cell_height - box(label)[1]) // 2
         draw.multiline_text((padding, max(header_height, y)), label, fill="black", font=font)
-    for cell in grid.cells:
-        x = label_width + cell.column * (cell_width + padding)
-        y = header_height + cell.row * (cell_height + padding)
-        canvas.paste(cell.rendered.image, (x, y))
+    for row, images in enumerate(rows):
+        for column, image in enumerate(images):
+            canvas.paste(image, (label_width + column * (cell_width + padding), header_height + row * (cell_height + padding)))
     return canvas
+
+
+def compose_grid(grid: Grid, padding: int = 4):
+    """The labelled grid image: a header row of ranks ("r=8"), a left column of row labels."""
+    from PIL import Image, ImageDraw
+
+    cell_width, cell_height = grid.cells[0].rendered.image.size
+    font = _font(max(10, min(28, cell_height // 10)))
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line_height = max(1, measure.multiline_textbbox((0, 0), "Ag\nAg", font=font)[3]
+                      - measure.multiline_textbbox((0, 0), "Ag", font=font)[3])
+    chars_per_line = max(12, cell_width // max(1, int(font.getlength("x"))))
+    max_lines = max(1, cell_height // line_height)
+    labels = [fit_label(*grid.row_label(row), chars_per_line, max_lines) for row in range(len(grid.rows))]
+    rows = [[cell.rendered.image for cell in grid.cells if cell.row == row] for row in range(len(grid.rows))]
+    return tile_images(rows, [f"r={rank}" for rank in grid.ranks], labels, padding)
 
 
 # --------------------------------------------------------------------------- saving

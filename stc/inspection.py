@@ -108,13 +108,17 @@ def mapper_outputs(mapper, timesteps: list[int], num_layers: int, rank: int | No
     """Token and bypass outputs on the (layer, timestep) grid: L x K x D each (bypass may be None)."""
     import torch
 
-    layer_index = torch.arange(num_layers, dtype=torch.float32).repeat_interleave(len(timesteps))  # L*K
-    timestep = torch.tensor(timesteps, dtype=torch.float32).repeat(num_layers)  # L*K
+    from .spacetime import spacetime_rows
+
+    row_timesteps, row_layers = spacetime_rows(torch.tensor(timesteps), num_layers)  # K·L, time-major
     with torch.no_grad():
-        outputs = mapper(timestep, layer_index, rank=rank)  # L*K, out_dim
+        outputs = mapper(row_timesteps, row_layers, rank=rank)  # K·L, out_dim
     token, bypass = mapper.split(outputs)
-    shape = (num_layers, len(timesteps), -1)
-    return token.reshape(shape), None if bypass is None else bypass.reshape(shape)
+
+    def per_layer(values):  # K·L x D -> L x K x D
+        return values.reshape(len(timesteps), num_layers, -1).transpose(0, 1)
+
+    return per_layer(token), None if bypass is None else per_layer(bypass)
 
 
 def norm_grid(mapper, layer_names: list[str], timesteps: list[int], rank: int) -> NormGrid:
@@ -152,7 +156,7 @@ def inspect_mapper(mapper, name: str, layer_names: list[str], rank: int | None =
     hidden_dim = mapper.config.hidden_dim
     rank = hidden_dim if rank is None else rank
     if not 1 <= rank <= hidden_dim:
-        raise BadInput(f"--rank must be between 1 and {hidden_dim} (the full concept), got {rank}")
+        raise BadInput(f"{name} has ranks 1..{hidden_dim}; --rank {rank} is outside them")
     num_layers = mapper.config.num_layers
     if len(layer_names) != num_layers:
         layer_names = [f"layer {index}" for index in range(num_layers)]
@@ -167,9 +171,11 @@ def inspect_mapper(mapper, name: str, layer_names: list[str], rank: int | None =
     )
 
 
-def inspect_concept(registry, concept, rank: int | None = None, num_timesteps: int = DEFAULT_TIMESTEPS) -> Inspection:
+def inspect_concept(concept, rank: int | None = None, num_timesteps: int = DEFAULT_TIMESTEPS) -> Inspection:
     """Inspect a stored concept (its weights are verified on load)."""
-    mapper = registry.load_mapper(concept)
+    from .conceptio import load_mapper
+
+    mapper = load_mapper(concept)
     return inspect_mapper(mapper, concept.name, concept.layer_names, rank, num_timesteps)
 
 

@@ -1,7 +1,7 @@
 """The NeTI mapper: (timestep, UNet layer) -> token embedding + textual bypass.
 
 Plain torch, no diffusers. Constants follow the reference implementation so that its
-checkpoints can be imported and reproduce the same outputs (DESIGN.md §1).
+checkpoints can be imported and reproduce the same outputs (``docs/method.md``).
 """
 
 from __future__ import annotations
@@ -145,11 +145,14 @@ class NeTIMapper(nn.Module):
         return hidden * mask.to(hidden)
 
     def split(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Split mapper outputs into (token embeddings, bypass vectors or None)."""
-        width = self.config.text_width
-        if not self.config.bypass:
-            return outputs, None
-        return outputs[..., :width], outputs[..., width:]
+        return split_outputs(outputs, self.config)
+
+
+def split_outputs(outputs: torch.Tensor, config: MapperConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mapper outputs -> (token embeddings, bypass vectors or None): the first D dims, then the rest."""
+    if not config.bypass:
+        return outputs, None
+    return outputs[..., : config.text_width], outputs[..., config.text_width :]
 
 
 def truncate(hidden: torch.Tensor, rank: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import ModelError
+from .mapper import split_outputs
 
 BYPASS_SCALE = 0.2
 
@@ -150,11 +151,19 @@ def install_processors(unet, expected_layers: int | None = 16) -> list[str]:
 
 @dataclass
 class ConceptSlot:
-    """A concept as the text encoder sees it: its placeholder token id, mapper and rank."""
+    """A concept as the text encoder sees it: its placeholder token id, mapper and rank.
+
+    ``mapper`` is what gets called (it may be wrapped for distributed training);
+    ``config`` is its MapperConfig, which says how to split its outputs.
+    """
 
     token_id: int
     mapper: torch.nn.Module
-    rank: int | None = None
+    rank: int | None = None  # None: the full concept
+    config: object = None  # MapperConfig; None: ``mapper.config``
+
+    def split(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return split_outputs(outputs, self.config or self.mapper.config)
 
 
 def _text_transformer(text_encoder):
@@ -165,6 +174,13 @@ def _causal_mask(transformer, hidden: torch.Tensor):
     from transformers.masking_utils import create_causal_mask
 
     return create_causal_mask(config=transformer.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+
+
+def spacetime_rows(timesteps: torch.Tensor, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (t, l) rows of N timesteps at every layer, sample-major: row n·L + l is (t_n, l)."""
+    row_timesteps = timesteps.float().repeat_interleave(num_layers)  # N·L
+    row_layers = torch.arange(num_layers, device=timesteps.device, dtype=torch.float32).repeat(timesteps.shape[0])
+    return row_timesteps, row_layers
 
 
 def encode_spacetime(
@@ -179,8 +195,11 @@ def encode_spacetime(
 
     input_ids: N x S; timesteps, layers: N. Every placeholder token of a concept in
     ``concepts`` gets that concept's mapper output for the row's (t, l). Returns the final
-    hidden states without and with the textual bypass (N x S x D each); they differ only at
-    placeholder positions.
+    hidden states without and with the textual bypass (N x S x D each): the keys and the
+    values of cross-attention. They differ only at placeholder positions.
+
+    In training mode, nested dropout draws once per layer of this call (the reference's one
+    mapper call per UNet layer and step): rows of one layer share the coin flip.
     """
     transformer = _text_transformer(text_encoder)
     token_embedding = transformer.embeddings.token_embedding
@@ -194,7 +213,7 @@ def encode_spacetime(
             timesteps[rows].float(), layers[rows].float(), rank=slot.rank,
             dropout_groups=layers[rows].long(), generator=generator,
         )
-        token, bypass = getattr(slot.mapper, "module", slot.mapper).split(outputs)  # DDP-wrapped or not
+        token, bypass = slot.split(outputs)
         embeds = embeds.index_put((rows, cols), token.to(embeds.dtype))
         if bypass is not None:
             bypasses.append((rows, cols, bypass))
@@ -214,30 +233,35 @@ def encode_spacetime(
     return plain, transformer.final_layer_norm(bypassed)
 
 
-def encode_schedule(
+def encode_layers(
     text_encoder,
     input_ids: torch.Tensor,
     timesteps: torch.Tensor,
     num_layers: int,
-    concepts: Mapping[int, ConceptSlot],
-    chunk_size: int = 256,
+    concepts: Mapping[int, ConceptSlot] | None = None,
+    generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Keys and values of one prompt for every (step, layer) of a schedule.
+    """Keys and values of N prompts, each at its own timestep, for every layer.
 
-    input_ids: 1 x S; timesteps: K. Returns two K x L x S x D tensors, computed in
-    ceil(K·L / chunk_size) batched text-encoder calls.
+    input_ids: N x S (or 1 x S, shared by all N); timesteps: N. Returns two N x L x S x D
+    tensors, computed in ceil(N·L / chunk_size) batched text-encoder calls (one when
+    ``chunk_size`` is None). Training (N = batch) and rendering (N = schedule steps) both
+    encode through here.
     """
-    steps = timesteps.shape[0]
-    row_timesteps = timesteps.float().repeat_interleave(num_layers)  # K·L, time-major
-    row_layers = torch.arange(num_layers, device=timesteps.device).repeat(steps)
+    count = timesteps.shape[0]
+    row_timesteps, row_layers = spacetime_rows(timesteps, num_layers)
+    row_ids = input_ids.repeat_interleave(num_layers, dim=0) if input_ids.shape[0] == count else None
+    total = count * num_layers
+    chunk_size = chunk_size or total
     keys, values = [], []
-    for start in range(0, steps * num_layers, chunk_size):
-        stop = min(start + chunk_size, steps * num_layers)
-        ids = input_ids.expand(stop - start, -1)
+    for start in range(0, total, chunk_size):
+        stop = min(start + chunk_size, total)
+        ids = row_ids[start:stop] if row_ids is not None else input_ids.expand(stop - start, -1)
         plain, bypassed = encode_spacetime(
-            text_encoder, ids, row_timesteps[start:stop], row_layers[start:stop], concepts
+            text_encoder, ids, row_timesteps[start:stop], row_layers[start:stop], concepts, generator
         )
         keys.append(plain)
         values.append(bypassed)
-    shape = (steps, num_layers, *keys[0].shape[1:])
+    shape = (count, num_layers, *keys[0].shape[1:])
     return torch.cat(keys).view(shape), torch.cat(values).view(shape)

@@ -4,8 +4,11 @@ import torch
 from typer.testing import CliRunner
 
 from stc.cli import app
+from stc.concept import Concept, MetricsRecord, TrainingRecord
+from stc.conceptio import weights_bytes
 from stc.mapper import MapperConfig, NeTIMapper
-from stc.registry import Concept, Registry
+from stc.registry import Registry
+from stc.trainconfig import TrainConfig
 
 runner = CliRunner()
 
@@ -31,12 +34,14 @@ def make_mapper(seed: int = 0) -> NeTIMapper:
     return mapper.eval().requires_grad_(False)
 
 
-def make_concept(name: str, layer_names=None, steps_done: int = 10, **fields) -> Concept:
+def make_concept(name: str, layer_names=None, steps_done: int = 10, metrics: dict | None = None, **fields) -> Concept:
     """Metadata of a builtin:tiny concept planned for 10 steps (not saved)."""
     values = dict(
         base_model="builtin:tiny", initializer="cat", text_width=32,
         layer_names=list(layer_names) if layer_names is not None else [f"l{i}" for i in range(16)],
-        mapper=make_mapper(0).config.to_dict(), training={"steps": 10, "steps_done": steps_done},
+        mapper=make_mapper(0).config.to_dict(),
+        training=TrainingRecord(config=TrainConfig(steps=10, initializer="cat"), steps_done=steps_done),
+        metrics=MetricsRecord.from_dict(metrics or {}),
         weights_sha256="ab" * 32,  # replaced by the real digest when saved
     )
     values.update(fields)
@@ -45,4 +50,4 @@ def make_concept(name: str, layer_names=None, steps_done: int = 10, **fields) ->
 
 def save_concept(name: str, seed: int = 0, registry: Registry | None = None, **concept_fields) -> Concept:
     """A concept with a random mapper (seeded) saved in the registry."""
-    return (registry or Registry()).save(make_concept(name, **concept_fields), make_mapper(seed).state_dict())
+    return (registry or Registry()).save(make_concept(name, **concept_fields), weights_bytes(make_mapper(seed), name))

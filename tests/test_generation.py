@@ -10,15 +10,10 @@ import torch
 from helpers import invoke, make_concept, make_mapper
 
 from stc.errors import BadInput
-from stc.generation import (
-    Renderer,
-    RenderSettings,
-    a1111_parameters,
-    parse_parameters,
-    parse_prompt,
-    resolve_ranks,
-    save_png,
-)
+from stc.conceptio import weights_bytes
+from stc.generation import Renderer, RenderSettings
+from stc.pngmeta import a1111_parameters, parse_parameters, save_png
+from stc.prompts import parse_prompt, resolve_ranks
 from stc.registry import Registry
 from stc.spacetime import _text_transformer, cross_attention_layer_names
 
@@ -29,7 +24,7 @@ def saved_concepts(tiny):
     registry = Registry()
     for name, seed in (("mydog", 1), ("mycat", 2)):
         mapper = make_mapper(seed)
-        registry.save(make_concept(name, cross_attention_layer_names(tiny.pipeline.unet)), mapper.state_dict())
+        registry.save(make_concept(name, cross_attention_layer_names(tiny.pipeline.unet)), weights_bytes(mapper, name))
     return registry
 
 
@@ -49,13 +44,21 @@ def test_inline_ranks_are_parsed_per_concept():
     parsed = parse_prompt("<mydog:8> sitting next to <mycat> and <mydog>")
     assert parsed.text == "<mydog> sitting next to <mycat> and <mydog>"
     assert parsed.ranks == {"mydog": 8, "mycat": None}
-    assert resolve_ranks(parsed, 2) == {"mydog": 8, "mycat": 2}
+    limits = {"mydog": 128, "mycat": 16}
+    assert resolve_ranks(parsed, limits, 2) == {"mydog": 8, "mycat": 2}
+    assert resolve_ranks(parsed, limits) == {"mydog": 8, "mycat": 16}  # no default: each concept's full rank
     assert parse_prompt("a cat").ranks == {}
     assert parse_prompt("<lora:foo:0.8> <x y>").ranks == {}  # not ours: left as text
-    for bad, fragment in (("<mydog:0>", "between 1 and 128"), ("<mydog:129>", "between 1 and 128"),
-                          ("<mydog:4> and <mydog:8>", "two different ranks"), ("<MyDog>", "<mydog>")):
+    for bad, fragment in (("<mydog:4> and <mydog:8>", "two different ranks"), ("<MyDog>", "<mydog>")):
         with pytest.raises(BadInput, match=fragment):
             parse_prompt(bad)
+    # ranks are checked against each concept's own maximum, in one place
+    for prompt, default, message in (("<mydog:0>", None, "mydog has ranks 1..128; <mydog:0>"),
+                                     ("<mydog:200>", None, "mydog has ranks 1..128; <mydog:200>"),
+                                     ("<mycat> and <mydog>", 32, "mycat has ranks 1..16; rank 32")):
+        with pytest.raises(BadInput) as caught:
+            resolve_ranks(parse_prompt(prompt), limits, default)
+        assert str(caught.value).startswith(message)
 
 
 def test_inline_rank_overrides_the_default_rank(tiny):
@@ -86,8 +89,8 @@ def placeholder_inputs(renderer, prompt: str, settings: RenderSettings) -> dict[
     finally:
         handle.remove()
     inputs = torch.cat(captured)  # K·L, S, D
-    ids = renderer._tokenize(parse_prompt(prompt).text)[0]
-    return {name: inputs[:, int((ids == slot.token_id).nonzero()[0])] for name, slot in renderer.slots.items()}
+    ids = renderer.text.tokenize(parse_prompt(prompt).text)[0]
+    return {name: inputs[:, int((ids == slot.token_id).nonzero()[0])] for name, slot in renderer.text.slots.items()}
 
 
 def mapper_tokens(mapper, timesteps, num_layers: int) -> torch.Tensor:

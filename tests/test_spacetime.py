@@ -6,7 +6,7 @@ from stc.spacetime import (
     ConceptSlot,
     SpaceTimeConditioning,
     cross_attention_layer_names,
-    encode_schedule,
+    encode_layers,
     encode_spacetime,
     install_processors,
 )
@@ -164,7 +164,7 @@ def test_schedule_encoding_is_batched_and_matches_per_layer_calls(tiny):
     hook = pipe.text_encoder.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
     slots = {token_id: ConceptSlot(token_id, mapper)}
     with torch.no_grad():
-        keys, values = encode_schedule(pipe.text_encoder, ids, timesteps, 16, slots)
+        keys, values = encode_layers(pipe.text_encoder, ids, timesteps, 16, slots)
     hook.remove()
     assert len(calls) == 1  # 3 steps x 16 layers in one text-encoder call
     assert keys.shape == values.shape == (3, 16, 77, tiny.text_width)

@@ -10,14 +10,17 @@ import pytest
 from helpers import assert_one_line_error, invoke, save_concept
 
 from stc.cli import store as store_cli
-from stc.registry import CONCEPT_FILE, Concept, Registry
+from stc.concept import CONCEPT_FILE, Concept, TrainingRecord
+from stc.registry import Registry
+from stc.trainconfig import TrainConfig
 
 
 def make_concept(name: str, steps_done: int = 10, seed: int = 0) -> Concept:
     return save_concept(
         name, seed=seed,
         layer_names=[f"down_blocks.{i // 4}.attentions.{i % 4}.transformer_blocks.0.attn2" for i in range(16)],
-        training={"steps": 10, "steps_done": steps_done, "lr": 0.008}, metrics={"final_loss": 0.125},
+        training=TrainingRecord(config=TrainConfig(steps=10, lr=0.008), steps_done=steps_done),
+        metrics={"final_loss": 0.125},
     )
 
 

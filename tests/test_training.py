@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from stc.errors import BadInput, ConceptExists, InvalidName
+from stc.conceptio import load_mapper, read_state_dict
 from stc.registry import Registry
 from stc.training import OBJECT_TEMPLATES, TrainConfig, train_concept
 
@@ -11,14 +12,14 @@ FAST = dict(steps=15, batch_size=2, grad_accum=1, seed=0, initializer="cat")
 def test_short_training_lowers_the_denoising_loss_and_reloads_identically(photos):
     result = train_concept(photos, "blob", "builtin:tiny", TrainConfig(**FAST), device="cpu")
     metrics = result.concept.metrics
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics.eval_loss_after < metrics.eval_loss_before
 
     registry = Registry()
     stored = registry.load("blob")
     assert stored.base_model == "builtin:tiny" and stored.token == "<blob>"
     assert len(stored.layer_names) == 16 and stored.layer_names[6].startswith("mid_block")
-    assert stored.training["steps_done"] == 15 and stored.training["effective_lr"] == pytest.approx(2e-3)
-    reloaded = registry.load_mapper(stored)
+    assert stored.training.steps_done == 15 and stored.training.effective_lr == pytest.approx(2e-3)
+    reloaded = load_mapper(stored)
     trained = result.mapper.eval()
     t = torch.tensor([999.0, 500.0, 20.0, 0.0])
     l = torch.tensor([0.0, 6.0, 15.0, 3.0])

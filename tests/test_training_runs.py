@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from stc.cli import app
 from stc.errors import BadInput
+from stc.conceptio import load_mapper, read_state_dict
 from stc.registry import Registry
 from stc.training import (
     TrainCallbacks,
@@ -46,15 +47,15 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(photo
         train_concept(photos, "halted", "builtin:tiny", TrainConfig(**FAST), device="cpu", callbacks=interrupt_at(3))
     registry = Registry()
     partial = registry.load("halted")
-    assert (partial.training["steps_done"], partial.training["steps"]) == (3, 6)
+    assert (partial.training.steps_done, partial.training.steps_planned) == (3, 6)
     assert (partial.path / "checkpoint" / "state.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
 
     resumed = resume_training("halted", device="cpu")  # no --steps: continues to the planned 6
-    assert resumed.concept.training["steps_done"] == 6
+    assert resumed.concept.training.steps_done == 6
     assert weights_equal(resumed.mapper.state_dict(), full.mapper.state_dict())
     stored = registry.load("halted")
-    assert weights_equal(registry.load_state_dict(stored), registry.load_state_dict(registry.load("straight")))
+    assert weights_equal(read_state_dict(stored), read_state_dict(registry.load("straight")))
     assert not (stored.path / "checkpoint").exists()  # a finished concept keeps no optimizer state
     steps = [json.loads(line)["step"] for line in (stored.path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
@@ -72,7 +73,7 @@ def test_periodic_checkpoints_survive_a_crash(photos):
     with pytest.raises(RuntimeError):
         train_concept(photos, "crashy", "builtin:tiny", TrainConfig(**{**FAST, "save_every": 2}), device="cpu",
                       callbacks=TrainCallbacks(on_step=crash))
-    assert Registry().load("crashy").training["steps_done"] == 4
+    assert Registry().load("crashy").training.steps_done == 4
     resumed = resume_training("crashy", device="cpu")
     assert weights_equal(resumed.mapper.state_dict(), full.mapper.state_dict())
 
@@ -101,7 +102,7 @@ def test_resume_further_and_refuse_when_done(photos):
     with pytest.raises(BadInput, match="already trained 3/3"):
         resume_training("more", device="cpu")
     longer = resume_training("more", steps=5, device="cpu")
-    assert longer.concept.training["steps_done"] == 5 and longer.concept.training["steps"] == 5
+    assert longer.concept.training.steps_done == 5 and longer.concept.training.steps_planned == 5
 
 
 def test_previews_are_written_into_the_concept_folder_and_kept_on_resume(photos):
@@ -135,9 +136,9 @@ def test_config_file_and_flag_precedence(photos, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     stored = Registry().load("fromfile")
-    assert stored.training["lr"] == 0.005 and stored.training["batch_size"] == 1
-    assert stored.training["kind"] == "style" and stored.training["bypass"] is False
-    assert stored.mapper["bypass"] is False and stored.training["effective_lr"] == pytest.approx(0.005)
+    assert stored.training.config.lr == 0.005 and stored.training.config.batch_size == 1
+    assert stored.training.config.kind == "style" and stored.training.config.bypass is False
+    assert stored.mapper["bypass"] is False and stored.training.effective_lr == pytest.approx(0.005)
 
 
 def test_resume_refuses_changed_hyper_parameters(photos):
@@ -196,6 +197,6 @@ def test_two_processes_train_and_write_exactly_one_concept(photos, stc_home, tmp
     entries = sorted(p.name for p in (stc_home / "concepts").iterdir())
     assert entries == ["duo"]  # no second copy, no leftover staging folders
     stored = Registry().load("duo")
-    assert stored.training["num_processes"] == 2
-    assert stored.training["effective_lr"] == pytest.approx(1e-3 * 2 * 1 * 2)
+    assert stored.training.num_processes == 2
+    assert stored.training.effective_lr == pytest.approx(1e-3 * 2 * 1 * 2)
     assert result.stdout.count(str(stc_home / "concepts" / "duo")) == 1  # only rank 0 reports

@@ -9,6 +9,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..generation import RenderSettings
+from ..schedulers import SCHEDULERS
 from ._base import (
     DeviceOpt,
     JsonOpt,
@@ -23,18 +25,26 @@ from ._base import (
     quiet_libraries,
 )
 
-# Rendering options shared by gen and grid ---------------------------------------------------
+# Rendering options shared by gen and grid; their defaults live in RenderSettings only --------
+_DEFAULTS = RenderSettings()
+
+
+def _opt(flag: str, help: str, default=None):
+    shown = f" (default: {default})" if default not in (None, "") else ""
+    return typer.Option(flag, help=help + shown, show_default=False)
+
+
 BatchSizeOpt = Annotated[
-    int, typer.Option("--batch-size", help="Images per UNet batch (CFG halves are batched on top).")
+    Optional[int], _opt("--batch-size", "Images per UNet batch (CFG halves are batched on top).", _DEFAULTS.batch_size)
 ]
-StepsOpt = Annotated[int, typer.Option("--steps", help="Denoising steps.")]
-CfgOpt = Annotated[float, typer.Option("--cfg", help="Classifier-free guidance scale.")]
-NegativeOpt = Annotated[str, typer.Option("--negative", help="Negative prompt (plain words, no concepts).")]
-WidthOpt = Annotated[Optional[int], typer.Option("--width", help="Width in px, a multiple of 8 (default: the model's).")]
-HeightOpt = Annotated[
-    Optional[int], typer.Option("--height", help="Height in px, a multiple of 8 (default: the model's).")
+StepsOpt = Annotated[Optional[int], _opt("--steps", "Denoising steps.", _DEFAULTS.steps)]
+CfgOpt = Annotated[Optional[float], _opt("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
+NegativeOpt = Annotated[Optional[str], _opt("--negative", "Negative prompt (plain words, no concepts).")]
+WidthOpt = Annotated[Optional[int], _opt("--width", "Width in px, a multiple of 8 (default: the model's).")]
+HeightOpt = Annotated[Optional[int], _opt("--height", "Height in px, a multiple of 8 (default: the model's).")]
+SchedulerOpt = Annotated[
+    Optional[str], _opt("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
-SchedulerOpt = Annotated[str, typer.Option("--scheduler", help="dpm, ddim, euler or pndm.")]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU).")
 ]
@@ -45,18 +55,24 @@ def _print_record(record: dict) -> None:
     out.print(json.dumps(record, sort_keys=True), markup=False, highlight=False, emoji=False, soft_wrap=True)
 
 
-def _load_renderer(prompts: list[str], model, model_config, device, dtype):
-    quiet_libraries()
-    from ..generation import Renderer, choose_model, load_concepts_for
-    from ..models import load_base_model
+def _settings(**given) -> RenderSettings:
+    """RenderSettings from the options given (None: the library's default)."""
+    return RenderSettings(**{key: value for key, value in given.items() if value is not None})
 
-    concepts = load_concepts_for(prompts, open_registry())
-    if not concepts:
+
+def _load_renderer(requests, settings, model, model_config, device, dtype):
+    quiet_libraries()
+    from ..generation import Renderer
+
+    with err.status("loading concepts") as status:
+        renderer = Renderer.from_registry(
+            requests, settings, registry=open_registry(), model=model,
+            model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
+            on_status=lambda message: status.update(message),
+        )
+    if not renderer.concepts:
         err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
-    spec = choose_model(concepts, model)
-    with err.status(f"loading {spec}"):
-        base = load_base_model(spec, device=device, dtype=dtype, config=str(model_config) if model_config else None)
-        return Renderer(base, concepts)
+    return renderer
 
 
 @contextmanager
@@ -89,24 +105,26 @@ def gen(
         typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank."),
     ],
     rank: Annotated[
-        int,
+        Optional[int],
         typer.Option(
             "--rank",
             "-r",
-            help="Truncation rank 1-128 for every concept: small = more editable, 128 = full fidelity.",
+            help="Truncation rank for every concept, from 1 to its maximum (128 for concepts trained by stc): "
+            "small = more editable, the maximum = full fidelity. Default: full.",
+            show_default=False,
         ),
-    ] = 128,
+    ] = None,
     seed: SeedOpt = 0,
     num_images: Annotated[
         int, typer.Option("-n", "--num-images", help="Images to render (seeds S, S+1, ...).")
     ] = 1,
-    batch_size: BatchSizeOpt = 4,
-    steps: StepsOpt = 50,
-    cfg: CfgOpt = 7.5,
-    negative: NegativeOpt = "",
+    batch_size: BatchSizeOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    negative: NegativeOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
-    scheduler: SchedulerOpt = "dpm",
+    scheduler: SchedulerOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -117,19 +135,19 @@ def gen(
     ] = False,
 ) -> None:
     """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
-    from ..generation import RenderSettings, parse_prompt, save_png
+    from ..generation import RenderRequest
+    from ..pngmeta import save_png
 
     if num_images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="-n")
-    settings = RenderSettings(
+    settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         rank=rank, batch_size=batch_size,
     )
-    parse_prompt(prompt)  # bad inline ranks fail before anything loads
-    renderer = _load_renderer([prompt], model, model_config, device, dtype)
-    seeds = list(range(seed, seed + num_images))
+    requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype)
     with _progress_bar(f"rendering {num_images} image(s)") as progress:
-        images = renderer.render(prompt, seeds, settings, progress=progress)
+        images = renderer.render_requests(requests, settings, progress=progress)
     for rendered in images:
         path = save_png(rendered, out_dir)
         if as_json:
@@ -168,13 +186,13 @@ def grid(
         typer.Option("--out", "-o", help="The grid PNG (default: stc-out/grid-<prompt>.png); cells go in a "
                      "folder of the same name beside it."),
     ] = None,
-    batch_size: BatchSizeOpt = 4,
-    steps: StepsOpt = 50,
-    cfg: CfgOpt = 7.5,
-    negative: NegativeOpt = "",
+    batch_size: BatchSizeOpt = None,
+    steps: StepsOpt = None,
+    cfg: CfgOpt = None,
+    negative: NegativeOpt = None,
     width: WidthOpt = None,
     height: HeightOpt = None,
-    scheduler: SchedulerOpt = "dpm",
+    scheduler: SchedulerOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -183,11 +201,11 @@ def grid(
 ) -> None:
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
     from ..errors import BadInput
-    from ..generation import RenderSettings, parse_prompt
     from ..grid import (
         DEFAULT_SEEDS,
         default_grid_path,
         free_grid_path,
+        grid_requests,
         parse_ranks,
         parse_seeds,
         read_prompts,
@@ -198,20 +216,18 @@ def grid(
     if (prompt is None) == (prompts_file is None):
         raise BadInput("give a PROMPT or --prompts FILE (one of them, not both)")
     prompts = read_prompts(prompts_file) if prompts_file else [prompt]
-    for text in prompts:
-        parse_prompt(text)  # bad inline ranks fail before anything loads
     rank_list = parse_ranks(ranks)
     if seeds is not None:
         seed_list = parse_seeds(seeds)
     else:
         seed_list = [0] if prompts_file else list(DEFAULT_SEEDS)
-    settings = RenderSettings(
+    settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         batch_size=batch_size,
     )
     target = out_file or default_grid_path(prompts, prompts_file)
     free_grid_path(target)  # a bad --out fails before rendering
-    renderer = _load_renderer(prompts, model, model_config, device, dtype)
+    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device, dtype)
     cells = len(prompts) * len(seed_list) * len(rank_list)
     with _progress_bar(f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)") as progress:
         result = render_grid(renderer, prompts, rank_list, seed_list, settings, progress=progress)

@@ -78,7 +78,7 @@ class SortKey(str, Enum):
 
 
 def _ls_record(concept) -> dict:
-    from ..registry import folder_size
+    from ..storage import folder_size
 
     return {
         "name": concept.name,
@@ -168,7 +168,8 @@ def _hint_when_empty(registry, pattern: str | None) -> None:
 
 
 def _show_record(registry, concept) -> dict:
-    from ..registry import folder_files, preview_paths
+    from ..registry import preview_paths
+    from ..storage import folder_files
 
     check = registry.verify(concept)
     files = [{"path": path, "size": size} for path, size in folder_files(concept.path)]
@@ -184,9 +185,9 @@ def _show_record(registry, concept) -> dict:
         "steps_done": concept.steps_done,
         "steps_planned": concept.steps_planned,
         "complete": concept.complete,
-        "final_loss": concept.metrics.get("final_loss"),
-        "training": concept.training,
-        "metrics": concept.metrics,
+        "final_loss": concept.metrics.final_loss,
+        "training": concept.training.to_dict(),
+        "metrics": concept.metrics.to_dict(),
         "mapper": concept.mapper,
         "created": concept.created,
         "stc_version": concept.stc_version,
@@ -366,7 +367,7 @@ def _print_inspection(report) -> None:
 def inspect_concept(
     name: NameArg,
     rank: Annotated[
-        Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, 1..128 (default: full).")
+        Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, from 1 to the concept's maximum (default: full).")
     ] = None,
     steps: Annotated[
         int, typer.Option("--steps", "-k", help="Timesteps shown, evenly spaced from 999 down to 0.")
@@ -383,7 +384,7 @@ def inspect_concept(
     concept = registry.load(name)
     if plot is not None:
         inspection.check_plot_path(plot)
-    report = inspection.inspect_concept(registry, concept, rank=rank, num_timesteps=steps)
+    report = inspection.inspect_concept(concept, rank=rank, num_timesteps=steps)
     if plot is not None:
         inspection.save_norm_heatmaps(report.grid, plot, concept.name)
         err.print(Text(f"Wrote {plot}"), soft_wrap=True)

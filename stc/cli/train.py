@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from ..trainconfig import TrainConfig
 from ._base import (
     DeviceOpt,
     ModelConfigOpt,
@@ -20,8 +21,18 @@ from ._base import (
 )
 
 
-def _opt(flag: str, help: str, *aliases: str):
-    return typer.Option(flag, *aliases, help=help, rich_help_panel="Hyper-parameters (reference defaults)")
+_DEFAULTS = TrainConfig()
+
+
+def _opt(flag: str, help: str, *aliases: str, field: str | None = None):
+    """A hyper-parameter option; its default is shown from TrainConfig (defined there only)."""
+    field = field or flag.split("/")[0].removeprefix("--").replace("-", "_")
+    default = getattr(_DEFAULTS, field)
+    if isinstance(default, bool):
+        default = "on" if default else "off"
+    shown = f" ({default})" if default is not None else ""
+    return typer.Option(flag, *aliases, help=f"{help}{shown}.", show_default=False,
+                        rich_help_panel="Hyper-parameters (reference defaults)")
 
 
 @app.command()
@@ -52,44 +63,44 @@ def train(
     ] = None,
     device: DeviceOpt = None,
     save_every: Annotated[
-        Optional[int], typer.Option("--save-every", help="Checkpoint every N steps (default 250; 0: only at the "
-                                    "end and on Ctrl-C).")
+        Optional[int], typer.Option("--save-every", show_default=False, help="Checkpoint every N steps (default "
+                                    f"{_DEFAULTS.save_every}; 0: only at the end and on Ctrl-C).")
     ] = None,
     preview_every: Annotated[
-        Optional[int], typer.Option("--preview-every", help="Render preview images every N steps into the "
-                                    "concept folder (default 0: only the final preview).")
+        Optional[int], typer.Option("--preview-every", show_default=False, help="Render preview images every N "
+                                    f"steps into the concept folder (default {_DEFAULTS.preview_every}: only the "
+                                    "final preview).")
     ] = None,
-    steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps (1000).")] = None,
-    seed: Annotated[Optional[int], _opt("--seed", "Random seed (0); same seed, same concept.", "-s")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per micro-batch (2).")] = None,
-    grad_accum: Annotated[Optional[int], _opt("--grad-accum", "Micro-batches per optimizer step (4).")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", "Base learning rate (1e-3).")] = None,
+    steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps")] = None,
+    seed: Annotated[Optional[int], _opt("--seed", "Random seed; same seed, same concept", "-s")] = None,
+    batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per micro-batch")] = None,
+    grad_accum: Annotated[Optional[int], _opt("--grad-accum", "Micro-batches per optimizer step")] = None,
+    lr: Annotated[Optional[float], _opt("--lr", "Base learning rate")] = None,
     scale_lr: Annotated[
-        Optional[bool], _opt("--scale-lr/--no-scale-lr", "Scale the LR by batch x accumulation x processes (on).")
+        Optional[bool], _opt("--scale-lr/--no-scale-lr", "Scale the LR by batch x accumulation x processes")
     ] = None,
-    adam_beta1: Annotated[Optional[float], _opt("--adam-beta1", "AdamW beta1 (0.9).")] = None,
-    adam_beta2: Annotated[Optional[float], _opt("--adam-beta2", "AdamW beta2 (0.999).")] = None,
-    adam_weight_decay: Annotated[Optional[float], _opt("--weight-decay", "AdamW weight decay (1e-2).")] = None,
-    adam_epsilon: Annotated[Optional[float], _opt("--adam-epsilon", "AdamW epsilon (1e-8).")] = None,
-    resolution: Annotated[Optional[int], _opt("--resolution", "Training image size (the model's: 512 for SD).")] = None,
-    bypass: Annotated[Optional[bool], _opt("--bypass/--no-bypass", "Textual bypass (on); off for ablations.")] = None,
+    adam_beta1: Annotated[Optional[float], _opt("--adam-beta1", "AdamW beta1")] = None,
+    adam_beta2: Annotated[Optional[float], _opt("--adam-beta2", "AdamW beta2")] = None,
+    adam_weight_decay: Annotated[Optional[float], _opt("--weight-decay", "AdamW weight decay", field="adam_weight_decay")] = None,
+    adam_epsilon: Annotated[Optional[float], _opt("--adam-epsilon", "AdamW epsilon")] = None,
+    resolution: Annotated[Optional[int], _opt("--resolution", "Training image size (default: the model's, 512 for SD)")] = None,
+    bypass: Annotated[Optional[bool], _opt("--bypass/--no-bypass", "Textual bypass; off for ablations")] = None,
     nested_dropout: Annotated[
-        Optional[bool], _opt("--nested-dropout/--no-nested-dropout", "Nested dropout (on); off for ablations.")
+        Optional[bool], _opt("--nested-dropout/--no-nested-dropout", "Nested dropout; off for ablations")
     ] = None,
-    nested_dropout_prob: Annotated[Optional[float], _opt("--nested-dropout-prob", "Probability per call (0.5).")] = None,
+    nested_dropout_prob: Annotated[Optional[float], _opt("--nested-dropout-prob", "Probability per mapper call")] = None,
     mixed_precision: Annotated[
-        Optional[str], _opt("--mixed-precision", "no, fp16 or bf16 for the frozen models (no); the mapper stays fp32.")
+        Optional[str], _opt("--mixed-precision", "no, fp16 or bf16 for the frozen models; the mapper stays fp32")
     ] = None,
     gradient_checkpointing: Annotated[
-        Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for memory (off).")
+        Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for memory")
     ] = None,
 ) -> None:
     """Train a concept from a folder of photos and save it in the registry.
 
     Ctrl-C saves a checkpoint; continue with: stc train --resume NAME
     """
-    from ..registry import validate_name
-    from ..training import TrainConfig
+    from ..names import validate_name
 
     settings = {
         "steps": steps, "seed": seed, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
@@ -133,8 +144,9 @@ def _resume(name, photos, given, config_file, model, device, model_config) -> No
 
     with _training_progress() as callbacks:
         result = resume_training(
-            name, steps=given.pop("steps", None), registry=open_registry(), photos_dir=photos, device=device,
-            model_config=str(model_config) if model_config else None, callbacks=callbacks, **given,
+            name, steps=given.get("steps"), photos_dir=photos, save_every=given.get("save_every"),
+            preview_every=given.get("preview_every"), registry=open_registry(), device=device,
+            model_config=str(model_config) if model_config else None, callbacks=callbacks,
         )
     _summary(result.concept)
 
@@ -150,10 +162,10 @@ def _summary(concept) -> None:
     if not _is_main_process():
         return
     metrics = concept.metrics
+    before = f"{metrics.eval_loss_before:.4f} -> " if metrics.eval_loss_before is not None else ""
     err.print(
-        f"Trained [bold]{concept.token}[/] for {concept.training['steps_done']} steps in {metrics['seconds']:.1f}s: "
-        f"loss {metrics['final_loss']:.4f}, eval loss {metrics['eval_loss_before']:.4f} -> "
-        f"{metrics['eval_loss_after']:.4f}",
+        f"Trained [bold]{concept.token}[/] for {concept.steps_done} steps in {metrics.seconds:.1f}s: "
+        f"loss {metrics.final_loss:.4f}, eval loss {before}{metrics.eval_loss_after:.4f}",
         highlight=False,
     )
     err.print(f'Use it: stc gen "{concept.token} on the beach" --rank 8', highlight=False)

@@ -1,0 +1,186 @@
+"""Files and folders that survive crashes: atomic folder swaps, fsync, locks, checks.
+
+A folder is written complete in a hidden staging folder beside its target, fsynced, then
+swapped in with ``os.replace``; a failure at any point leaves the previous folder intact.
+Weights files are checked from their safetensors header (JSON) without torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Why ``path`` is not a complete safetensors file (header and data extent), or None.
+
+    Reads only the header, so it needs no torch and catches truncated files cheaply.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                return f"truncated: {size} bytes, shorter than a safetensors header"
+            header_size = int.from_bytes(prefix, "little")
+            if header_size > size - 8:
+                return f"truncated: its header claims {header_size} bytes but the file has {size}"
+            header = json.loads(handle.read(header_size))
+        extents = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        return f"not a safetensors file ({exc})"
+    expected = 8 + header_size + max(extents, default=0)
+    if size < expected:
+        return f"truncated: {size} of {expected} bytes"
+    if size > expected:
+        return f"has {size - expected} unexpected trailing bytes"
+    return None
+
+
+def folder_files(folder: Path) -> list[tuple[str, int]]:
+    """(path relative to ``folder``, size in bytes) of every regular file below it, sorted."""
+    found = []
+    for directory, _, files in os.walk(folder):
+        for file_name in files:
+            full = Path(directory) / file_name
+            with contextlib.suppress(OSError):
+                if full.is_file() and not full.is_symlink():
+                    found.append((full.relative_to(folder).as_posix(), full.stat().st_size))
+    return sorted(found)
+
+
+def folder_size(folder: Path) -> int:
+    return sum(size for _, size in folder_files(folder))
+
+
+# --------------------------------------------------------------------------- locks
+
+
+@contextlib.contextmanager
+def file_lock(path: Path):
+    """An exclusive advisory lock on ``path`` (created if needed), released on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            import fcntl
+        except ImportError:  # Windows: best effort
+            yield
+            return
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# --------------------------------------------------------------------------- atomic folders
+
+
+def write_file(path: Path, content: bytes | str) -> None:
+    """Write ``path`` as a new file (never in place: it may be a hard link shared with another entry)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    if isinstance(content, str):
+        temporary.write_text(content, encoding="utf-8")
+    else:
+        temporary.write_bytes(content)
+    os.replace(temporary, path)
+
+
+def fsync_path(path: Path) -> None:
+    with contextlib.suppress(OSError):  # directories cannot be fsynced everywhere
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """fsync every file and folder below ``folder`` (and ``folder`` itself)."""
+    for directory, _, files in os.walk(folder):
+        for file_name in files:
+            with open(Path(directory) / file_name, "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_path(Path(directory))
+
+
+def apply_umask(folder: Path) -> None:
+    """mkdtemp makes private folders; give the entry the permissions of a normal write."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for item in folder.rglob("*"):
+        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
+    os.chmod(folder, 0o777 & ~umask)
+
+
+def clone_tree(source: Path, target: Path, hard_links: bool) -> None:
+    """Copy the files of ``source`` into the existing folder ``target`` (hard links when asked
+    and possible: a rename must not double the disk use). Symlinks are not followed."""
+    for directory, _, files in os.walk(source):
+        relative = Path(directory).relative_to(source)
+        (target / relative).mkdir(parents=True, exist_ok=True)
+        for file_name in files:
+            origin, copy = Path(directory) / file_name, target / relative / file_name
+            if origin.is_symlink():
+                continue
+            if hard_links:
+                try:
+                    os.link(origin, copy)
+                    continue
+                except OSError:
+                    pass
+            shutil.copy2(origin, copy)
+
+
+@contextlib.contextmanager
+def staging_folder(parent: Path, name: str):
+    """A private hidden folder in ``parent``; removed unless committed (moved away)."""
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    try:
+        yield staging
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def commit_folder(staging: Path, path: Path) -> None:
+    """Make ``staging`` durable, then swap it in at ``path`` (the previous folder survives a failure)."""
+    apply_umask(staging)
+    fsync_tree(staging)
+    if not path.exists():
+        os.replace(staging, path)
+    else:
+        trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+        os.replace(path, trash / "entry")
+        try:
+            os.replace(staging, path)
+        except BaseException:
+            os.replace(trash / "entry", path)  # put the previous state back
+            raise
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+    fsync_path(path.parent)
+
+
+def discard_folder(path: Path) -> None:
+    """Remove a folder: first move it out of sight (atomic), then delete the files."""
+    trash = Path(tempfile.mkdtemp(prefix=f".trash-{path.name}-", dir=path.parent))
+    os.replace(path, trash / "entry")
+    fsync_path(path.parent)
+    shutil.rmtree(trash, ignore_errors=True)
