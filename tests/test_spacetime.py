@@ -179,3 +179,44 @@ def test_schedule_encoding_is_batched_and_matches_per_layer_calls(tiny):
     # (t, l) really matter: layers and steps differ
     assert not torch.allclose(keys[0, 0], keys[0, 15])
     assert not torch.allclose(keys[0, 3], keys[2, 3])
+
+
+class _Recording(torch.nn.Module):
+    """Calls ``mapper`` and records every call's (timesteps, layers, outputs)."""
+
+    def __init__(self, mapper):
+        super().__init__()
+        self.mapper, self.calls = mapper, []
+
+    def forward(self, timesteps, layers, **kwargs):
+        outputs = self.mapper(timesteps, layers, **kwargs)
+        self.calls.append((timesteps, layers, outputs))
+        return outputs
+
+
+def test_nested_dropout_draws_once_per_layer_of_a_training_step(tiny):
+    """The reference calls the mapper once per UNet layer and step with the whole batch: one coin
+    flip (p = 0.5) per call, then each sample truncates at its own k."""
+    pipe = tiny.pipeline
+    mapper, token_id = _concept(tiny)
+    mapper.train()
+    recording = _Recording(mapper)
+    batch = 6
+    ids = pipe.tokenizer(["a photo of a <thing>"] * batch, padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
+    slot = ConceptSlot(token_id, recording, config=mapper.config)
+    with torch.no_grad():
+        encode_layers(pipe.text_encoder, ids, torch.full((batch,), 500), 16, {token_id: slot},
+                      generator=torch.Generator().manual_seed(3))
+    [(timesteps, layers, outputs)] = recording.calls  # all 16 layers x batch rows in one call
+    with torch.no_grad():
+        full = mapper.eval()(timesteps, layers)
+    truncated = (outputs - full).abs().amax(dim=-1) > 1e-7  # rows
+    decisions = []
+    for layer in range(16):
+        rows = truncated[layers == layer]
+        assert bool(rows.all()) or not bool(rows.any()), f"layer {layer}: samples of one call flipped separately"
+        decisions.append(bool(rows.all()))
+        if rows.all():  # each sample at its own k: not all the same output
+            assert len({tuple(row.round(decimals=6).tolist()) for row in outputs[layers == layer]}) > 1
+    assert any(decisions) and not all(decisions), decisions  # each layer flips its own coin

@@ -83,3 +83,42 @@ def test_errors_before_any_training(photos, tmp_path):
     with pytest.raises(ConceptExists):
         train_concept(photos, "taken", "builtin:tiny", TrainConfig(**FAST), device="cpu")
     assert Registry().names() == ["taken"]
+
+
+def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos):
+    """Cross-attention keys come from the sequence without the bypass, values from the one with it,
+    each layer at its own (t, l); checked against a direct call of the pinned text encoding."""
+    from accelerate import Accelerator
+
+    from stc.images import load_photos
+    from stc.spacetime import ConceptSlot, encode_spacetime
+    from stc.training import Trainer
+
+    config = TrainConfig(**{**FAST, "batch_size": 2})
+    trainer = Trainer(tiny, load_photos(photos, 64).images, "<kv>", config, Accelerator(cpu=True))
+    trainer.mapper.eval()  # no nested dropout: the direct call below sees the same mapper outputs
+    modules = dict(trainer.unet.named_modules())
+    seen = {}
+    hooks = [
+        modules[f"{name}.{projection}"].register_forward_hook(
+            lambda module, args, output, key=(index, projection): seen.update({key: args[0].detach()}))
+        for index, name in enumerate(trainer.layer_names) for projection in ("to_k", "to_v")
+    ]
+    batch = trainer.random_batch()
+    with torch.no_grad():
+        trainer.denoising_loss(*batch, generator=torch.Generator().manual_seed(0))
+    for hook in hooks:
+        hook.remove()
+
+    _, _, _, timesteps, captions = batch
+    ids = trainer.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    slot = ConceptSlot(trainer.token_id, trainer.unwrapped_mapper)
+    for layer in range(16):
+        with torch.no_grad():
+            plain, bypassed = encode_spacetime(
+                trainer.text_encoder, ids, timesteps.float(), torch.full((len(captions),), float(layer)),
+                {trainer.token_id: slot},
+            )
+        assert not torch.allclose(plain, bypassed)  # the bypass changes the placeholder position
+        assert torch.allclose(seen[(layer, "to_k")], plain, atol=1e-6), f"layer {layer}: keys"
+        assert torch.allclose(seen[(layer, "to_v")], bypassed, atol=1e-6), f"layer {layer}: values"
