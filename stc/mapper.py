@@ -126,8 +126,8 @@ class NeTIMapper(nn.Module):
         hidden = self.hidden(timesteps, layers)
         if self.training and self.config.nested_dropout:
             hidden = self.nested_dropout(hidden, dropout_groups, generator)
-        if rank is not None:
-            hidden = truncate(hidden, rank)
+        if rank is not None and self.config.nested_dropout:  # as the reference: without nested dropout
+            hidden = truncate(hidden, rank)  # the dims are unordered and a rank changes nothing
         return self.output(hidden)
 
     def nested_dropout(

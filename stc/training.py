@@ -139,6 +139,7 @@ class _Run:
         self.metrics = MetricsRecord()
         self.previous_seconds = 0.0
         self.created = ""
+        self.kept = {"training": {}, "mapper": {}}  # unknown keys of a resumed concept, written back
 
     def execute(self, device, model_config, previous) -> TrainResult:
         from .images import check_photo_folder, load_photos
@@ -187,7 +188,8 @@ class _Run:
         if self.accelerator.process_index == 0:
             self.trainer.generator.set_state(state.generator)
         torch.set_rng_state(state.global_rng)
-        self.metrics = dataclasses.replace(concept.metrics)
+        self.metrics = dataclasses.replace(concept.metrics)  # its unknown keys (extra) included
+        self.kept = {"training": concept.training.extra, "mapper": concept.mapper}
         self.created = concept.created
         self.previous_seconds = concept.metrics.seconds or 0.0
         for path in preview_paths(concept.path):
@@ -241,7 +243,7 @@ class _Run:
             config=config, steps_done=step, resolution=self.resolution,
             effective_lr=config.effective_lr(self.accelerator.num_processes),
             num_processes=self.accelerator.num_processes, photos=[p.name for p in self.photos.paths],
-            photos_dir=str(self.photos_dir),
+            photos_dir=str(self.photos_dir), extra=dict(self.kept["training"]),
         )
         tail = self.losses[-20:]
         metrics = dataclasses.replace(self.metrics, final_loss=sum(tail) / len(tail) if tail else None,
@@ -249,7 +251,7 @@ class _Run:
         return Concept(
             name=self.name, base_model=self.base.spec, initializer=config.initializer_word,
             text_width=self.base.text_width, layer_names=trainer.layer_names,
-            mapper=trainer.unwrapped_mapper.config.to_dict(), training=training, metrics=metrics,
+            mapper={**self.kept["mapper"], **trainer.unwrapped_mapper.config.to_dict()}, training=training, metrics=metrics,
             created=self.created,
         )
 

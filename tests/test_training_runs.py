@@ -50,6 +50,12 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(photo
     assert (partial.training.steps_done, partial.training.steps_planned) == (3, 6)
     assert (partial.path / "checkpoint" / "state.safetensors").is_file()
     assert signal.getsignal(signal.SIGINT) is handler_before  # handlers restored
+    # keys written by a newer stc (or by hand) survive the resumed run's rewrite, in every section
+    meta = partial.path / "concept.yaml"
+    data = yaml.safe_load(meta.read_text())
+    for section in ("training", "metrics", "mapper"):
+        data[section]["future_" + section] = 1
+    meta.write_text(yaml.safe_dump({**data, "future_top": 2}, sort_keys=False))
 
     resumed = resume_training("halted", device="cpu")  # no --steps: continues to the planned 6
     assert resumed.concept.training.steps_done == 6
@@ -57,6 +63,8 @@ def test_sigint_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(photo
     stored = registry.load("halted")
     assert weights_equal(read_state_dict(stored), read_state_dict(registry.load("straight")))
     assert not (stored.path / "checkpoint").exists()  # a finished concept keeps no optimizer state
+    data = yaml.safe_load((stored.path / "concept.yaml").read_text())
+    assert data["future_top"] == 2 and all(data[s]["future_" + s] == 1 for s in ("training", "metrics", "mapper"))
     steps = [json.loads(line)["step"] for line in (stored.path / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
     record = json.loads((stored.path / "metrics.jsonl").read_text().splitlines()[0])
