@@ -140,6 +140,34 @@ def _load_hub(model_id: str, dtype):
         ) from exc
 
 
+def text_width_of(spec: str, model_config: str | None = None) -> int | None:
+    """The text encoder width of a base model from its config alone (no weights load, no
+    network); None when it cannot be known offline."""
+    import json
+
+    if spec == TINY:
+        from .tiny import TINY_TEXT_WIDTH
+
+        return TINY_TEXT_WIDTH
+    path = Path(spec).expanduser()
+    folder = path if path.is_dir() else Path(model_config).expanduser() if model_config else None
+    candidates = [folder / "text_encoder" / "config.json"] if folder else []
+    if not candidates and spec.count("/") == 1 and not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "text_encoder/config.json")
+            candidates = [Path(cached)] if isinstance(cached, str) else []
+        except Exception:  # no cache, no hub library: unknown
+            candidates = []
+    for candidate in candidates:
+        try:
+            return int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return None
+
+
 def load_base_model(
     spec: str, device: str | None = None, dtype: str | None = None, config: str | None = None
 ) -> BaseModel:

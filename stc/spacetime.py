@@ -23,6 +23,14 @@ BYPASS_SCALE = 0.2
 
 # --------------------------------------------------------------------------- layer order
 
+# The 16 cross-attention layers of SD 1.x/2.x UNets in execution order (docs/method.md, "Space").
+SD_LAYER_NAMES = tuple(
+    f"{block}.attentions.{index}.transformer_blocks.0.attn2"
+    for block, count in (("down_blocks.0", 2), ("down_blocks.1", 2), ("down_blocks.2", 2), ("mid_block", 1),
+                         ("up_blocks.1", 3), ("up_blocks.2", 3), ("up_blocks.3", 3))
+    for index in range(count)
+)
+
 
 def _unet_blocks(unet) -> Iterator[tuple[str, object]]:
     for index, block in enumerate(unet.down_blocks):

@@ -1,0 +1,89 @@
+"""stc export, stc import."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.text import Text
+
+from ..export import FORMATS
+from ._base import DeviceOpt, ModelConfigOpt, ModelOpt, app, err, handle_errors, open_registry, out, quiet_libraries
+
+
+@app.command("export", help=(
+    "Export a concept for other tools; prints the written paths. Formats (each keeps and loses):\n\n"
+    + "\n\n".join(f"- {f.name}: keeps {f.keeps}; loses {f.loses}." for f in FORMATS.values())
+))
+@handle_errors
+def export(
+    name: Annotated[str, typer.Argument(help="Concept to export.", metavar="NAME", show_default=False)],
+    format_name: Annotated[
+        str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.", show_default=False)
+    ],
+    out_dir: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Folder to write into (default: the current folder).")
+    ] = None,
+    rank: Annotated[
+        Optional[int], typer.Option("--rank", "-r", help="ti/a1111: the rank whose outputs are distilled; "
+                                    "diffusers: the default rank of the export (default: full).")
+    ] = None,
+    vectors: Annotated[int, typer.Option("--vectors", help="ti/a1111: number of vectors to distil.")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+    device: DeviceOpt = None,
+) -> None:
+    from ..export import check_format
+
+    export_format = check_format(format_name)
+    quiet_libraries()
+    from contextlib import nullcontext
+
+    from ..export import export_concept
+    from .render import _progress_bar
+
+    distils = format_name in ("ti", "a1111")
+    with _progress_bar(f"distilling {name} into {vectors} vector(s)") if distils else nullcontext() as progress:
+        result = export_concept(
+            open_registry(), name, format_name, out=out_dir, rank=rank, vectors=vectors, force=force, model=model,
+            model_config=str(model_config) if model_config else None, device=device, progress=progress,
+            on_status=lambda message: err.print(Text(message, style="dim")),
+        )
+    err.print(Text(f"Exported <{name}> as {export_format.name}: keeps {export_format.keeps}; "
+                   f"loses {export_format.loses}."), soft_wrap=True)
+    if result.fidelity is not None:
+        fidelity = result.fidelity
+        err.print(Text(
+            f"Fidelity (relative denoiser error vs the concept, lower is better): distilled {fidelity.distilled:.3f}, "
+            f"plain average {fidelity.average:.3f}, initializer word {fidelity.initializer:.3f}"
+        ), soft_wrap=True)
+    for path in result.paths:
+        out.print(Text(str(path)), soft_wrap=True)
+
+
+@app.command("import")
+@handle_errors
+def import_(
+    path: Annotated[Path, typer.Argument(
+        help="A reference NeTI *-mapper.pt, a textual-inversion embedding (.safetensors, .pt, .bin) or a folder "
+        "written by 'stc export --format diffusers'.", show_default=False)],
+    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Concept name (default: from the file).")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Initializer word to record (default: from the "
+                                                "file, else 'object').")] = None,
+    model: ModelOpt = None,
+    model_config: ModelConfigOpt = None,
+) -> None:
+    """Import a concept into the registry; pickled files are read without running their code."""
+    quiet_libraries()
+    from ..imports import import_concept
+
+    result = import_concept(open_registry(), path, name=name, init=init, model=model,
+                            model_config=str(model_config) if model_config else None)
+    concept = result.concept
+    for note in result.notes:
+        err.print(Text(f"Note: {note}", style="dim"), soft_wrap=True)
+    err.print(Text(f"Imported {concept.token} ({result.source_format}) for {concept.base_model}. "
+                   f'Use it: stc gen "{concept.token} on the beach"'), soft_wrap=True)
+    out.print(Text(str(concept.path)), soft_wrap=True)
