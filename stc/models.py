@@ -195,4 +195,8 @@ def load_base_model(
             module.to(dtype=weight_dtype)
         module.eval().requires_grad_(False)
     pipeline.set_progress_bar_config(disable=True)
+    if device == "cpu":
+        from .threads import apply_threads
+
+        apply_threads(sum(p.numel() for p in pipeline.unet.parameters()))
     return BaseModel(spec=canonical_spec(spec), pipeline=pipeline, device=device, dtype=weight_dtype)

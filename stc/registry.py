@@ -36,6 +36,7 @@ from .storage import (
     sha256_file,
     staging_folder,
     write_file,
+    yaml_load,
 )
 
 PREVIEW_FILE = "preview.png"
@@ -145,7 +146,7 @@ class Registry:
                 f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {name})"
             )
         try:
-            data = yaml.safe_load(meta.read_text(encoding="utf-8"))
+            data = yaml_load(meta.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CorruptConcept(f"{meta} is not valid YAML: {_one_line(exc)}") from exc
         except OSError as exc:
@@ -312,7 +313,7 @@ class Registry:
 
     def _unknown_keys_on_disk(self, path: Path) -> dict:
         try:
-            data = yaml.safe_load((path / CONCEPT_FILE).read_text(encoding="utf-8"))
+            data = yaml_load((path / CONCEPT_FILE).read_text(encoding="utf-8"))
         except (OSError, yaml.YAMLError, UnicodeDecodeError):
             return {}
         if not isinstance(data, dict):

@@ -16,6 +16,17 @@ import tempfile
 from pathlib import Path
 
 
+# --------------------------------------------------------------------------- YAML
+
+
+def yaml_load(text: str):
+    """``yaml.safe_load`` through libyaml when it is there (about 10x faster: ``stc ls`` reads
+    every concept.yaml); the safe loader either way."""
+    import yaml
+
+    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+
+
 # --------------------------------------------------------------------------- checks
 
 
@@ -49,7 +60,7 @@ def safetensors_problem(path: Path) -> str | None:
     if size < expected:
         return f"truncated: {size} of {expected} bytes"
     if size > expected:
-        return f"has {size - expected} unexpected trailing bytes"
+        return f"followed by {size - expected} unexpected trailing bytes"
     return None
 
 

@@ -39,3 +39,17 @@ def tiny():
     from stc.models import load_base_model
 
     return load_base_model("builtin:tiny", device="cpu")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The suite runs with one torch thread (and subprocesses with OMP_NUM_THREADS=1): on a
+    shared 2-core machine more threads only oversubscribe the cores."""
+    import os
+
+    import torch
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.setdefault("STC_THREADS", "1")
+    torch.set_num_threads(1)
+    yield

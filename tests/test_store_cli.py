@@ -293,3 +293,34 @@ def test_help_ls_and_show_do_not_import_torch(two_concepts, stc_home):
     env = {**os.environ, "STC_HOME": str(stc_home)}
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_ls_caches_records_and_notices_every_change(stc_home, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    make_concept("blob")
+    first = json.loads(invoke("ls", "--json").stdout)
+    assert (stc_home / ".listing.json").is_file()
+    assert json.loads(invoke("ls", "--json").stdout) == first  # served from the cache
+
+    import stc.listing
+
+    calls = []
+    real = stc.listing.listing_record
+    monkeypatch.setattr(stc.listing, "listing_record", lambda concept: calls.append(concept.name) or real(concept))
+    invoke("ls")
+    assert calls == []  # nothing changed: no concept.yaml was parsed
+    assert invoke("mv", "blob", "bloom").exit_code == 0
+    make_concept("half", steps_done=4)
+    records = json.loads(invoke("ls", "--json").stdout)
+    assert [r["name"] for r in records] == ["bloom", "half"] and sorted(calls) == ["bloom", "half"]
+    assert records[1]["complete"] is False
+
+    weights = stc_home / "concepts" / "half" / "mapper.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # damaged after it was cached
+    result = invoke("ls")
+    assert "half" in result.stdout and "Warning: half: its weights file is truncated" in result.stderr
+
+
+def test_ls_never_creates_folders_for_its_cache(stc_home):
+    assert invoke("ls").exit_code == 0
+    assert not stc_home.exists()

@@ -75,19 +75,18 @@ def handle_errors(command):
 
 
 def quiet_libraries() -> None:
-    """Silence the heavy libraries' info/warning chatter; our own messages say what matters."""
+    """Silence the heavy libraries' info/warning chatter; our own messages say what matters.
+
+    Cheap: it imports nothing (the libraries read these variables when they are imported), so
+    commands can call it before validating their arguments.
+    """
     import warnings
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
-    try:
-        import diffusers
-        import transformers
-
-        diffusers.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover - both are dependencies
-        pass
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def open_registry():
@@ -102,10 +101,22 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+def _threads_callback(value: Optional[int]) -> Optional[int]:
+    if value is not None:
+        if value < 1:
+            raise typer.BadParameter("must be at least 1")
+        os.environ["STC_THREADS"] = str(value)  # read where a model is loaded (stc.threads)
+    return value
+
+
 @app.callback()
 def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")
     ] = False,
+    threads: Annotated[
+        Optional[int], typer.Option("--threads", callback=_threads_callback, help="CPU threads for torch (also "
+                                    "STC_THREADS). Default: 1 for small models, else the free cores.")
+    ] = None,
 ) -> None:
     """Personalize Stable Diffusion with neural space-time concepts."""

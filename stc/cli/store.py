@@ -77,24 +77,6 @@ class SortKey(str, Enum):
     size = "size"
 
 
-def _ls_record(concept) -> dict:
-    from ..storage import folder_size
-
-    return {
-        "name": concept.name,
-        "token": concept.token,
-        "base_model": concept.base_model,
-        "steps": concept.steps_done,
-        "steps_done": concept.steps_done,
-        "steps_planned": concept.steps_planned,
-        "complete": concept.complete,
-        "rank_max": concept.rank_max,
-        "size": folder_size(concept.path),
-        "created": concept.created,
-        "path": str(concept.path),
-    }
-
-
 def _sorted_records(records: list[dict], sort: SortKey) -> list[dict]:
     if sort is SortKey.created:
         return sorted(records, key=lambda record: (record["created"], record["name"]), reverse=True)
@@ -103,23 +85,32 @@ def _sorted_records(records: list[dict], sort: SortKey) -> list[dict]:
     return sorted(records, key=lambda record: record["name"])
 
 
-def _ls_table(records: list[dict]) -> Table:
-    table = Table(box=None, header_style="bold", pad_edge=False)
-    for column in ("name", "token", "base model", "steps", "rank max", "size", "created"):
-        numeric = column in ("steps", "rank max", "size")
-        table.add_column(column, justify="right" if numeric else "left", overflow="fold",
-                         no_wrap=column in ("name", "token", "steps", "created"))
-    for record in records:
-        table.add_row(
-            record["name"],
-            record["token"],
-            Text(record["base_model"]),
-            Text(_steps_text(record), style="" if record["complete"] else "yellow"),
-            str(record["rank_max"] if record["rank_max"] is not None else "-"),
-            _human(record["size"]),
-            record["created"][:10],
-        )
-    return table
+LS_COLUMNS = (("name", "<"), ("token", "<"), ("base model", "<"), ("steps", ">"), ("rank max", ">"),
+              ("size", ">"), ("created", "<"))
+
+
+def _ls_rows(records: list[dict]) -> list[tuple[str, ...]]:
+    return [(
+        record["name"], record["token"], record["base_model"], _steps_text(record),
+        str(record["rank_max"] if record["rank_max"] is not None else "-"), _human(record["size"]),
+        record["created"][:10],
+    ) for record in records]
+
+
+def _print_ls_table(records: list[dict]) -> None:
+    """Aligned plain columns (fast for thousands of concepts; long values widen their column)."""
+    rows = _ls_rows(records)
+    header = tuple(title for title, _ in LS_COLUMNS)
+    widths = [max(len(row[index]) for row in (header, *rows)) for index in range(len(header))]
+
+    def line(row) -> str:
+        cells = [f"{value:{align}{width}}" for value, (_, align), width in zip(row, LS_COLUMNS, widths)]
+        return "  ".join(cells).rstrip()
+
+    lines = [Text(line(header), style="bold")]
+    for row, record in zip(rows, records):
+        lines.append(Text(line(row), style="" if record["complete"] and not record.get("weights_problem") else "yellow"))
+    out.print(Text("\n").join(lines), soft_wrap=True, highlight=False)
 
 
 @app.command("ls")
@@ -136,15 +127,20 @@ def ls(
     ] = SortKey.name,
 ) -> None:
     """List the concepts in the registry (damaged or foreign entries are reported on stderr)."""
+    from ..listing import listing
+
     registry = open_registry()
     records = []
-    for name, concept, problem in registry.scan():
+    for name, record, problem in listing(registry):
         if not _matches(name, pattern):
             continue
         if problem is not None:
             _warn(f"{name}: {problem}")
-        else:
-            records.append(_ls_record(concept))
+            continue
+        if record["weights_problem"]:
+            _warn(f"{name}: its weights file is {record['weights_problem']}; see stc show {name}, or remove it: "
+                  f"stc rm {name}")
+        records.append(record)
     for path, reason in registry.foreign_entries():
         if _matches(path.name, pattern):
             _warn(f"{path} is not a concept: {reason}")
@@ -152,7 +148,7 @@ def ls(
     if as_json:
         _print_json(records)
     elif records:
-        out.print(_ls_table(records))
+        _print_ls_table(records)
     if not records:
         _hint_when_empty(registry, pattern)
 
