@@ -42,3 +42,11 @@ class DamagedWeights(CorruptConcept):
 
 class ConfirmationRequired(StcError):
     """A destructive command needs a yes and cannot ask for one (no terminal), or was declined."""
+
+
+class ConceptBusy(StcError):
+    """Another process is training the concept: it owns the name until it stops."""
+
+
+class RegistryWriteError(StcError):
+    """The registry could not be written (permissions, a full disk); the previous state is kept."""

@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import socket
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -24,7 +26,16 @@ import yaml
 
 from . import __version__
 from .concept import CONCEPT_FILE, KNOWN_KEYS, WEIGHTS_FILE, Concept
-from .errors import BadInput, ConceptExists, ConceptNotFound, CorruptConcept, DamagedWeights, StcError
+from .errors import (
+    BadInput,
+    ConceptBusy,
+    ConceptExists,
+    ConceptNotFound,
+    CorruptConcept,
+    DamagedWeights,
+    RegistryWriteError,
+    StcError,
+)
 from .names import is_valid_name, suggest_name, validate_name
 from .storage import (
     clone_tree,
@@ -34,7 +45,10 @@ from .storage import (
     folder_size,
     safetensors_problem,
     sha256_file,
+    try_lock,
+    with_header_metadata,
     staging_folder,
+    sweep,
     write_file,
     yaml_load,
 )
@@ -102,6 +116,13 @@ def preview_paths(folder: Path) -> list[Path]:
     if (folder / PREVIEW_FILE).is_file():
         paths.append(folder / PREVIEW_FILE)
     return paths
+
+
+def _lock_owner(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").strip() or "another process"
+    except OSError:
+        return "another process"
 
 
 def _yaml_text(concept: Concept) -> str:
@@ -203,6 +224,59 @@ class Registry:
         with file_lock(self.root / ".locks" / f"{validate_name(name)}.lock"):
             yield
 
+    def _training_lock_path(self, name: str) -> Path:
+        return self.root / ".locks" / f"{validate_name(name)}.training"
+
+    @contextlib.contextmanager
+    def training_lock(self, name: str):
+        """Held by a training run for its whole length: one run per name, and ``rm``/``mv`` of
+        the name wait for none and refuse. The lock dies with its process (a killed run leaves
+        nothing to clean up); the file tells the next one who holds it."""
+        path = self._training_lock_path(name)
+        with self._writing(name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(path, "a+")
+        try:
+            if not try_lock(handle):
+                raise ConceptBusy(f"{name!r} is being trained by {_lock_owner(path)}; wait for it to finish "
+                                  "or stop it (Ctrl-C saves a checkpoint), then try again")
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"process {os.getpid()} on {socket.gethostname()} since {_now()}")
+            handle.flush()
+            yield
+        finally:
+            handle.close()  # releases the lock
+
+    def refuse_if_training(self, name: str, action: str) -> None:
+        """ConceptBusy when another process trains ``name``."""
+        path = self._training_lock_path(name)
+        if not path.exists():
+            return
+        with open(path) as handle:
+            if try_lock(handle):
+                return
+        raise ConceptBusy(f"cannot {action} {name!r}: it is being trained by {_lock_owner(path)}; wait for the run "
+                          "to finish or stop it first")
+
+    def check_writable(self) -> None:
+        """A real write into the concepts folder, before hours of work depend on it."""
+        with self._writing("the registry"):
+            self.concepts_dir.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(prefix=".probe-", dir=self.concepts_dir):
+                pass
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """OS errors during a registry write become one-line errors; the previous state is kept."""
+        try:
+            yield
+        except OSError as exc:
+            where = f" ({exc.filename})" if exc.filename else ""
+            raise RegistryWriteError(
+                f"could not write {what} in {self.root}: {exc.strerror or exc}{where}; nothing was changed"
+            ) from exc
+
     @contextlib.contextmanager
     def _rename_locks(self, *names: str):
         """The registry-wide rename lock, then each name's lock in sorted order (no deadlocks)."""
@@ -222,7 +296,10 @@ class Registry:
         Overwriting keeps the unknown ``concept.yaml`` keys of the entry it replaces.
         """
         path = self.path_of(concept.name)
-        with self.lock(concept.name):
+        if not overwrite:
+            self.refuse_if_training(concept.name, "create")
+        with self._writing(repr(concept.name)), self.lock(concept.name):
+            sweep(self.concepts_dir)
             if path.exists() and not overwrite:
                 raise ConceptExists(
                     f"a concept named {concept.name!r} exists already; choose another --name, or "
@@ -253,7 +330,10 @@ class Registry:
         The new entry is complete before the old one goes: a crash in between leaves both.
         """
         self._check_distinct(old, new)
-        with self._rename_locks(old, new):
+        self.refuse_if_training(old, "rename")
+        self.refuse_if_training(new, "rename onto")
+        with self._writing(repr(new)), self._rename_locks(old, new):
+            sweep(self.concepts_dir)
             concept = self.load(old)
             source = concept.path
             self._refuse_existing(new)
@@ -265,7 +345,9 @@ class Registry:
     def copy(self, source_name: str, target_name: str) -> Concept:
         """Copy a concept (weights verified first) under a new name, with a fresh created time."""
         self._check_distinct(source_name, target_name)
-        with self._rename_locks(source_name, target_name):
+        self.refuse_if_training(target_name, "copy onto")
+        with self._writing(repr(target_name)), self._rename_locks(source_name, target_name):
+            sweep(self.concepts_dir)
             concept = self.load(source_name)
             check = check_weights(concept)
             if not check.ok:
@@ -280,7 +362,9 @@ class Registry:
     def remove(self, name: str) -> int:
         """Delete the entry ``name`` (loadable or not); returns the bytes freed."""
         self.folder_of(name)
-        with self.lock(name):
+        self.refuse_if_training(name, "remove")
+        with self._writing(repr(name)), self.lock(name):
+            sweep(self.concepts_dir)
             path = self.folder_of(name)
             freed = folder_size(path)
             discard_folder(path)
@@ -293,6 +377,11 @@ class Registry:
         target = self.path_of(concept.name)
         with staging_folder(self.concepts_dir, concept.name) as staging:
             clone_tree(source, staging, hard_links=hard_links)
+            weights = staging / WEIGHTS_FILE
+            if weights.is_file():  # the header names the concept: it follows the new name
+                renamed = with_header_metadata(weights.read_bytes(), name=concept.name)
+                write_file(weights, renamed)
+                concept.weights_sha256 = hashlib.sha256(renamed).hexdigest()
             write_file(staging / CONCEPT_FILE, _yaml_text(concept))
             commit_folder(staging, target)
         concept.path = target

@@ -8,11 +8,15 @@ Weights files are checked from their safetensors header (JSON) without torch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 
@@ -100,6 +104,29 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def try_lock(handle) -> bool:
+    """Take an exclusive lock on the open file ``handle`` without waiting; False if it is held."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: best effort
+        return True
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def with_header_metadata(content: bytes, **metadata: str) -> bytes:
+    """A safetensors file's bytes with ``metadata`` set in its header (tensors untouched)."""
+    header_size = int.from_bytes(content[:8], "little")
+    header = json.loads(content[8 : 8 + header_size])
+    header["__metadata__"] = {**header.get("__metadata__", {}), **metadata}
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads headers to 8 bytes
+    return len(encoded).to_bytes(8, "little") + encoded + content[8 + header_size :]
+
+
 # --------------------------------------------------------------------------- atomic folders
 
 
@@ -159,25 +186,50 @@ def clone_tree(source: Path, target: Path, hard_links: bool) -> None:
             shutil.copy2(origin, copy)
 
 
+# Hidden work folders carry their writer's pid: ``.tmp-<name>-<pid>-<random>`` (a write being
+# built), ``.old-…`` (the previous entry during a swap), ``.trash-…`` (an entry being deleted).
+WORK_FOLDER = re.compile(r"\.(tmp|old|trash)-(?P<name>.+)-(?P<pid>\d+)-[^-]+")
+STALE_WITHOUT_PID = 600  # seconds: work folders written before pids were recorded
+
+
 @contextlib.contextmanager
 def staging_folder(parent: Path, name: str):
     """A private hidden folder in ``parent``; removed unless committed (moved away)."""
     parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-", dir=parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{name}-{os.getpid()}-", dir=parent))
     try:
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _exchange(first: Path, second: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        function = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(code, os.strerror(code), str(second))
+
+
 def commit_folder(staging: Path, path: Path) -> None:
-    """Make ``staging`` durable, then swap it in at ``path`` (the previous folder survives a failure)."""
+    """Make ``staging`` durable, then swap it in at ``path``. Where the system can exchange two
+    folders atomically, ``path`` is never absent; elsewhere the previous folder waits in
+    ``.old-…`` for the moment between two renames and :func:`sweep` puts it back after a crash."""
     apply_umask(staging)
     fsync_tree(staging)
     if not path.exists():
         os.replace(staging, path)
+    elif _exchange(staging, path):
+        shutil.rmtree(staging, ignore_errors=True)  # now the previous entry
     else:
-        trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-", dir=path.parent))
+        trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-{os.getpid()}-", dir=path.parent))
         os.replace(path, trash / "entry")
         try:
             os.replace(staging, path)
@@ -191,7 +243,54 @@ def commit_folder(staging: Path, path: Path) -> None:
 
 def discard_folder(path: Path) -> None:
     """Remove a folder: first move it out of sight (atomic), then delete the files."""
-    trash = Path(tempfile.mkdtemp(prefix=f".trash-{path.name}-", dir=path.parent))
+    trash = Path(tempfile.mkdtemp(prefix=f".trash-{path.name}-{os.getpid()}-", dir=path.parent))
     os.replace(path, trash / "entry")
     fsync_path(path.parent)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _stale(item: Path) -> bool:
+    """Was the work folder ``item`` left by a writer that is gone?"""
+    match = WORK_FOLDER.fullmatch(item.name)
+    if match is not None:
+        return not _alive(int(match["pid"]))
+    try:  # written before pids were recorded: stale once old
+        return time.time() - item.stat().st_mtime > STALE_WITHOUT_PID
+    except OSError:
+        return False
+
+
+def leftovers(parent: Path) -> list[Path]:
+    """Work folders in ``parent`` whose writer is gone (killed mid-write)."""
+    if not parent.is_dir():
+        return []
+    return [item for item in sorted(parent.iterdir())
+            if item.name.startswith((".tmp-", ".old-", ".trash-")) and item.is_dir() and _stale(item)]
+
+
+def sweep(parent: Path) -> list[Path]:
+    """Clean up after writers that were killed: a previous entry caught between two renames is
+    put back where its folder is missing; everything else is deleted. Returns what was swept."""
+    swept = []
+    for item in leftovers(parent):
+        match = WORK_FOLDER.fullmatch(item.name)
+        entry = item / "entry"
+        if item.name.startswith(".old-") and match and entry.is_dir() and not (parent / match["name"]).exists():
+            os.replace(entry, parent / match["name"])
+        shutil.rmtree(item, ignore_errors=True)
+        swept.append(item)
+    if swept:
+        fsync_path(parent)
+    return swept

@@ -18,6 +18,7 @@ from stc.errors import (
     CorruptConcept,
     DamagedWeights,
     InvalidName,
+    RegistryWriteError,
     UnsupportedSchema,
 )
 from stc.mapper import MapperConfig, NeTIMapper
@@ -50,6 +51,17 @@ def write_yaml(registry: Registry, name: str, data) -> None:
 
 def entry_bytes(folder) -> dict:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def weights_header_name(concept) -> str:
+    from safetensors import safe_open
+
+    with safe_open(concept.weights_path, "pt") as handle:
+        return handle.metadata()["name"]
+
+
+def tensors_equal(a: dict, b: dict) -> bool:
+    return set(a) == set(b) and all(torch.equal(a[key], b[key]) for key in a)
 
 
 def hidden_leftovers(registry: Registry) -> list:
@@ -159,7 +171,8 @@ def test_schema_0_is_migrated_and_rewritten_as_current():
     registry.rename("old", "renewed")
     rewritten = read_yaml(registry, "renewed")
     assert rewritten["schema_version"] == SCHEMA_VERSION and "sha256" not in rewritten
-    assert rewritten["weights_sha256"] == concept.weights_sha256
+    assert rewritten["weights_sha256"] == sha256_file(registry.path_of("renewed") / "mapper.safetensors")
+    assert registry.verify(registry.load("renewed")).ok
 
 
 def test_newer_schema_is_a_clear_error():
@@ -287,9 +300,9 @@ def test_a_save_that_fails_half_way_leaves_the_previous_state(monkeypatch):
         return real_write_bytes(path, data)
 
     monkeypatch.setattr(Path, "write_bytes", half_written)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(RegistryWriteError, match="No space left on device; nothing was changed"):
         retrain(registry, "blob")
-    with pytest.raises(OSError):
+    with pytest.raises(RegistryWriteError):
         make_concept(registry, "fresh")
     assert entry_bytes(registry.path_of("blob")) == before
     assert registry.verify(registry.load("blob")).ok
@@ -308,8 +321,11 @@ def test_a_failed_swap_puts_the_previous_entry_back(monkeypatch):
             raise OSError(5, "Input/output error")
         return real_replace(source, target)
 
+    import stc.storage
+
+    monkeypatch.setattr(stc.storage, "_exchange", lambda first, second: False)  # two renames, not one swap
     monkeypatch.setattr(registry_module.os, "replace", failing_replace)
-    with pytest.raises(OSError, match="Input/output"):
+    with pytest.raises(RegistryWriteError, match="Input/output"):
         retrain(registry, "blob")
     assert entry_bytes(registry.path_of("blob")) == before
     assert hidden_leftovers(registry) == []
@@ -329,11 +345,13 @@ def test_rename_moves_the_entry_and_the_token_follows():
     registry = Registry()
     original = make_concept(registry, "blob")
     (original.path / "preview.png").write_bytes(b"png")
+    tensors = read_state_dict(original)
     renamed = registry.rename("blob", "cat-toy")
     assert renamed.token == "<cat-toy>" and not registry.path_of("blob").exists()
     loaded = registry.load("cat-toy")
     assert loaded.name == "cat-toy" and read_yaml(registry, "cat-toy")["token"] == "<cat-toy>"
-    assert loaded.weights_sha256 == original.weights_sha256 and registry.verify(loaded).ok
+    assert registry.verify(loaded).ok and weights_header_name(loaded) == "cat-toy"  # the header follows
+    assert tensors_equal(read_state_dict(loaded), tensors)
     assert (loaded.path / "preview.png").read_bytes() == b"png"
     assert registry.names() == ["cat-toy"] and hidden_leftovers(registry) == []
 
@@ -356,8 +374,8 @@ def test_copy_is_independent_and_refuses_damaged_weights():
     source = make_concept(registry, "blob")
     copy = registry.copy("blob", "blob-copy")
     assert copy.name == "blob-copy" and registry.load("blob").name == "blob"
-    assert copy.weights_sha256 == source.weights_sha256
-    assert not os.path.samefile(copy.weights_path, source.weights_path)
+    assert tensors_equal(read_state_dict(copy), read_state_dict(source)) and weights_header_name(copy) == "blob-copy"
+    assert registry.verify(copy).ok and not os.path.samefile(copy.weights_path, source.weights_path)
     source.weights_path.write_bytes(source.weights_path.read_bytes()[:100])
     with pytest.raises(DamagedWeights, match="cannot copy"):
         registry.copy("blob", "another")
