@@ -8,6 +8,7 @@ text side is ``conditioning.py``; the prompt grammar ``prompts.py``; PNG files `
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,7 @@ from .conditioning import Conditioning, TextConditioner
 from .errors import BadInput, ModelError
 from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
 from .schedulers import check_scheduler, make_scheduler
+from .trainconfig import MAX_SEED
 
 # progress(done, total): denoising steps summed over images
 ProgressCallback = Callable[[int, int], None]
@@ -38,6 +40,8 @@ class RenderSettings:
             raise BadInput(f"--steps must be at least 1, got {self.steps}")
         if self.batch_size < 1:
             raise BadInput(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not math.isfinite(self.cfg):
+            raise BadInput(f"--cfg must be a finite number, got {self.cfg}")
         if self.rank is not None and self.rank < 1:
             raise BadInput(f"--rank must be at least 1, got {self.rank}")
         for flag, value in (("--width", self.width), ("--height", self.height)):
@@ -55,6 +59,10 @@ class RenderRequest:
     prompt: str
     seed: int
     rank: int | None = None  # None: RenderSettings.rank
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise BadInput(f"seeds must lie between 0 and {MAX_SEED}, got {self.seed}")
 
 
 @dataclass(frozen=True)

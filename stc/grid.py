@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput
-from .generation import ProgressCallback, RenderedImage, RenderRequest, RenderSettings
+from .generation import MAX_SEED, ProgressCallback, RenderedImage, RenderRequest, RenderSettings
 from .pngmeta import a1111_parameters, save_png, slug
 from .prompts import parse_prompt
 
 DEFAULT_SEEDS = (0, 1, 2, 3)
-MAX_SEED = 2**63 - 1
 ROW_LABEL_CHARS = 60  # a prompt label is cut to this many characters
 
 

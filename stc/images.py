@@ -10,6 +10,7 @@ from .errors import BadInput
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp"}
 MAX_PIXELS = 64_000_000  # larger images are refused as possible decompression bombs
+SMALL_FRACTION = 0.5  # photos whose short side is below this fraction of the resolution get a warning
 
 
 @dataclass
@@ -59,7 +60,9 @@ def load_photo(path: Path, resolution: int):
             with Image.open(path) as image:
                 image.load()
                 image = ImageOps.exif_transpose(image)
-                return _square(_to_rgb(image), resolution)
+                square = _square(_to_rgb(image), resolution)
+                square.info["source_size"] = image.size
+                return square
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise BadInput(
                 f"{path.name} is too large ({exc}); images over {MAX_PIXELS // 1_000_000} megapixels are "
@@ -100,6 +103,11 @@ def load_photos(folder: Path, resolution: int, on_warning=None) -> PhotoSet:
             skipped[path] = f"cannot be read as an image ({exc.__class__.__name__}: {exc})"
     for path, reason in skipped.items():
         warn(f"skipping {path.name}: {reason}")
+    small = [(path, image.info["source_size"]) for path, image in zip(paths, images)
+             if min(image.info.get("source_size", (resolution, resolution))) < resolution * SMALL_FRACTION]
+    for path, (width, height) in small:
+        warn(f"{path.name} is only {width}x{height} px, far below the training resolution {resolution} px: it is "
+             "upscaled and will teach the concept blur; use larger photos")
     if not images:
         raise BadInput(
             f"no usable images in {folder}: put a few jpg, png, webp or bmp photos of your subject there"

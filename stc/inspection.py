@@ -242,9 +242,11 @@ def draw_norm_heatmaps(grid: NormGrid, name: str = ""):
     return image
 
 
-def check_plot_path(path: Path) -> Path:
-    """Refuse a plot path that cannot be written, before any work is done."""
+def check_plot_path(path: Path, force: bool = False) -> Path:
+    """Refuse a plot path that cannot be written (or exists, unless ``force``), before any work."""
     path = Path(path)
+    if path.is_file() and not force:
+        raise BadInput(f"--plot: {path} exists already; pass --force to replace it, or choose another file")
     if path.suffix.lower() != ".png":
         raise BadInput(f"--plot writes a PNG; give a file name ending in .png, not {path.name!r}")
     if not path.parent.is_dir():
@@ -254,8 +256,8 @@ def check_plot_path(path: Path) -> Path:
     return path
 
 
-def save_norm_heatmaps(grid: NormGrid, path: Path, name: str = "") -> Path:
-    path = check_plot_path(path)
+def save_norm_heatmaps(grid: NormGrid, path: Path, name: str = "", force: bool = False) -> Path:
+    path = check_plot_path(path, force)
     draw_norm_heatmaps(grid, name).save(path, format="PNG")
     return path
 

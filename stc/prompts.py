@@ -27,6 +27,7 @@ class ParsedPrompt:
 
 def parse_prompt(prompt: str) -> ParsedPrompt:
     """Find the concepts of ``prompt``; ``<name:8>`` sets that concept's rank inline."""
+    _check_brackets(prompt)
     for match in _ANY_CASE_REF.finditer(prompt):
         if match.group(1) != match.group(1).lower():
             raise BadInput(
@@ -44,6 +45,23 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
         return f"<{name}>"
 
     return ParsedPrompt(text=CONCEPT_REF.sub(replace, prompt), ranks=ranks)
+
+
+def _check_brackets(prompt: str) -> None:
+    """A '<' that opens a name must close before the next '<' (else the concept is silently lost)."""
+    opened = None
+    for index, char in enumerate(prompt):
+        if char == "<" and prompt[index + 1 : index + 2].isalnum():
+            if opened is not None:
+                break  # a second '<' before the first one closed
+            opened = index
+        elif char == ">":
+            opened = None
+    if opened is not None:
+        raise BadInput(
+            f"unbalanced '<' in the prompt at {prompt[opened : opened + 24]!r}: write <name> (closed with '>') "
+            "to use a concept, or drop the '<'"
+        )
 
 
 def resolve_ranks(parsed: ParsedPrompt, rank_max: Mapping[str, int], default: int | None = None) -> dict[str, int]:

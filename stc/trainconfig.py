@@ -7,6 +7,7 @@ its own. Torch-free: the registry reads these records without importing torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -71,21 +72,26 @@ class TrainConfig:
     preview_steps: int = 25  # denoising steps of preview renders
 
     def __post_init__(self) -> None:
-        positive = {"steps": self.steps, "batch_size": self.batch_size, "grad_accum": self.grad_accum}
-        for flag, value in positive.items():
-            if value < 1:
-                raise BadInput(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
-        if self.lr <= 0:
-            raise BadInput(f"--lr must be positive, got {self.lr}")
+        for item in fields(self):
+            _check_type(item.name, item.type, getattr(self, item.name))
+        for name in ("steps", "batch_size", "grad_accum", "eval_samples", "preview_steps"):
+            if getattr(self, name) < 1:
+                raise BadInput(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("save_every", "preview_every"):
+            if getattr(self, name) < 0:
+                raise BadInput(f"{_flag(name)} must be 0 (off) or positive, got {getattr(self, name)}")
+        _check_range("lr", self.lr, low=0.0, low_open=True)
+        _check_range("adam_epsilon", self.adam_epsilon, low=0.0, low_open=True)
+        _check_range("adam_weight_decay", self.adam_weight_decay, low=0.0)
+        for name in ("adam_beta1", "adam_beta2"):
+            _check_range(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
+        _check_range("nested_dropout_prob", self.nested_dropout_prob, low=0.0, high=1.0)
+        if not 0 <= self.seed <= MAX_SEED:
+            raise BadInput(f"--seed must lie between 0 and {MAX_SEED}, got {self.seed}")
         if self.kind not in DEFAULT_INITIALIZER:
             raise BadInput(f"--kind must be 'object' or 'style', not {self.kind!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}")
-        for flag in ("save_every", "preview_every"):
-            if getattr(self, flag) < 0:
-                raise BadInput(f"--{flag.replace('_', '-')} must be 0 (off) or positive")
-        if not 0.0 <= self.nested_dropout_prob <= 1.0:
-            raise BadInput("--nested-dropout-prob must lie between 0 and 1")
+            raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise BadInput(f"--resolution must be a positive multiple of 8, got {self.resolution}")
 
@@ -112,23 +118,82 @@ class TrainConfig:
 
     @classmethod
     def from_file(cls, path: Path, overrides: dict) -> "TrainConfig":
-        """Settings from a YAML file, then ``overrides`` (explicit flags) on top."""
+        """Settings from a YAML file (keys are the option names: ``weight-decay``, ``init``,
+        ``batch-size``, ...; ``_`` works for ``-``), then ``overrides`` (explicit flags) on top."""
         import yaml
 
         try:
             data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise BadInput(f"cannot read the config file {path}: {exc}") from exc
+            raise BadInput(f"cannot read the config file {path}: {' '.join(str(exc).split())}") from exc
         if not isinstance(data, dict):
-            raise BadInput(f"{path} must hold a mapping of option: value")
-        data = {str(key).replace("-", "_"): value for key, value in data.items()}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise BadInput(
-                f"unknown setting(s) in {path}: {', '.join(unknown)}. Known: {', '.join(sorted(known))}"
-            )
+            raise BadInput(f"{path} must hold a mapping of option: value (e.g. 'steps: 1500')")
+        settings = {}
+        for key, value in data.items():
+            name = config_key(key)
+            if name is None:
+                raise BadInput(f"{path}: unknown setting {key!r}. Known: {', '.join(sorted(CONFIG_KEYS))}")
+            item = next(f for f in fields(cls) if f.name == name)
+            try:
+                _check_type(name, item.type, value)
+            except BadInput as exc:
+                raise BadInput(f"{path}: {key}: {exc}") from None
+            settings[name] = value
         try:
-            return cls(**{**data, **overrides})
-        except TypeError as exc:
-            raise BadInput(f"bad settings in {path}: {exc}") from exc
+            return cls(**{**settings, **overrides})
+        except BadInput as exc:
+            raise BadInput(f"{exc} (settings from {path} and the command line)") from None
+
+
+MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+ALIASES = {"weight-decay": "adam_weight_decay", "init": "initializer"}  # option name -> field, where they differ
+
+
+def _flag(name: str) -> str:
+    reverse = {field: option for option, field in ALIASES.items()}
+    return "--" + reverse.get(name, name.replace("_", "-"))
+
+
+def _config_keys() -> dict[str, str]:
+    keys = {f.name.replace("_", "-"): f.name for f in fields(TrainConfig)}
+    keys.update(ALIASES)
+    return keys
+
+
+def config_key(key) -> str | None:
+    """The TrainConfig field a config-file key names (option names, '-' or '_'), or None."""
+    text = str(key).strip().removeprefix("--").replace("_", "-")
+    return CONFIG_KEYS.get(text)
+
+
+def _check_type(name: str, kind: str, value) -> None:
+    """``value`` fits the field's declared type (``int``, ``float``, ``bool``, ``str``, ``X | None``)."""
+    if value is None and kind.endswith("| None"):
+        return
+    base = kind.replace("| None", "").strip()
+    whole = isinstance(value, int) and not isinstance(value, bool)
+    ok = {
+        "int": whole,
+        "float": whole or (isinstance(value, float) and math.isfinite(value)),
+        "bool": isinstance(value, bool),
+        "str": isinstance(value, str),
+    }[base]
+    if not ok:
+        expected = {"int": "a whole number", "float": "a finite number", "bool": "true or false",
+                    "str": "text"}[base]
+        raise BadInput(f"{_flag(name)} must be {expected}, got {value!r}")
+
+
+def _check_range(name: str, value: float, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    bad = not math.isfinite(value)
+    bad = bad or (low is not None and (value <= low if low_open else value < low))
+    bad = bad or (high is not None and (value >= high if high_open else value > high))
+    if bad:
+        left = "(" if low_open else "["
+        right = ")" if high_open else "]"
+        span = f"{left}{low if low is not None else '-inf'}, {high if high is not None else 'inf'}{right}"
+        raise BadInput(f"{_flag(name)} must be a finite number in {span}, got {value}")
+
+
+CONFIG_KEYS = _config_keys()

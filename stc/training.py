@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -62,6 +63,7 @@ def train_concept(
     """Train a new concept on the photos in ``photos_dir`` and save it in the registry."""
     registry = registry or Registry()
     validate_name(name)
+    registry.refuse_if_training(name, "train")
     if registry.path_of(name).exists():
         raise ConceptExists(
             f"a concept named {name!r} exists already; choose another --name, resume it (stc train --resume "
@@ -72,7 +74,26 @@ def train_concept(
     from .models import DEFAULT_MODEL
 
     run = _Run(registry, name, Path(photos_dir).expanduser().resolve(), model or DEFAULT_MODEL, config, callbacks)
-    return run.execute(device, model_config, previous=None)
+    with _owning(registry, name, device):
+        if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
+            raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")
+        return run.execute(device, model_config, previous=None)
+
+
+def _owning(registry: Registry, name: str, device: str | None):
+    """Everything a run needs before it loads a model: a usable device, a writable registry, and
+    the name to itself for the whole run (only the main process of a multi-process run holds it)."""
+    import contextlib
+    import os
+
+    if device is not None:
+        from .models import check_device
+
+        check_device(device)
+    registry.check_writable()
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    return registry.training_lock(name)
 
 
 def resume_training(
@@ -108,7 +129,8 @@ def resume_training(
     if folder is None:
         raise BadInput(f"{name!r} does not record its photos folder; pass it: stc train PHOTOS --resume {name}")
     run = _Run(registry, name, Path(folder).expanduser().resolve(), concept.base_model, config, callbacks)
-    return run.execute(device, model_config, previous=(concept, state))
+    with _owning(registry, name, device):
+        return run.execute(device, model_config, previous=(concept, state))
 
 
 def render_preview(base, concept: Concept, mapper, kind: str, resolution: int, steps: int) -> bytes:
@@ -140,6 +162,7 @@ class _Run:
         self.previous_seconds = 0.0
         self.created = ""
         self.kept = {"training": {}, "mapper": {}}  # unknown keys of a resumed concept, written back
+        self.saved_step = 0  # the last step whose state is on disk
 
     def execute(self, device, model_config, previous) -> TrainResult:
         from .images import check_photo_folder, load_photos
@@ -200,6 +223,7 @@ class _Run:
             self.metrics_lines = [line for line in lines if line and json.loads(line)["step"] <= state.step]
             self.losses = [json.loads(line)["loss"] for line in self.metrics_lines]
         self.callbacks.status(f"resuming {self.name} at step {state.step}/{self.config.steps}")
+        self.saved_step = state.step
         return state.step
 
     def _loop(self, start: int) -> None:
@@ -207,6 +231,12 @@ class _Run:
         with InterruptGuard() as guard:
             for step in range(start + 1, config.steps + 1):
                 loss = self.trainer.train_step()
+                if not math.isfinite(loss):
+                    raise TrainingDiverged(
+                        f"training of {self.name!r} diverged: the loss became {loss} at step {step}. "
+                        + (f"The last checkpoint (step {self.saved_step}) is kept. " if self.saved_step else
+                           "Nothing was saved. ") + "Try a lower --lr"
+                    )
                 self.losses.append(loss)
                 self.metrics_lines.append(json.dumps({
                     "step": step, "loss": round(loss, 6), "lr": self.trainer.optimizer.param_groups[0]["lr"],
@@ -276,7 +306,12 @@ class _Run:
             concept = self.registry.save(concept, weights, overwrite=True, extra_files=files)
         self.accelerator.wait_for_everyone()
         concept.path = self.registry.path_of(self.name)
+        self.saved_step = step
         return concept
+
+
+class TrainingDiverged(StcError):
+    """The loss became NaN or infinite; the last good checkpoint stays as it was."""
 
 
 class TrainingInterrupted(StcError):

@@ -131,9 +131,21 @@ def test_previews_are_written_into_the_concept_folder_and_kept_on_resume(photos)
 
 def test_config_file_and_flag_precedence(photos, tmp_path):
     config_file = tmp_path / "train.yaml"
-    config_file.write_text(yaml.safe_dump({"lr": 0.002, "batch-size": 1, "grad_accum": 1, "steps": 2, "init": None}))
-    with pytest.raises(BadInput, match="unknown setting.*init"):
-        TrainConfig.from_file(config_file, {})
+    # keys are the option names (as on the command line, '_' for '-' too), values of the option's type
+    config_file.write_text(yaml.safe_dump({"weight-decay": 0.02, "init": "dog", "adam_beta1": 0.8}))
+    config = TrainConfig.from_file(config_file, {})
+    assert (config.adam_weight_decay, config.initializer, config.adam_beta1) == (0.02, "dog", 0.8)
+    for bad, message in (({"learning-rate": 1}, "unknown setting 'learning-rate'"),
+                         ({"steps": "abc"}, "steps: --steps must be a whole number, got 'abc'"),
+                         ({"steps": 2.5}, "--steps must be a whole number, got 2.5"),
+                         ({"bypass": "no"}, "bypass: --bypass must be true or false, got 'no'"),
+                         ({"lr": float("nan")}, "--lr must be a finite number"),
+                         ({"adam-beta1": 1.5}, "--adam-beta1 must be a finite number in [0.0, 1.0)"),
+                         ({"seed": 10**23}, "--seed must lie between 0 and")):
+        config_file.write_text(yaml.safe_dump(bad))
+        with pytest.raises(BadInput) as caught:
+            TrainConfig.from_file(config_file, {})
+        assert message in str(caught.value) and str(config_file) in str(caught.value)
     config_file.write_text(yaml.safe_dump({"lr": 0.002, "batch-size": 1, "grad_accum": 1, "steps": 2, "kind": "style"}))
     config = TrainConfig.from_file(config_file, {"lr": 0.003})
     assert (config.lr, config.batch_size, config.steps, config.kind) == (0.003, 1, 2, "style")
@@ -208,3 +220,78 @@ def test_two_processes_train_and_write_exactly_one_concept(photos, stc_home, tmp
     assert stored.training.num_processes == 2
     assert stored.training.effective_lr == pytest.approx(1e-3 * 2 * 1 * 2)
     assert result.stdout.count(str(stc_home / "concepts" / "duo")) == 1  # only rank 0 reports
+
+
+def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(photos, monkeypatch):
+    import stc.trainer
+
+    real_step = stc.trainer.Trainer.train_step
+    calls = []
+
+    def diverging(self):
+        calls.append(1)
+        return float("nan") if len(calls) == 5 else real_step(self)
+
+    monkeypatch.setattr(stc.trainer.Trainer, "train_step", diverging)
+    from stc.training import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged, match="loss became nan at step 5. The last checkpoint \\(step 4\\) is kept"):
+        train_concept(photos, "wild", "builtin:tiny", TrainConfig(**{**FAST, "save_every": 2}), device="cpu")
+    kept = Registry().load("wild")
+    assert kept.training.steps_done == 4 and not kept.complete  # resumable, never saved as complete
+
+
+def test_a_run_owns_its_name_until_it_stops(photos):
+    registry = Registry()
+    holder_started = []
+
+    def try_others(step, total, loss):
+        if step == 2:  # step 1 is saved by now
+            holder_started.append(1)
+            with pytest.raises(Exception, match="cannot train .owned.: it is being trained by process"):
+                train_concept(photos, "owned", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+            for args, fragment in ((("rm", "owned", "--yes"), "cannot remove 'owned'"),
+                                   (("mv", "owned", "other"), "cannot rename 'owned'")):
+                result = CliRunner().invoke(app, list(args))
+                assert result.exit_code == 1 and fragment in result.stderr, result.output
+
+    train_concept(photos, "owned", "builtin:tiny", TrainConfig(**{**FAST, "save_every": 1}), device="cpu",
+                  callbacks=TrainCallbacks(on_step=try_others))
+    assert holder_started and registry.load("owned").complete
+    result = CliRunner().invoke(app, ["mv", "owned", "other"])  # the run is over: the name is free
+    assert result.exit_code == 0, result.output
+
+
+def test_a_killed_run_leaves_no_lock_behind(photos, stc_home, tmp_path):
+    script = (
+        "import os, signal, sys\n"
+        "from stc.training import TrainCallbacks, TrainConfig, train_concept\n"
+        "kill = TrainCallbacks(on_step=lambda step, total, loss: os.kill(os.getpid(), signal.SIGKILL))\n"
+        f"train_concept({str(photos)!r}, 'killed', 'builtin:tiny', TrainConfig(steps=3, batch_size=1, grad_accum=1,"
+        " initializer='cat', save_every=0), device='cpu', callbacks=kill)\n"
+    )
+    env = {**os.environ, "STC_HOME": str(stc_home), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert "process" in (stc_home / ".locks" / "killed.training").read_text()  # the stale owner is on record
+    done = train_concept(photos, "killed", "builtin:tiny", TrainConfig(**FAST), device="cpu")  # and recovered
+    assert done.concept.complete
+
+
+def test_bad_devices_and_unwritable_registries_fail_before_the_model_loads(photos, monkeypatch):
+    import stc.models
+
+    monkeypatch.setattr(stc.models, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    for device, message in (("tpu", "unknown device 'tpu'"), ("cuda", "no CUDA GPU is available")):
+        with pytest.raises(Exception, match=message):
+            train_concept(photos, "dev", "builtin:tiny", TrainConfig(**FAST), device=device)
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", "concepts")
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    from stc.errors import RegistryWriteError
+
+    with pytest.raises(RegistryWriteError, match="Permission denied"):
+        train_concept(photos, "ro", "builtin:tiny", TrainConfig(**FAST), device="cpu")

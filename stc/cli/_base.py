@@ -70,6 +70,13 @@ def handle_errors(command):
         except KeyboardInterrupt:
             err.print("Interrupted.")
             raise typer.Exit(130) from None
+        except OSError as exc:  # a file the library did not expect to fail: still one line, no traceback
+            if os.environ.get("STC_DEBUG") == "1":
+                raise
+            where = f": {exc.filename}" if exc.filename else ""
+            err.print(f"[bold red]Error:[/] {escape(exc.strerror or str(exc))}{escape(str(where))}",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 

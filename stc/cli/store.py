@@ -141,6 +141,10 @@ def ls(
             _warn(f"{name}: its weights file is {record['weights_problem']}; see stc show {name}, or remove it: "
                   f"stc rm {name}")
         records.append(record)
+    from ..storage import leftovers
+
+    for path in leftovers(registry.concepts_dir):
+        _warn(f"{path.name} was left by an interrupted write; the next write to the registry cleans it up")
     for path, reason in registry.foreign_entries():
         if _matches(path.name, pattern):
             _warn(f"{path} is not a concept: {reason}")
@@ -372,6 +376,7 @@ def inspect_concept(
     plot: Annotated[
         Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap (token and bypass side by side).")
     ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
 ) -> None:
     """Show the token and bypass norms per (timestep, layer) and how outputs change with rank."""
     from .. import inspection
@@ -379,10 +384,10 @@ def inspect_concept(
     registry = open_registry()
     concept = registry.load(name)
     if plot is not None:
-        inspection.check_plot_path(plot)
+        inspection.check_plot_path(plot, force)
     report = inspection.inspect_concept(concept, rank=rank, num_timesteps=steps)
     if plot is not None:
-        inspection.save_norm_heatmaps(report.grid, plot, concept.name)
+        inspection.save_norm_heatmaps(report.grid, plot, concept.name, force=force)
         err.print(Text(f"Wrote {plot}"), soft_wrap=True)
     if as_json:
         _print_json({**report.to_dict(), "plot": str(plot) if plot else None})
@@ -411,6 +416,7 @@ def _removal_plan(registry, names: list[str]) -> list[dict]:
         except ConceptNotFound as exc:
             missing.append(str(exc))
             continue
+        registry.refuse_if_training(name, "remove")
         try:
             registry.load(name)
             state = "ok"

@@ -1,0 +1,104 @@
+"""Hostile and mistaken input: refused up front, in one line, with nothing lost."""
+
+import pytest
+from helpers import assert_one_line_error, invoke, save_concept
+
+from stc.errors import BadInput
+from stc.prompts import parse_prompt
+from stc.registry import Registry
+
+
+@pytest.mark.parametrize("prompt", ["<cat on the moon", "<cat> on the <moon", "<cat on <moon>"])
+def test_unbalanced_brackets_are_refused(prompt):
+    with pytest.raises(BadInput, match="unbalanced '<'"):
+        parse_prompt(prompt)
+    assert_one_line_error(invoke("gen", prompt, "--model", "builtin:tiny"), "unbalanced")
+
+
+def test_balanced_text_in_brackets_stays_text():
+    assert parse_prompt("<lora:foo:0.8> <x y> and a < b > c").ranks == {}
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--cfg", "nan"), "--cfg must be a finite number"),
+    (("--seed", str(10**23)), "seeds must lie between 0 and"),
+    (("--rank", "0"), "--rank must be at least 1"),
+])
+def test_gen_refuses_bad_numbers_before_loading(args, fragment):
+    save_concept("pup")
+    assert_one_line_error(invoke("gen", "<pup> on the moon", *args), fragment)
+
+
+def test_train_refuses_bad_numbers(photos):
+    for args, fragment in ((("--lr", "nan"), "--lr must be a finite number"),
+                           (("--lr", "inf"), "--lr must be a finite number"),
+                           (("--adam-beta1", "1.5"), "--adam-beta1 must be a finite number in [0.0, 1.0)"),
+                           (("--seed", str(10**23)), "--seed must lie between")):
+        assert_one_line_error(invoke("train", photos, "--name", "x", "--model", "builtin:tiny", *args), fragment)
+    assert Registry().names() == []
+
+
+def test_tiny_photos_are_warned_about(tmp_path):
+    from PIL import Image
+
+    from stc.images import load_photos
+
+    for index in range(3):
+        Image.new("RGB", (1, 1), (index * 80, 0, 0)).save(tmp_path / f"dot{index}.png")
+    Image.new("RGB", (64, 80)).save(tmp_path / "fine.png")
+    warnings = []
+    load_photos(tmp_path, 64, on_warning=warnings.append)
+    small = [w for w in warnings if "far below the training resolution" in w]
+    assert len(small) == 3 and all("1x1 px" in w for w in small)
+    assert not any("fine.png" in w for w in warnings)
+
+
+def test_inspect_plot_refuses_to_overwrite_without_force(tmp_path):
+    save_concept("pup")
+    plot = tmp_path / "norms.png"
+    plot.write_bytes(b"mine")
+    assert_one_line_error(invoke("inspect", "pup", "--plot", plot), "--force")
+    assert plot.read_bytes() == b"mine"
+    assert invoke("inspect", "pup", "--plot", plot, "--force").exit_code == 0
+    assert plot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_leftovers_of_killed_writers_are_reported_then_swept_and_an_interrupted_swap_is_undone(stc_home):
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    registry = Registry()
+    kept = save_concept("kept")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process that has exited
+    concepts = registry.concepts_dir
+    (concepts / f".tmp-half-{pid}-x1").mkdir()  # a write that never finished
+    old = concepts / f".old-kept-{pid}-x2"  # killed between the two renames of an overwrite
+    old.mkdir()
+    shutil.copytree(kept.path, old / "entry")
+    shutil.rmtree(kept.path)
+    alive = concepts / f".tmp-busy-{os.getpid()}-x3"  # a write in progress in a live process
+    alive.mkdir()
+
+    result = invoke("ls")
+    assert result.stderr.count("interrupted write") == 2 and "busy" not in result.stderr
+    save_concept("other")  # any write sweeps
+    assert sorted(p.name for p in concepts.iterdir()) == [alive.name, "kept", "other"]
+    assert registry.verify(registry.load("kept")).ok  # the previous entry is back, whole
+
+
+def test_os_errors_outside_the_registry_are_one_line(monkeypatch, tmp_path):
+    from stc.spacetime import SD_LAYER_NAMES
+
+    save_concept("pup", layer_names=SD_LAYER_NAMES)
+    import stc.pngmeta
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device", str(tmp_path / "out"))
+
+    monkeypatch.setattr(stc.pngmeta, "save_png", full_disk)
+    monkeypatch.setattr("stc.cli.render.save_png", full_disk, raising=False)
+    result = invoke("gen", "<pup>", "--steps", 1, "--out", tmp_path / "out")
+    assert_one_line_error(result, "No space left on device")
