@@ -356,6 +356,6 @@ def choose_model(concepts: list[Concept], model: str | None) -> str:
         )
     if bases:
         return bases.pop()
-    from .models import DEFAULT_MODEL
+    from .models import default_model
 
-    return DEFAULT_MODEL
+    return default_model()

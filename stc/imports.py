@@ -102,9 +102,9 @@ def _from_reference(path: Path, name, init, model):
     base = model or model_cfg.get("pretrained_model_name_or_path")
     notes = []
     if not base:
-        from .models import DEFAULT_MODEL
+        from .models import default_model
 
-        base = DEFAULT_MODEL
+        base = default_model()
         notes.append(f"the checkpoint names no base model; recorded {base} (pass --model to choose)")
     steps = (checkpoint.cfg.get("optim") or {}).get("max_train_steps") if isinstance(checkpoint.cfg.get("optim"), dict) else None
     concept = _new_concept(
@@ -166,7 +166,7 @@ def constant_mapper(vector):
 
 
 def _from_embedding(path: Path, name, init, model):
-    from .models import DEFAULT_MODEL
+    from .models import default_model
 
     vectors, source = read_embedding(path)
     if vectors.ndim != 2 or vectors.shape[0] != 1:
@@ -177,7 +177,7 @@ def _from_embedding(path: Path, name, init, model):
         )
     mapper = constant_mapper(vectors[0])
     stem = path.name.removesuffix(path.suffix)
-    concept = _new_concept(_concept_name(name, stem), model or DEFAULT_MODEL, init or "object", mapper,
+    concept = _new_concept(_concept_name(name, stem), model or default_model(), init or "object", mapper,
                            {"imported_from": str(path.resolve()), "source_format": source})
     notes = [f"a textual-inversion embedding: the same vector at every timestep and layer, no bypass; "
              f"ranks change nothing"]

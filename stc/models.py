@@ -34,6 +34,31 @@ class BaseModel:
         return int(unet.config.sample_size) * self.pipeline.vae_scale_factor
 
 
+def default_model() -> str:
+    """The base model when none is given: ``STC_MODEL``, else ``model:`` in ``$STC_HOME/config.yaml``,
+    else the SD 1.5 hub id."""
+    env = os.environ.get("STC_MODEL", "").strip()
+    if env:
+        return env
+    from .registry import registry_root
+    from .storage import yaml_load
+
+    path = registry_root() / "config.yaml"
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc
+    if isinstance(data, dict) and data.get("model"):
+        if not isinstance(data["model"], str):
+            raise ModelError(f"{path}: 'model' must be a model name or path, not {data['model']!r}")
+        return data["model"]
+    return DEFAULT_MODEL
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def default_device() -> str:
     import torch
 
@@ -124,19 +149,22 @@ def _load_single_file(path: Path, config: str | None, dtype):
 
 
 def _load_hub(model_id: str, dtype):
+    """A hub id from the local cache, or downloaded (with progress) unless offline. Offline, no
+    network request is made at all."""
     from diffusers import StableDiffusionPipeline
 
-    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    offline = is_offline()
     try:
         return StableDiffusionPipeline.from_pretrained(
             model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
             local_files_only=offline,
         )
     except Exception as exc:  # network, auth, missing files: all mean the same to the user
-        hint = "it is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" if offline else str(exc)
+        hint = ("it is not in the local Hugging Face cache and stc is offline (--offline or HF_HUB_OFFLINE)"
+                if offline else " ".join(str(exc).split())[:300])
         raise ModelError(
-            f"could not load model {model_id!r}: {hint}. Download it first (huggingface-cli download "
-            f"{model_id}), pass a local folder or .safetensors file, or use --model {TINY}"
+            f"could not load model {model_id!r}: {hint}. Download it first (hf download {model_id}), pass a "
+            f"local folder or .safetensors file, or use --model {TINY}"
         ) from exc
 
 

@@ -71,9 +71,9 @@ def train_concept(
         )
     if photos_dir is None:
         raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
-    from .models import DEFAULT_MODEL
+    from .models import default_model
 
-    run = _Run(registry, name, Path(photos_dir).expanduser().resolve(), model or DEFAULT_MODEL, config, callbacks)
+    run = _Run(registry, name, Path(photos_dir).expanduser().resolve(), model or default_model(), config, callbacks)
     with _owning(registry, name, device):
         if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
             raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")

@@ -35,7 +35,8 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: a hub id, a local diffusers folder, a .safetensors file, or builtin:tiny.",
+        help="Base model: a hub id, a local diffusers folder, a .safetensors file, or builtin:tiny (default: the "
+        "concept's, else STC_MODEL or model: in $STC_HOME/config.yaml, else SD 1.5).",
     ),
 ]
 ModelConfigOpt = Annotated[
@@ -116,6 +117,12 @@ def _threads_callback(value: Optional[int]) -> Optional[int]:
     return value
 
 
+def _offline_callback(value: bool) -> bool:
+    if value:
+        os.environ["HF_HUB_OFFLINE"] = "1"  # diffusers and huggingface_hub make no request then
+    return value
+
+
 @app.callback()
 def _root(
     version: Annotated[
@@ -125,5 +132,13 @@ def _root(
         Optional[int], typer.Option("--threads", callback=_threads_callback, help="CPU threads for torch (also "
                                     "STC_THREADS). Default: 1 for small models, else the free cores.")
     ] = None,
+    offline: Annotated[
+        bool, typer.Option("--offline", callback=_offline_callback, help="Use only models already on disk; never "
+                           "touch the network (also HF_HUB_OFFLINE=1).")
+    ] = False,
 ) -> None:
-    """Personalize Stable Diffusion with neural space-time concepts."""
+    """Personalize Stable Diffusion with neural space-time concepts.
+
+    The default base model is STC_MODEL, else 'model:' in $STC_HOME/config.yaml, else
+    stable-diffusion-v1-5/stable-diffusion-v1-5.
+    """
