@@ -140,7 +140,7 @@ class MetricsRecord:
 
 KNOWN_KEYS = (
     "schema_version", "stc_version", "name", "token", "initializer", "base_model", "text_width",
-    "layer_names", "mapper", "training", "metrics", "created", "weights_sha256",
+    "layer_names", "mapper", "training", "metrics", "created", "weights_sha256", "base_fingerprint",
 )
 REQUIRED_KEYS = ("name", "base_model", "initializer", "text_width", "layer_names", "mapper")
 
@@ -159,6 +159,7 @@ class Concept:
     metrics: MetricsRecord = field(default_factory=MetricsRecord)
     weights_sha256: str = ""
     created: str = ""
+    base_fingerprint: str = ""  # of the base model's token-embedding table (models.embedding_fingerprint)
     stc_version: str = __version__
     schema_version: int = SCHEMA_VERSION
     path: Path | None = None
@@ -210,6 +211,8 @@ class Concept:
             "created": self.created,
             "weights_sha256": self.weights_sha256,
         }
+        if self.base_fingerprint:
+            data["base_fingerprint"] = self.base_fingerprint
         data.update({key: value for key, value in self.extra.items() if key not in data})
         return data
 
@@ -233,6 +236,7 @@ class Concept:
                 metrics=MetricsRecord.from_dict(_expect(data, "metrics", dict, source, default={})),
                 weights_sha256=str(data.get("weights_sha256") or ""),
                 created=str(data.get("created") or ""),
+                base_fingerprint=str(data.get("base_fingerprint") or ""),
                 stc_version=str(data.get("stc_version") or ""),
                 schema_version=SCHEMA_VERSION,
                 path=path,

@@ -114,6 +114,7 @@ class Renderer:
         pipe = base.pipeline
         self.layer_names = install_processors(pipe.unet)
         self.concepts = {name: concept for name, (concept, _) in concepts.items()}
+        self.notes = compatibility_notes(list(self.concepts.values()), base) if self.concepts else []
         slots = {}
         for name, (concept, mapper) in concepts.items():
             check_compatible(concept, base, self.layer_names)
@@ -340,8 +341,21 @@ def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
     if list(concept.layer_names) != list(layer_names):
         raise ModelError(
             f"concept {concept.name!r} was trained on a UNet with other cross-attention layers "
-            f"({concept.base_model}); use --model {concept.base_model}"
+            f"({len(concept.layer_names)} in {concept.base_model}; {base.spec} has {len(layer_names)} others); "
+            f"use --model {concept.base_model}"
         )
+
+
+def compatibility_notes(concepts: list[Concept], base) -> list[str]:
+    """One line per concept trained on another (but compatible) base model than ``base``."""
+    from .models import embedding_fingerprint
+
+    fingerprint = embedding_fingerprint(base.pipeline)
+    return [
+        f"{concept.name} was trained on {concept.base_model}; {base.spec} has the same layout but other token "
+        "embeddings (a fine-tune?), so it renders, possibly less faithfully"
+        for concept in concepts if concept.base_fingerprint and concept.base_fingerprint != fingerprint
+    ]
 
 
 def choose_model(concepts: list[Concept], model: str | None) -> str:

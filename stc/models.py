@@ -34,6 +34,18 @@ class BaseModel:
         return int(unet.config.sample_size) * self.pipeline.vae_scale_factor
 
 
+def embedding_fingerprint(pipeline) -> str:
+    """A short fingerprint of the text encoder's token-embedding table (its first 4096 rows in
+    fp16): equal for the same base model in any precision, different for most fine-tunes."""
+    import hashlib
+
+    import torch
+
+    table = pipeline.text_encoder.get_input_embeddings().weight[:4096]
+    data = table.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
 def default_model() -> str:
     """The base model when none is given: ``STC_MODEL``, else ``model:`` in ``$STC_HOME/config.yaml``,
     else the SD 1.5 hub id."""

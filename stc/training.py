@@ -170,6 +170,9 @@ class _Run:
         check_photo_folder(self.photos_dir)
         self._load_model(device, model_config)
         self.resolution = self.config.resolution or self.base.default_resolution
+        from .models import embedding_fingerprint
+
+        self.fingerprint = embedding_fingerprint(self.base.pipeline)
         self.photos = load_photos(self.photos_dir, self.resolution, on_warning=self.callbacks.on_warning)
         self.callbacks.status(f"{len(self.photos.images)} photo(s) at {self.resolution}px")
         self.trainer = Trainer(self.base, self.photos.images, f"<{self.name}>", self.config, self.accelerator)
@@ -282,7 +285,7 @@ class _Run:
             name=self.name, base_model=self.base.spec, initializer=config.initializer_word,
             text_width=self.base.text_width, layer_names=trainer.layer_names,
             mapper={**self.kept["mapper"], **trainer.unwrapped_mapper.config.to_dict()}, training=training, metrics=metrics,
-            created=self.created,
+            created=self.created, base_fingerprint=self.fingerprint,
         )
 
     def _save(self, step: int, final: bool) -> Concept:

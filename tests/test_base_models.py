@@ -51,3 +51,32 @@ def test_offline_never_opens_a_socket_and_names_what_to_download(monkeypatch):
     with pytest.raises(ModelError, match="hf download"):
         load_base_model("nobody/not-downloaded", device="cpu")
     assert opened == []
+
+
+def test_a_concept_records_its_base_and_notes_a_compatible_other_model(photos, tmp_path):
+    import torch
+
+    from stc.models import embedding_fingerprint, load_base_model
+
+    result = invoke("train", photos, "--name", "fp", "--init", "cat", "--model", "builtin:tiny", "--steps", 1,
+                    "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)
+    assert result.exit_code == 0, result.output
+    import json
+
+    shown = json.loads(invoke("show", "fp", "--json").stdout)
+    tiny = load_base_model("builtin:tiny", device="cpu")
+    assert shown["base_fingerprint"] == embedding_fingerprint(tiny.pipeline)
+    assert "32-wide text encoder" in shown["fits"] and "builtin:tiny" in shown["fits"]
+
+    same = tmp_path / "same"
+    tiny.pipeline.save_pretrained(same)
+    result = invoke("gen", "<fp> on the moon", "--model", same, "--steps", 1, "--out", tmp_path / "a")
+    assert result.exit_code == 0 and "Note:" not in result.stderr  # the same weights in a folder: no note
+
+    tuned = tmp_path / "tuned"  # a "fine-tune": same layout, other token embeddings
+    with torch.no_grad():
+        tiny.pipeline.text_encoder.get_input_embeddings().weight.mul_(1.01)
+    tiny.pipeline.save_pretrained(tuned)
+    result = invoke("gen", "<fp> on the moon", "--model", tuned, "--steps", 1, "--out", tmp_path / "b")
+    assert result.exit_code == 0, result.output
+    assert "Note: fp was trained on builtin:tiny" in result.stderr and "fine-tune" in result.stderr

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ..generation import RenderSettings
 from ..schedulers import SCHEDULERS
@@ -72,6 +73,8 @@ def _load_renderer(requests, settings, model, model_config, device, dtype):
         )
     if not renderer.concepts:
         err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
+    for note in renderer.notes:
+        err.print(f"[dim]Note: {escape(note)}[/]", soft_wrap=True)
     return renderer
 
 

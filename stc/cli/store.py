@@ -181,6 +181,8 @@ def _show_record(registry, concept) -> dict:
         "initializer": concept.initializer,
         "text_width": concept.text_width,
         "layer_names": concept.layer_names,
+        "base_fingerprint": concept.base_fingerprint or None,
+        "fits": _fits(concept),
         "rank_max": concept.rank_max,
         "steps_done": concept.steps_done,
         "steps_planned": concept.steps_planned,
@@ -205,6 +207,15 @@ def _show_record(registry, concept) -> dict:
         "previews": [str(path) for path in preview_paths(concept.path)],
         "extra": concept.extra,
     }
+
+
+def _fits(concept) -> str:
+    """Which base models a concept works with, in words."""
+    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(concept.text_width, f"text width {concept.text_width}")
+    exact = f"; exactly {concept.base_model}" + (f" (token embeddings {concept.base_fingerprint})"
+                                                  if concept.base_fingerprint else "")
+    return (f"base models with a {concept.text_width}-wide text encoder and these {len(concept.layer_names)} "
+            f"cross-attention layers ({family}){exact}; other fine-tunes of it render with a note")
 
 
 def _compact(value) -> str:
@@ -243,6 +254,7 @@ def _print_show(record: dict) -> None:
     _key_values(record["token"], [
         ("path", record["path"]),
         ("base model", record["base_model"]),
+        ("fits", record["fits"]),
         ("initializer", record["initializer"]),
         ("text width", record["text_width"]),
         ("rank max", record["rank_max"]),
