@@ -289,6 +289,7 @@ def export_concept(
     registry, name: str, format_name: str, out: Path | None = None, rank: int | None = None, vectors: int = 1,
     force: bool = False, model: str | None = None, model_config: str | None = None, device: str | None = None,
     progress: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
+    samples: int = 256, fit_steps: int = 200,
 ) -> ExportResult:
     """Export concept ``name`` as ``format_name`` into the folder ``out`` (default: the current one)."""
     from .conceptio import load_mapper, read_state_dict, weights_bytes
@@ -298,8 +299,9 @@ def export_concept(
     concept = registry.load(name)
     if rank is not None:
         resolve_ranks(ParsedPrompt(concept.token, {name: rank}), {name: concept.rank_max})
-    if vectors < 1:
-        raise BadInput(f"--vectors must be at least 1, got {vectors}")
+    for flag, value in (("--vectors", vectors), ("--samples", samples), ("--fit-steps", fit_steps)):
+        if value < 1:
+            raise BadInput(f"{flag} must be at least 1, got {value}")
     paths = target_paths(format_name, name, Path(out or ".").expanduser())
     check_targets(paths, force)
     mapper = load_mapper(concept)
@@ -318,12 +320,12 @@ def export_concept(
             write_neti(concept, mapper, paths)
         else:
             result.fidelity = _distil_and_write(concept, mapper, format_name, paths[0], rank, vectors, model,
-                                                model_config, device, progress, on_status)
+                                                model_config, device, progress, on_status, samples, fit_steps)
     return result
 
 
 def _distil_and_write(concept, mapper, format_name, path, rank, vectors, model, model_config, device, progress,
-                      on_status):
+                      on_status, samples, fit_steps):
     from .distill import distil
     from .models import load_base_model
 
@@ -331,7 +333,8 @@ def _distil_and_write(concept, mapper, format_name, path, rank, vectors, model, 
     if on_status:
         on_status(f"loading {spec}")
     base = load_base_model(spec, device=device, config=model_config)
-    distilled = distil(base, concept, mapper, vectors=vectors, rank=rank, progress=progress)
+    distilled = distil(base, concept, mapper, vectors=vectors, rank=rank, samples=samples, steps=fit_steps,
+                       progress=progress)
     if format_name == "ti":
         write_ti(distilled.vectors, path)
     else:

@@ -30,6 +30,9 @@ def export(
                                     "diffusers: the default rank of the export (default: full).")
     ] = None,
     vectors: Annotated[int, typer.Option("--vectors", help="ti/a1111: number of vectors to distil.")] = 1,
+    samples: Annotated[int, typer.Option("--samples", help="ti/a1111: (noise, t, caption) samples the vectors "
+                                         "are fitted on; a quarter more measure the fidelity.")] = 256,
+    fit_steps: Annotated[int, typer.Option("--fit-steps", help="ti/a1111: optimisation steps of the fit.")] = 200,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
@@ -49,7 +52,7 @@ def export(
         result = export_concept(
             open_registry(), name, format_name, out=out_dir, rank=rank, vectors=vectors, force=force, model=model,
             model_config=str(model_config) if model_config else None, device=device, progress=progress,
-            on_status=lambda message: err.print(Text(message, style="dim")),
+            on_status=lambda message: err.print(Text(message, style="dim")), samples=samples, fit_steps=fit_steps,
         )
     err.print(Text(f"Exported <{name}> as {export_format.name}: keeps {export_format.keeps}; "
                    f"loses {export_format.loses}."), soft_wrap=True)

@@ -1,0 +1,241 @@
+"""stc export / stc import: every format round-trips and loads in the consumer it targets."""
+
+import pickletools
+import sys
+import types
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import assert_one_line_error, invoke, make_concept, save_concept
+from torch import nn
+
+from stc.conceptio import load_mapper, weights_bytes
+from stc.mapper import MapperConfig, NeTIMapper
+from stc.registry import Registry
+from stc.spacetime import SD_LAYER_NAMES
+
+DATA = Path(__file__).parent / "data"
+
+
+def sd_concept(name: str = "wide", seed: int = 5):
+    """A concept with SD 1.x's text width (768) and a random mapper, saved in the registry."""
+    mapper = NeTIMapper(MapperConfig(text_width=768, norm_scale=0.39), generator=torch.Generator().manual_seed(seed))
+    mapper = mapper.eval().requires_grad_(False)
+    concept = make_concept(name, layer_names=SD_LAYER_NAMES, text_width=768, mapper=mapper.config.to_dict(),
+                           base_model="some-org/sd-model")
+    return Registry().save(concept, weights_bytes(mapper, name)), mapper
+
+
+def outputs_on_a_grid(mapper, ranks=(1, 8, 128)):
+    t = torch.arange(0, 1000, 37, dtype=torch.float32).repeat_interleave(16)
+    l = torch.arange(16, dtype=torch.float32).repeat(len(t) // 16)
+    with torch.no_grad():
+        return torch.stack([mapper(t, l, rank=rank) for rank in ranks])
+
+
+def registry_bytes(root: Path) -> dict:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and ".locks" not in p.parts}
+
+
+# --------------------------------------------------------------------------- neti
+
+
+class ReferenceNeTIMapper(nn.Module):
+    """A test double of the reference's NeTIMapper layout: the input layer registered twice and an
+    encoder submodule whose ``w`` is not in the state_dict (as CUDA runs leave it)."""
+
+    def __init__(self, output_dim: int = 768 * 2):
+        super().__init__()
+        self.encoder = nn.Module()
+        self.input_layer = nn.Linear(2048, 160)
+        self.net = nn.Sequential(self.input_layer, nn.Linear(160, 128), nn.LayerNorm(128), nn.LeakyReLU(),
+                                 nn.Linear(128, 128), nn.LayerNorm(128), nn.LeakyReLU())
+        self.output_layer = nn.Sequential(nn.Linear(128, output_dim))
+
+
+@pytest.fixture
+def reference_classes(monkeypatch):
+    """The reference's ``models.positional_encoding`` as its loader would import it."""
+
+    class NeTIPositionalEncoding(nn.Module):
+        pass
+
+    module = types.ModuleType("models.positional_encoding")
+    module.NeTIPositionalEncoding = NeTIPositionalEncoding
+    package = types.ModuleType("models")
+    package.positional_encoding = module
+    monkeypatch.setitem(sys.modules, "models", package)
+    monkeypatch.setitem(sys.modules, "models.positional_encoding", module)
+    return NeTIPositionalEncoding
+
+
+def test_neti_export_loads_strictly_in_the_reference_layout(tmp_path, reference_classes):
+    concept, mapper = sd_concept()
+    before = registry_bytes(Registry().root)
+    result = invoke("export", "wide", "--format", "neti", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    mapper_path, embeds_path = tmp_path / "wide-mapper.pt", tmp_path / "wide-learned_embeds.bin"
+    assert result.stdout.split() == [str(mapper_path), str(embeds_path)]
+    assert "keeps the mapper exactly" in result.stderr
+    assert registry_bytes(Registry().root) == before  # exporting never modifies the registry
+
+    with zipfile.ZipFile(mapper_path) as archive:
+        pickled = archive.read(next(n for n in archive.namelist() if n.endswith("data.pkl")))
+    globals_used = {arg for op, arg, _ in pickletools.genops(pickled) if op.name in ("GLOBAL", "STACK_GLOBAL")}
+    assert "models.positional_encoding NeTIPositionalEncoding" in globals_used
+    assert not any("stc" in name for name in globals_used)
+
+    checkpoint = torch.load(mapper_path, map_location="cpu", weights_only=False)  # as the reference loads it
+    assert set(checkpoint) == {"state_dict", "cfg", "encoder"}
+    assert "encoder.w" not in checkpoint["state_dict"]
+    ReferenceNeTIMapper().load_state_dict(checkpoint["state_dict"], strict=True)
+    encoder = checkpoint["encoder"]
+    assert isinstance(encoder, reference_classes)
+    assert torch.equal(encoder.w, mapper.state_dict()["encoding.w"])
+    assert (encoder.sigma_t, encoder.sigma_l, encoder.num_w) == (0.03, 2.0, 1024)
+    cfg = checkpoint["cfg"]
+    assert cfg["model"]["target_norm"] == pytest.approx(0.39)
+    assert cfg["model"]["pe_sigmas"] == {"sigma_t": 0.03, "sigma_l": 2.0} and cfg["model"]["output_bypass"] is True
+    assert cfg["data"]["placeholder_token"] == "<wide>" and cfg["data"]["super_category_token"] == "cat"
+    assert set(cfg) == {"log", "data", "model", "eval", "optim"}
+    embeds = torch.load(embeds_path, weights_only=True)
+    assert list(embeds) == ["<wide>"] and embeds["<wide>"].shape == (768,)
+
+
+def test_neti_round_trip_and_the_reference_fixture_import(tmp_path):
+    _, mapper = sd_concept()
+    assert invoke("export", "wide", "--format", "neti", "--out", tmp_path).exit_code == 0
+    result = invoke("import", tmp_path / "wide-mapper.pt", "--name", "back")
+    assert result.exit_code == 0, result.output
+    back = Registry().load("back")
+    assert back.base_model == "some-org/sd-model" and back.initializer == "cat" and back.text_width == 768
+    assert torch.allclose(outputs_on_a_grid(load_mapper(back)), outputs_on_a_grid(mapper), atol=1e-6)
+
+    # real output of the reference code: every sample (t, l, rank) reproduced through the registry
+    result = invoke("import", DATA / "neti-sample-mapper.pt")
+    assert result.exit_code == 0, result.output
+    imported = Registry().load("ref")  # the name comes from the placeholder <ref>
+    assert imported.base_model == "CompVis/stable-diffusion-v1-4" and imported.initializer == "object"
+    assert list(imported.layer_names) == list(SD_LAYER_NAMES)
+    expected = np.load(DATA / "neti-sample-outputs.npz")
+    imported_mapper = load_mapper(imported)
+    t, l = torch.tensor(expected["sample_t"]).float(), torch.tensor(expected["sample_l"]).float()
+    for index, rank in enumerate(expected["ranks"].tolist()):
+        with torch.no_grad():
+            ours = imported_mapper(t, l, rank=int(rank))
+        assert np.abs(ours.numpy() - expected["samples"][index]).max() < 1e-6, rank
+
+
+def test_neti_refuses_what_the_reference_cannot_hold_and_import_checks_widths(tmp_path):
+    save_concept("narrow")  # builtin:tiny's width is 32
+    out = tmp_path / "out"
+    assert_one_line_error(invoke("export", "narrow", "--format", "neti", "--out", out), "768", "narrow")
+    assert not list(out.iterdir())
+    assert_one_line_error(invoke("import", DATA / "neti-sample-mapper.pt", "--model", "builtin:tiny"),
+                          "768", "builtin:tiny has 32")
+    assert Registry().names() == ["narrow"]  # nothing imported
+
+
+def test_a_pickle_with_code_is_refused_on_import_and_never_runs(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    torch.save({"string_to_param": {"*": Payload()}}, tmp_path / "evil.pt")
+    assert_one_line_error(invoke("import", tmp_path / "evil.pt"), "refused")
+    assert not marker.exists() and not Registry().names()
+
+
+# --------------------------------------------------------------------------- ti / a1111 and imports
+
+
+def test_ti_and_a1111_exports_load_in_diffusers_and_round_trip(tmp_path, tiny):
+    from stc.spacetime import cross_attention_layer_names
+
+    save_concept("pup", seed=3, layer_names=cross_attention_layer_names(tiny.pipeline.unet))
+    fast = ("--samples", 16, "--fit-steps", 10)
+    result = invoke("export", "pup", "--format", "ti", "--out", tmp_path, "--rank", 8, *fast)
+    assert result.exit_code == 0, result.output
+    assert "Fidelity" in result.stderr and "plain average" in result.stderr and "initializer" in result.stderr
+    from safetensors.torch import load_file
+
+    vectors = load_file(tmp_path / "pup.safetensors")["emb_params"]
+    assert vectors.shape == (1, 32)
+    result = invoke("export", "pup", "--format", "a1111", "--out", tmp_path, "--vectors", 2, *fast)
+    assert result.exit_code == 0, result.output
+    embedding = torch.load(tmp_path / "pup.pt", weights_only=True)  # tensors, strings and ints only
+    assert set(embedding) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint",
+                              "sd_checkpoint_name"}
+    assert embedding["string_to_param"]["*"].shape == (2, 32) and embedding["name"] == "pup"
+
+    pipe = tiny.pipeline
+    pipe.load_textual_inversion(str(tmp_path / "pup.safetensors"), token="<pup-ti>")
+    pipe.load_textual_inversion(str(tmp_path / "pup.pt"), token="<pup-a1111>")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-ti>")], vectors[0])
+    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-a1111>_1")], embedding["string_to_param"]["*"][1])
+
+    result = invoke("import", tmp_path / "pup.safetensors", "--name", "pup-ti", "--model", "builtin:tiny")
+    assert result.exit_code == 0, result.output
+    imported = load_mapper(Registry().load("pup-ti"))
+    token, bypass = imported.split(outputs_on_a_grid(imported, ranks=(1, 128)))
+    assert bypass is None
+    assert torch.allclose(token, vectors[0].expand_as(token), atol=1e-6)  # the same vector everywhere
+    assert_one_line_error(invoke("import", tmp_path / "pup.pt", "--model", "builtin:tiny"), "2 vectors")
+
+
+def test_export_refuses_unknown_formats_existing_targets_and_unwritable_folders(tmp_path, monkeypatch):
+    save_concept("pup")
+    assert_one_line_error(invoke("export", "pup", "--format", "lora"), "diffusers, ti, a1111, neti")
+    assert_one_line_error(invoke("export", "pup", "--format", "ti", "--rank", 500), "pup has ranks 1..128")
+    (tmp_path / "pup.safetensors").write_bytes(b"mine")
+    assert_one_line_error(invoke("export", "pup", "--format", "ti", "--out", tmp_path), "--force")
+    assert (tmp_path / "pup.safetensors").read_bytes() == b"mine"
+
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(tempfile, "mkstemp", read_only)
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    result = invoke("export", "pup", "--format", "ti", "--out", tmp_path / "sub", "--force")
+    assert_one_line_error(result, "Permission denied")
+    assert not (tmp_path / "sub" / "pup.safetensors").exists()
+
+
+def test_import_names_and_clashes(tmp_path):
+    vector = torch.randn(32)
+    from safetensors.torch import save_file
+
+    save_file({"<My Cat>": vector}, tmp_path / "My Cat.safetensors")  # diffusers' single-token layout
+    result = invoke("import", tmp_path / "My Cat.safetensors", "--model", "builtin:tiny")
+    assert result.exit_code == 0, result.output
+    assert Registry().names() == ["my-cat"]  # a valid spelling of the file's name
+    assert_one_line_error(invoke("import", tmp_path / "My Cat.safetensors", "--name", "my-cat",
+                                 "--model", "builtin:tiny"), "exists already")
+    (tmp_path / "notes.txt").write_text("hello")
+    assert_one_line_error(invoke("import", tmp_path / "notes.txt"), "imports")
+
+
+def test_diffusers_export_round_trips_through_import(tmp_path):
+    concept = save_concept("pup", seed=4, layer_names=SD_LAYER_NAMES)
+    before = outputs_on_a_grid(load_mapper(concept))
+    result = invoke("export", "pup", "--format", "diffusers", "--out", tmp_path, "--rank", 8)
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "pup"
+    assert {"stc_concept.py", "mapper.safetensors", "config.json", "README.md"} <= {p.name for p in folder.iterdir()}
+    assert "keeps everything" in result.stderr
+    assert_one_line_error(invoke("export", "pup", "--format", "diffusers", "--out", tmp_path), "--force")
+    assert invoke("export", "pup", "--format", "diffusers", "--out", tmp_path, "--force").exit_code == 0
+    result = invoke("import", folder, "--name", "pup-again")
+    assert result.exit_code == 0, result.output
+    again = Registry().load("pup-again")
+    assert again.base_model == concept.base_model and list(again.layer_names) == list(SD_LAYER_NAMES)
+    assert torch.equal(outputs_on_a_grid(load_mapper(again)), before)
