@@ -292,7 +292,7 @@ def export_concept(
     samples: int = 256, fit_steps: int = 200,
 ) -> ExportResult:
     """Export concept ``name`` as ``format_name`` into the folder ``out`` (default: the current one)."""
-    from .conceptio import load_mapper, read_state_dict, weights_bytes
+    from .conceptio import load_mapper
     from .prompts import ParsedPrompt, resolve_ranks
 
     export_format = check_format(format_name)
@@ -313,11 +313,10 @@ def export_concept(
 
             previews = [p for p in preview_paths(concept.path) if p.name == "preview.png"]
             with _staged(paths[0], is_dir=True) as folder:
-                write_diffusers_export(concept, weights_bytes(mapper, name), folder, rank=rank,
+                write_diffusers_export(concept, concept.weights_path.read_bytes(), folder, rank=rank,
                                        preview=previews[0] if previews else None)
         elif format_name == "neti":
-            read_state_dict(concept)  # verified above; neti needs no base model
-            write_neti(concept, mapper, paths)
+            write_neti(concept, mapper, paths)  # the mapper alone: no base model needed
         else:
             result.fidelity = _distil_and_write(concept, mapper, format_name, paths[0], rank, vectors, model,
                                                 model_config, device, progress, on_status, samples, fit_steps)
