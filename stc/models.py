@@ -1,4 +1,5 @@
-"""Resolving a base model: ``builtin:tiny``, a local diffusers folder, a single file, a hub id."""
+"""Resolving a base model (``builtin:tiny``/``builtin:tiny-sd2``, a local diffusers folder, a single
+file, a hub id), the device and the precision it runs in."""
 
 from __future__ import annotations
 
@@ -11,8 +12,12 @@ from pathlib import Path
 from .errors import ModelError
 
 TINY = "builtin:tiny"
+TINY_SD2 = "builtin:tiny-sd2"
+BUILTINS = (TINY, TINY_SD2)  # random-weight test models in the SD 1.x and SD 2.x layouts (stc/tiny.py)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+PREDICTION_ENV = "STC_PREDICTION_TYPE"  # what --prediction-type sets
 
 
 @dataclass
@@ -32,6 +37,11 @@ class BaseModel:
     def default_resolution(self) -> int:
         unet = self.pipeline.unet
         return int(unet.config.sample_size) * self.pipeline.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (SD 1.x, SD 2.x-base) or "v_prediction" (SD 2.x 768 px)."""
+        return str(self.pipeline.scheduler.config.get("prediction_type", "epsilon"))
 
 
 def embedding_fingerprint(pipeline) -> str:
@@ -72,49 +82,96 @@ def is_offline() -> bool:
 
 
 def default_device() -> str:
+    """What ``--device auto`` (the default) picks: CUDA, else MPS, else the CPU."""
     import torch
 
     if torch.cuda.is_available():
         return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return "mps"
     return "cpu"
 
 
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def default_dtype(device: str) -> str:
+    """The frozen models' precision when --dtype is not given: fp32 on the CPU (fp16 is not
+    supported there), fp16 on GPUs (CUDA, MPS)."""
+    return "fp32" if device.split(":")[0] == "cpu" else "fp16"
+
+
 def torch_dtype(name: str | None, device: str):
-    """fp32/fp16/bf16 to a torch dtype; None picks fp16 on GPUs and fp32 on the CPU."""
+    """fp32/fp16/bf16 to a torch dtype for ``device``; None picks :func:`default_dtype`.
+    A precision the device cannot run is a clear error."""
     import torch
 
     if name is None:
-        name = "fp32" if device == "cpu" else "fp16"
+        name = default_dtype(device)
     if name not in DTYPES:
         raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
-    if device == "cpu" and name == "fp16":
+    kind = device.split(":")[0]
+    if kind == "cpu" and name == "fp16":
         raise ModelError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+    if name == "bf16" and not bf16_supported(device):
+        raise ModelError(f"--dtype bf16 is not supported on this {kind.upper()} device; use fp16 or fp32")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
-def check_device(device: str) -> None:
+def bf16_supported(device: str) -> bool:
+    """bfloat16 runs on every CPU, on CUDA GPUs that have it (compute capability 8.0+) and on
+    MPS where this macOS has it."""
     import torch
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda was asked for, but no CUDA GPU is available; use --device cpu")
-    if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind == "mps":
+        try:
+            torch.ones(1, dtype=torch.bfloat16, device="mps")
+        except (RuntimeError, TypeError):
+            return False
+        return True
+    return kind == "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """The one place devices are validated: ``device`` (auto/None, cpu, cuda, cuda:N, mps) as the
+    concrete device to use; an unknown or unavailable one is a clear error."""
+    import torch
+
+    if device is None or device == "auto":
+        return default_device()
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES[1:] or (index and (kind != "cuda" or not index.isdigit())):
+        raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device} was asked for, but no CUDA GPU is available; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelError(
+                f"--device {device} was asked for, but there are only {torch.cuda.device_count()} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    if kind == "mps" and not _mps_available():
         raise ModelError("--device mps was asked for, but MPS is not available; use --device cpu")
-    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
-        raise ModelError(f"unknown device {device!r}; use cpu, cuda or mps")
+    return device
 
 
-@lru_cache(maxsize=1)
-def _tiny_pipeline():
-    from .tiny import build_tiny_pipeline
+@lru_cache(maxsize=len(BUILTINS))
+def _builtin_pipeline(spec: str):
+    from .tiny import build_tiny_pipeline, build_tiny_sd2_pipeline
 
-    return build_tiny_pipeline()
+    return {TINY: build_tiny_pipeline, TINY_SD2: build_tiny_sd2_pipeline}[spec]()
 
 
 def canonical_spec(spec: str) -> str:
     """What a concept records for ``spec``: local paths become absolute."""
-    if spec == TINY or spec.startswith("builtin:"):
+    if spec.startswith("builtin:"):
         return spec
     path = Path(spec).expanduser()
     if path.exists():
@@ -138,26 +195,11 @@ def _load_folder(path: Path, dtype):
         raise ModelError(f"could not load the pipeline in {path}: {exc}") from exc
 
 
-def _load_single_file(path: Path, config: str | None, dtype):
-    from diffusers import StableDiffusionPipeline
+def _load_single_file(path: Path, config: str | None, dtype, prediction_type: str | None = None):
+    """A single-file (LDM-layout) checkpoint, offline: see stc/ldm.py."""
+    from .ldm import load_single_file
 
-    if path.suffix != ".safetensors":
-        raise ModelError(
-            f"{path.name}: only .safetensors checkpoints are loaded (pickled .ckpt files can run code); "
-            "convert it to .safetensors first"
-        )
-    if config is None:
-        raise ModelError(
-            f"{path.name} is a single-file checkpoint: pass --model-config DIR, a local diffusers folder "
-            "of the same architecture (its configs and tokenizer are used; nothing is downloaded)"
-        )
-    try:
-        return StableDiffusionPipeline.from_single_file(
-            str(path), config=str(Path(config).expanduser()), local_files_only=True, torch_dtype=dtype,
-            safety_checker=None, requires_safety_checker=False,
-        )
-    except Exception as exc:  # diffusers raises many kinds here
-        raise ModelError(f"could not load {path.name} with the config in {config}: {exc}") from exc
+    return load_single_file(path, config, dtype, prediction_type)
 
 
 def _load_hub(model_id: str, dtype):
@@ -176,7 +218,7 @@ def _load_hub(model_id: str, dtype):
                 if offline else " ".join(str(exc).split())[:300])
         raise ModelError(
             f"could not load model {model_id!r}: {hint}. Download it first (hf download {model_id}), pass a "
-            f"local folder or .safetensors file, or use --model {TINY}"
+            f"local folder or .safetensors file, or use --model {TINY} (or {TINY_SD2})"
         ) from exc
 
 
@@ -185,11 +227,17 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
     network); None when it cannot be known offline."""
     import json
 
-    if spec == TINY:
-        from .tiny import TINY_TEXT_WIDTH
+    if spec in BUILTINS:
+        from .tiny import TINY_SD2_TEXT_WIDTH, TINY_TEXT_WIDTH
 
-        return TINY_TEXT_WIDTH
+        return TINY_TEXT_WIDTH if spec == TINY else TINY_SD2_TEXT_WIDTH
     path = Path(spec).expanduser()
+    if path.is_file():
+        from .ldm import checkpoint_text_width
+
+        width = checkpoint_text_width(path)
+        if width is not None:
+            return width
     folder = path if path.is_dir() else Path(model_config).expanduser() if model_config else None
     candidates = [folder / "text_encoder" / "config.json"] if folder else []
     if not candidates and spec.count("/") == 1 and not path.exists():
@@ -208,27 +256,45 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
     return None
 
 
+def prediction_type_from_env() -> str | None:
+    """``--prediction-type`` (it sets STC_PREDICTION_TYPE); None: the model's own."""
+    from .ldm import check_prediction_type
+
+    return check_prediction_type(os.environ.get(PREDICTION_ENV, "").strip() or None)
+
+
 def load_base_model(
-    spec: str, device: str | None = None, dtype: str | None = None, config: str | None = None
+    spec: str, device: str | None = None, dtype: str | None = None, config: str | None = None,
+    prediction_type: str | None = None,
 ) -> BaseModel:
-    """Load the pipeline named by ``spec`` onto ``device`` with frozen weights in ``dtype``."""
-    device = device or default_device()
-    check_device(device)
+    """Load the pipeline named by ``spec`` onto ``device`` (None or "auto": the best available)
+    with frozen weights in ``dtype`` (None: fp16 on GPUs, fp32 on the CPU).
+
+    ``prediction_type`` ("epsilon" or "v_prediction"; default: STC_PREDICTION_TYPE, else the
+    model's scheduler config) overrides what the model is taken to predict.
+    """
+    device = check_device(device)
     weight_dtype = torch_dtype(dtype, device)
-    if spec == TINY:
-        pipeline = copy.deepcopy(_tiny_pipeline())
+    from .ldm import check_prediction_type
+
+    prediction_type = check_prediction_type(prediction_type) or prediction_type_from_env()
+    if spec in BUILTINS:
+        pipeline = copy.deepcopy(_builtin_pipeline(spec))
     elif spec.startswith("builtin:"):
-        raise ModelError(f"unknown builtin model {spec!r}; the only one is {TINY}")
+        raise ModelError(f"unknown builtin model {spec!r}; the builtin ones are {' and '.join(BUILTINS)}")
     else:
         path = Path(spec).expanduser()
         if path.is_dir():
             pipeline = _load_folder(path, weight_dtype)
         elif path.is_file():
-            pipeline = _load_single_file(path, config, weight_dtype)
+            pipeline = _load_single_file(path, config, weight_dtype, prediction_type)
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             pipeline = _load_hub(spec, weight_dtype)
         else:
             raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor {TINY}")
+    if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
+                                                                  prediction_type=prediction_type)
     for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
         module.to(device)
         if module.dtype != weight_dtype:

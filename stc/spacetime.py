@@ -179,9 +179,19 @@ def _text_transformer(text_encoder):
 
 
 def _causal_mask(transformer, hidden: torch.Tensor):
+    """The text encoder's causal mask, from transformers' own mask helper. Its arguments were
+    renamed across transformers 5.x (input_embeds/inputs_embeds, past_key_values/cache,
+    cache_position): they are passed by the names this version has."""
     from transformers.masking_utils import create_causal_mask
 
-    return create_causal_mask(config=transformer.config, inputs_embeds=hidden, attention_mask=None, cache=None)
+    code = getattr(create_causal_mask, "__wrapped__", create_causal_mask).__code__
+    params = code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
+    kwargs = {"config": transformer.config, "attention_mask": None}
+    kwargs["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = hidden
+    kwargs["cache" if "cache" in params else "past_key_values"] = None
+    if "cache_position" in params:
+        kwargs["cache_position"] = torch.arange(hidden.shape[1], device=hidden.device)
+    return create_causal_mask(**kwargs)
 
 
 def spacetime_rows(timesteps: torch.Tensor, num_layers: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,17 @@
-"""``builtin:tiny``: a random-weight Stable Diffusion pipeline with the SD 1.x topology.
+"""``builtin:tiny`` and ``builtin:tiny-sd2``: random-weight Stable Diffusion pipelines.
 
-Built from code with a fixed seed, in seconds, with no network: 4 down blocks (3 with
-cross-attention), a mid block, 4 up blocks (3 with cross-attention), 2 transformer layers per
-down block and 3 per up block, i.e. the 16 cross-attention layers of SD 1.x, at tiny widths.
+Built from code with a fixed seed, in seconds, with no network. ``builtin:tiny`` has the SD 1.x
+topology: 4 down blocks (3 with cross-attention), a mid block, 4 up blocks (3 with
+cross-attention), 2 transformer layers per down block and 3 per up block, i.e. the 16
+cross-attention layers of SD 1.x, at tiny widths; epsilon prediction, 64 px.
+
+``builtin:tiny-sd2`` is the same at SD 2.x's choices: v-prediction, another text width (48),
+a text encoder built the way diffusers ships SD 2's (OpenCLIP-style ``gelu`` layers, the last
+of OpenCLIP's layers dropped: SD 2 keeps 23 of 24, the tiny one 3 of 4), SD 2's UNet options
+(``use_linear_projection``, ``upcast_attention``, a head count per block that keeps the head
+width constant like SD 2's (5, 10, 20, 20)), its tokenizer's ``!`` padding, and SD 2's default
+resolution ratio (768/512 = 96/64 px).
+
 The tokenizer is a real byte-level BPE tokenizer in the CLIP layout (lower-casing, ``</w>``
 word ends, start/end tokens) whose vocabulary covers the words below as single tokens.
 """
@@ -14,6 +23,11 @@ from functools import lru_cache
 TINY_SEED = 20230524
 TINY_TEXT_WIDTH = 32
 TINY_RESOLUTION = 64
+
+TINY_SD2_SEED = 20221124
+TINY_SD2_TEXT_WIDTH = 48
+TINY_SD2_RESOLUTION = 96  # sample_size 12: SD 2's 768 px is 1.5 x SD 1's 512
+TINY_SD2_TEXT_LAYERS = 3  # OpenCLIP-style: 4 layers with the last dropped, as SD 2 keeps 23 of 24
 
 # Words that the tiny tokenizer knows as single tokens (everything else splits into pieces).
 WORDS = """
@@ -98,11 +112,12 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(vocab_list)}, merges
 
 
-def build_tiny_tokenizer():
+def build_tiny_tokenizer(pad_token: str = "<|endoftext|>"):
+    """The tiny CLIP-layout tokenizer; SD 2's tokenizer pads with ``!`` instead of the end token."""
     from transformers import CLIPTokenizer
 
     vocab, merges = tiny_vocab_and_merges()
-    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+    tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)
     if len(tokenizer("a photo of a cat").input_ids) != 7:  # bos + 5 words + eos
         raise RuntimeError("the builtin:tiny tokenizer does not tokenize; transformers changed its API")
     return tokenizer
@@ -164,6 +179,81 @@ def build_tiny_pipeline():
         beta_end=0.012,
         beta_schedule="scaled_linear",
         steps_offset=1,
+    )
+    for module in (text_encoder, unet, vae):
+        module.eval().requires_grad_(False)
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def build_tiny_sd2_pipeline():
+    """A ``StableDiffusionPipeline`` with random weights and the SD 2.x choices (fp32, CPU)."""
+    import torch
+    from diffusers import (
+        AutoencoderKL,
+        DPMSolverMultistepScheduler,
+        StableDiffusionPipeline,
+        UNet2DConditionModel,
+    )
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = build_tiny_tokenizer(pad_token="!")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SD2_SEED)
+        text_config = CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=TINY_SD2_TEXT_WIDTH,
+            intermediate_size=4 * TINY_SD2_TEXT_WIDTH,  # OpenCLIP's MLP ratio
+            num_hidden_layers=TINY_SD2_TEXT_LAYERS,
+            num_attention_heads=4,
+            hidden_act="gelu",  # OpenCLIP's; SD 1's OpenAI CLIP uses quick_gelu
+            max_position_embeddings=77,
+            projection_dim=TINY_SD2_TEXT_WIDTH,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        text_encoder = CLIPTextModel(text_config)
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SD2_RESOLUTION // 8,
+            in_channels=4,
+            out_channels=4,
+            layers_per_block=2,
+            block_out_channels=(16, 32, 64, 64),
+            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+            cross_attention_dim=TINY_SD2_TEXT_WIDTH,
+            attention_head_dim=(1, 2, 4, 4),  # heads per block, as SD 2's (5, 10, 20, 20): 16-wide heads
+            use_linear_projection=True,
+            upcast_attention=True,
+            norm_num_groups=8,
+        )
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(8, 16, 16, 16),
+            layers_per_block=1,
+            latent_channels=4,
+            norm_num_groups=8,
+            sample_size=TINY_SD2_RESOLUTION,
+        )
+    scheduler = DPMSolverMultistepScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        steps_offset=1,
+        prediction_type="v_prediction",
     )
     for module in (text_encoder, unet, vae):
         module.eval().requires_grad_(False)

@@ -141,7 +141,7 @@ def test_bypass_is_added_before_the_final_layernorm_only_at_the_placeholder(tiny
             else pipe.text_encoder.embeddings(inputs_embeds=embeds)
     differs = (plain - bypassed).abs().amax(dim=-1)[0] > 0
     assert differs.nonzero().flatten().tolist() == [position]
-    final_ln = pipe.text_encoder.final_layer_norm
+    final_ln = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
     # invert: the pre-LN state at the placeholder is reachable from the no-bypass run
     with torch.no_grad():
         from stc.spacetime import _causal_mask, _text_transformer

@@ -35,21 +35,47 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: a hub id, a local diffusers folder, a .safetensors file, or builtin:tiny (default: the "
-        "concept's, else STC_MODEL or model: in $STC_HOME/config.yaml, else SD 1.5).",
+        help="Base model: a hub id, a local diffusers folder, a single-file SD 1.x/2.x checkpoint (.safetensors, "
+        "or a weights-only .ckpt), or builtin:tiny / builtin:tiny-sd2 (default: the concept's, else STC_MODEL or "
+        "model: in $STC_HOME/config.yaml, else SD 1.5).",
     ),
 ]
 ModelConfigOpt = Annotated[
     Optional[Path],
     typer.Option(
-        "--model-config", help="For a single-file --model: a local diffusers folder with its configs."
+        "--model-config", help="For a single-file --model: a local diffusers folder of its architecture (its "
+        "configs and tokenizer), or just a CLIP tokenizer folder (SD 1.x/2.x configs ship with stc)."
+    ),
+]
+
+
+def _prediction_type_callback(value: Optional[str]) -> Optional[str]:
+    """--prediction-type (or STC_PREDICTION_TYPE) travels to stc.models.load_base_model as
+    STC_PREDICTION_TYPE; every command that has the option sets or clears it, so one in-process
+    command's choice never leaks into the next."""
+    if value is None:
+        os.environ.pop("STC_PREDICTION_TYPE", None)
+        return None
+    if value not in ("epsilon", "v_prediction"):
+        raise typer.BadParameter(f"must be epsilon or v_prediction, not {value!r}")
+    os.environ["STC_PREDICTION_TYPE"] = value
+    return value
+
+
+PredictionTypeOpt = Annotated[
+    Optional[str],
+    typer.Option(
+        "--prediction-type", callback=_prediction_type_callback, show_default=False, envvar="STC_PREDICTION_TYPE",
+        help="epsilon or v_prediction: what the base model predicts (default: its scheduler config; for an SD 2.x "
+        "single file v_prediction, as 768-px SD 2.x; pass epsilon for 512-px SD 2.x-base files).",
     ),
 ]
 SeedOpt = Annotated[
     int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result.")
 ]
 DeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help="cpu, cuda or mps (default: the best available).")
+    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto: CUDA, else MPS, "
+                                "else the CPU).")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 

@@ -9,7 +9,18 @@ import typer
 from rich.text import Text
 
 from ..export import FORMATS
-from ._base import DeviceOpt, ModelConfigOpt, ModelOpt, app, err, handle_errors, open_registry, out, quiet_libraries
+from ._base import (
+    DeviceOpt,
+    ModelConfigOpt,
+    ModelOpt,
+    PredictionTypeOpt,
+    app,
+    err,
+    handle_errors,
+    open_registry,
+    out,
+    quiet_libraries,
+)
 
 
 @app.command("export", help=(
@@ -37,6 +48,7 @@ def export(
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
+    prediction_type: PredictionTypeOpt = None,
 ) -> None:
     from ..export import check_format
 

@@ -17,6 +17,7 @@ from ._base import (
     JsonOpt,
     ModelConfigOpt,
     ModelOpt,
+    PredictionTypeOpt,
     SeedOpt,
     app,
     err,
@@ -131,6 +132,7 @@ def gen(
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
+    prediction_type: PredictionTypeOpt = None,
     dtype: DtypeOpt = None,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("stc-out"),
     as_json: Annotated[
@@ -199,6 +201,7 @@ def grid(
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
+    prediction_type: PredictionTypeOpt = None,
     dtype: DtypeOpt = None,
     as_json: JsonOpt = False,
 ) -> None:

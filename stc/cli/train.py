@@ -12,6 +12,7 @@ from ._base import (
     DeviceOpt,
     ModelConfigOpt,
     ModelOpt,
+    PredictionTypeOpt,
     app,
     err,
     handle_errors,
@@ -62,6 +63,7 @@ def train(
                                      "flags override it.")
     ] = None,
     device: DeviceOpt = None,
+    prediction_type: PredictionTypeOpt = None,
     save_every: Annotated[
         Optional[int], typer.Option("--save-every", show_default=False, help="Checkpoint every N steps (default "
                                     f"{_DEFAULTS.save_every}; 0: only at the end and on Ctrl-C).")
