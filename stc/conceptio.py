@@ -45,14 +45,21 @@ def weights_bytes(mapper, name: str) -> bytes:
 def read_state_dict(concept: Concept, verify: bool = True) -> dict:
     """The tensors of ``concept``'s weights file, after checking it is complete (and, with
     ``verify``, that it is the file ``concept.yaml`` records)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
+    import hashlib
 
-    check = check_weights(concept, hash_file=verify)
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    check = check_weights(concept, hash_file=False)  # complete? (header and size, cheap)
     if not check.ok:
         raise DamagedWeights(f"{check.problem}; the concept {concept.name!r} cannot be used")
     try:
-        return load_file(concept.weights_path)
+        content = concept.weights_path.read_bytes()  # read once: what is hashed is what is loaded
+        if verify and concept.weights_sha256 and hashlib.sha256(content).hexdigest() != concept.weights_sha256:
+            check = check_weights(concept)  # says why: changed by another process, or damaged
+            raise DamagedWeights(f"{check.problem or 'the weights changed while being read'}; the concept "
+                                 f"{concept.name!r} cannot be used")
+        return load(content)
     except (SafetensorError, OSError, ValueError) as exc:
         raise DamagedWeights(f"{concept.weights_path} is not a readable safetensors file: {exc}") from exc
 

@@ -21,6 +21,7 @@ from .errors import BadInput, ModelError
 from .names import is_valid_name, suggest_name, validate_name
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+MAX_TEXT_WIDTH = 8192  # wider than any text encoder; a larger claimed width is refused before allocating
 
 
 @dataclass
@@ -169,7 +170,10 @@ def _from_embedding(path: Path, name, init, model):
     from .models import default_model
 
     vectors, source = read_embedding(path)
-    if vectors.ndim != 2 or vectors.shape[0] != 1:
+    if vectors.ndim != 2 or not 1 <= vectors.shape[-1] <= MAX_TEXT_WIDTH:
+        raise BadInput(f"{path.name}: vectors of width {vectors.shape[-1] if vectors.ndim else '?'} fit no "
+                       "text encoder stc knows")
+    if vectors.shape[0] != 1:
         raise BadInput(
             f"{path.name} holds {vectors.shape[0] if vectors.ndim == 2 else '?'} vectors; an stc concept is one "
             "placeholder token, so stc imports single-vector embeddings (use this one in A1111, ComfyUI or "

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from .concept import CONCEPT_FILE, WEIGHTS_FILE
-from .errors import StcError
+from .errors import ConceptNotFound, StcError
 from .storage import folder_size, safetensors_problem
 
 CACHE_FILE = ".listing.json"
@@ -57,11 +57,23 @@ def listing_record(concept) -> dict:
 def _read_cache(path: Path) -> dict:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
     if not isinstance(data, dict) or data.get("format") != CACHE_FORMAT or not isinstance(data.get("entries"), dict):
         return {}
     return data["entries"]
+
+
+RECORD_KEYS = {"name", "token", "base_model", "steps", "steps_done", "steps_planned", "complete", "rank_max", "size",
+               "created", "path", "weights_problem"}
+
+
+def _usable(entry: dict, name: str) -> bool:
+    """Is a cached record one that listing_record could have made for ``name`` (the cache is a
+    file like any other: a damaged or edited one must cost time, not a crash)?"""
+    record = entry.get("record")
+    return (isinstance(record, dict) and set(record) == RECORD_KEYS and record["name"] == name
+            and type(record["size"]) is int and isinstance(record["created"], str))
 
 
 def _write_cache(path: Path, entries: dict) -> None:
@@ -83,15 +95,19 @@ def listing(registry) -> Iterator[tuple[str, dict | None, StcError | None]]:
         folder = registry.concepts_dir / name
         stamp = _stamp(folder)
         entry = cached.get(name)
-        if stamp is not None and isinstance(entry, dict) and entry.get("stamp") == stamp:
+        if stamp is not None and isinstance(entry, dict) and entry.get("stamp") == stamp and _usable(entry, name):
             fresh[name] = entry
             yield name, {**entry["record"], "path": str(folder)}, None  # the root may have moved
             continue
         try:
             record = listing_record(registry.load(name))
+        except ConceptNotFound:
+            continue  # removed or renamed by another process since the folder was listed
         except StcError as exc:
             yield name, None, exc
             continue
+        if record["weights_problem"] and not folder.is_dir():
+            continue  # removed or renamed while it was being read
         changed = True
         if stamp is not None:
             fresh[name] = {"stamp": stamp, "record": record}

@@ -37,6 +37,9 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
 
     def replace(match: re.Match) -> str:
         name, rank = match.group(1), match.group(2)
+        if rank is not None and len(rank.lstrip("0")) > 18:  # int() refuses 4300+ digits; no rank is this large
+            raise BadInput(f"<{name}:{rank[:12]}…> gives a rank of {len(rank)} digits; a rank is 1 up to the "
+                           "concept's maximum (128 for concepts trained by stc)")
         value = int(rank) if rank is not None else None
         if name in ranks and value is not None and ranks[name] not in (None, value):
             raise BadInput(f"<{name}> is given two different ranks ({ranks[name]} and {value}) in one prompt")

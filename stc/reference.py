@@ -162,8 +162,11 @@ class RestrictedUnpickler(pickle.Unpickler):
         name = f"{self.prefix}data/{key}"
         if name not in self.archive.namelist():
             raise ValueError(f"the archive has no {name} for a tensor it refers to")
-        raw = self.archive.read(name)
         itemsize = torch.empty((), dtype=dtype).element_size()
+        declared = self.archive.getinfo(name).file_size  # before reading: a small file may inflate hugely
+        if declared != numel * itemsize:
+            raise ValueError(f"{name} holds {declared} bytes, not {numel} x {itemsize}")
+        raw = self.archive.read(name)
         if len(raw) != numel * itemsize:
             raise ValueError(f"{name} holds {len(raw)} bytes, not {numel} x {itemsize}")
         if not raw:

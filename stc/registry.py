@@ -43,6 +43,7 @@ from .storage import (
     discard_folder,
     file_lock,
     folder_size,
+    open_lock_file,
     safetensors_problem,
     sha256_file,
     try_lock,
@@ -93,21 +94,42 @@ def check_weights(concept: Concept, hash_file: bool = True) -> WeightsCheck:
     ``concept.yaml`` recorded?"""
     weights = concept.weights_path
     if not weights.is_file():
-        return WeightsCheck(False, None, f"{weights} is missing")
+        return WeightsCheck(False, None, _changed_meanwhile(concept) or f"{weights} is missing")
     problem = safetensors_problem(weights)
-    actual = sha256_file(weights) if hash_file or problem else None
+    try:
+        actual = sha256_file(weights) if hash_file or problem else None
+    except OSError as exc:  # removed since the check above
+        reason = f"{weights} cannot be read: {exc.strerror or exc}"
+        return WeightsCheck(False, None, _changed_meanwhile(concept) or reason)
     if problem:
-        return WeightsCheck(False, actual, f"{weights} is {problem}")
+        return WeightsCheck(False, actual, _changed_meanwhile(concept) or f"{weights} is {problem}")
     if not hash_file:
         return WeightsCheck(True, None, None)
     if concept.weights_sha256 and actual != concept.weights_sha256:
         return WeightsCheck(
-            False, actual,
+            False, actual, _changed_meanwhile(concept) or
             f"{weights} does not match the sha256 recorded in {CONCEPT_FILE} (the file was changed or is damaged)",
         )
     if not concept.weights_sha256:
         return WeightsCheck(True, actual, f"{CONCEPT_FILE} records no sha256 for {weights}; it cannot be verified")
     return WeightsCheck(True, actual, None)
+
+
+def _changed_meanwhile(concept: Concept) -> str | None:
+    """Why the weights no longer fit a loaded concept when another process renamed, removed or
+    re-saved the entry since it was loaded (readers take no lock), else None: a damaged entry."""
+    meta = concept.path / CONCEPT_FILE
+    try:
+        data = yaml_load(meta.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return (f"{concept.name!r} was renamed or removed by another process while it was being read "
+                f"(run 'stc ls' to see what is there)")
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        return None
+    recorded = data.get("weights_sha256", data.get("sha256")) if isinstance(data, dict) else None
+    if concept.weights_sha256 and recorded and recorded != concept.weights_sha256:
+        return f"{concept.name!r} was saved again by another process while it was being read; try again"
+    return None
 
 
 def preview_paths(folder: Path) -> list[Path]:
@@ -125,8 +147,17 @@ def _lock_owner(path: Path) -> str:
         return "another process"
 
 
+class _Dumper(yaml.SafeDumper):
+    """The safe dumper, except that strings holding U+0085 (NEL) are double-quoted: in the other
+    styles PyYAML writes it raw and reads it back as a space."""
+
+
+_Dumper.add_representer(str, lambda dumper, text: dumper.represent_scalar(
+    "tag:yaml.org,2002:str", text, style='"') if "\x85" in text else dumper.represent_str(text))
+
+
 def _yaml_text(concept: Concept) -> str:
-    return yaml.safe_dump(concept.to_yaml_dict(), sort_keys=False, allow_unicode=True)
+    return yaml.dump(concept.to_yaml_dict(), Dumper=_Dumper, sort_keys=False, allow_unicode=True)
 
 
 # --------------------------------------------------------------------------- the registry
@@ -162,15 +193,18 @@ class Registry:
     def load(self, name: str) -> Concept:
         path = self.folder_of(name)
         meta = path / CONCEPT_FILE
-        if not meta.is_file():
-            raise CorruptConcept(
-                f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {name})"
-            )
         try:
+            if not meta.is_file():
+                raise FileNotFoundError(meta)
             data = yaml_load(meta.read_text(encoding="utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CorruptConcept(f"{meta} is not valid YAML: {_one_line(exc)}") from exc
         except OSError as exc:
+            self.folder_of(name)  # ConceptNotFound when another process removed or renamed it meanwhile
+            if isinstance(exc, FileNotFoundError):
+                raise CorruptConcept(
+                    f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {name})"
+                ) from None
             raise CorruptConcept(f"{meta} cannot be read: {exc.strerror or exc}") from exc
         if not isinstance(data, dict):
             raise CorruptConcept(f"{meta} does not hold a mapping")
@@ -235,7 +269,7 @@ class Registry:
         path = self._training_lock_path(name)
         with self._writing(name):
             path.parent.mkdir(parents=True, exist_ok=True)
-            handle = open(path, "a+")
+            handle = open_lock_file(path)  # a planted link is refused, never written through
         try:
             if not try_lock(handle):
                 raise ConceptBusy(f"{name!r} is being trained by {_lock_owner(path)}; wait for it to finish "
@@ -336,6 +370,7 @@ class Registry:
             sweep(self.concepts_dir)
             concept = self.load(old)
             source = concept.path
+            self._refuse_links(source, old, "rename")
             self._refuse_existing(new)
             concept.name = new
             self._write_clone(source, concept, hard_links=True)
@@ -349,6 +384,7 @@ class Registry:
         with self._writing(repr(target_name)), self._rename_locks(source_name, target_name):
             sweep(self.concepts_dir)
             concept = self.load(source_name)
+            self._refuse_links(concept.path, source_name, "copy")
             check = check_weights(concept)
             if not check.ok:
                 raise DamagedWeights(f"cannot copy {source_name!r}: {check.problem}")
@@ -393,6 +429,18 @@ class Registry:
         if source == target:
             raise BadInput(f"source and destination are both {source!r}; pass a different new name")
         self.folder_of(source)
+
+    def _refuse_links(self, folder: Path, name: str, action: str) -> None:
+        """mv and cp write a new entry from the files of ``folder``; they never follow a symbolic
+        link out of the registry (copying what it points to), nor drop the weights behind one."""
+        for path in (folder, folder / CONCEPT_FILE, folder / WEIGHTS_FILE):
+            if path.is_symlink():
+                kind = "folder" if path == folder else "file"
+                raise BadInput(
+                    f"cannot {action} {name!r}: {path} is a symbolic link (to {os.readlink(path)}); stc does not "
+                    f"follow links out of the registry. Replace the link with the real {kind}, or remove the "
+                    f"entry (stc rm {name} removes only the link)"
+                )
 
     def _refuse_existing(self, name: str) -> None:
         if self.path_of(name).exists():

@@ -12,6 +12,7 @@ import ctypes
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -23,12 +24,57 @@ from pathlib import Path
 # --------------------------------------------------------------------------- YAML
 
 
+YAML_MAX_NODES = 100_000  # a concept.yaml has a few hundred; aliases count once per use
+
+
 def yaml_load(text: str):
     """``yaml.safe_load`` through libyaml when it is there (about 10x faster: ``stc ls`` reads
-    every concept.yaml); the safe loader either way."""
+    every concept.yaml); the safe loader either way.
+
+    Hostile files fail with a ``yaml.YAMLError``: alias bombs ("billion laughs", whose aliases
+    would expand to more than :data:`YAML_MAX_NODES` nodes once anything walks the data),
+    self-referencing aliases, and values the safe constructor cannot build (``2026-13-45``,
+    a 5000-digit integer, nesting deeper than Python's recursion limit).
+    """
     import yaml
 
-    return yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    try:
+        data = yaml.load(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+        raise yaml.YAMLError(f"a value cannot be read: {type(exc).__name__}: {exc}") from None
+    problem = _expansion_problem(data)
+    if problem:
+        raise yaml.YAMLError(problem)
+    return data
+
+
+def _expansion_problem(data) -> str | None:
+    """Why ``data`` (a loaded YAML document) is unsafe to walk, or None. Counts the nodes a
+    full expansion has (each alias as a copy), without expanding: each container once."""
+    sizes: dict[int, int] = {}
+    pending: set[int] = set()
+    stack = [(data, False)]
+    while stack:
+        value, finished = stack.pop()
+        if not isinstance(value, (dict, list, set)):
+            continue
+        key = id(value)
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)
+        if finished:
+            sizes[key] = 1 + sum(sizes.get(id(child), 1) for child in children)
+            pending.discard(key)
+            if sizes[key] > YAML_MAX_NODES:
+                return (f"its aliases expand to more than {YAML_MAX_NODES} values (a YAML bomb?); "
+                        "stc does not read it")
+            continue
+        if key in sizes:
+            continue
+        if key in pending:
+            return "an alias refers to a value that contains it (a self-referencing YAML document)"
+        pending.add(key)
+        stack.append((value, True))
+        stack.extend((child, False) for child in children if isinstance(child, (dict, list, set)))
+    return None
 
 
 # --------------------------------------------------------------------------- checks
@@ -57,8 +103,8 @@ def safetensors_problem(path: Path) -> str | None:
             if header_size > size - 8:
                 return f"truncated: its header claims {header_size} bytes but the file has {size}"
             header = json.loads(handle.read(header_size))
-        extents = [entry["data_offsets"][1] for key, entry in header.items() if key != "__metadata__"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as exc:
+        extents = [_tensor_extent(key, entry) for key, entry in header.items() if key != "__metadata__"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, RecursionError) as exc:
         return f"not a safetensors file ({exc})"
     expected = 8 + header_size + max(extents, default=0)
     if size < expected:
@@ -66,6 +112,27 @@ def safetensors_problem(path: Path) -> str | None:
     if size > expected:
         return f"followed by {size - expected} unexpected trailing bytes"
     return None
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8,
+                "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+def _tensor_extent(key: str, entry) -> int:
+    """The end offset of one tensor's data, after checking its header entry is coherent
+    (ValueError otherwise): a hostile header may lie about shapes and offsets."""
+    offsets, shape = entry["data_offsets"], entry["shape"]
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(value) is int for value in offsets)
+            and 0 <= offsets[0] <= offsets[1]):
+        raise ValueError(f"tensor {key!r} has bad data offsets {str(offsets)[:60]}")
+    if not (isinstance(shape, list) and all(type(value) is int and value >= 0 for value in shape)):
+        raise ValueError(f"tensor {key!r} has a bad shape {str(shape)[:60]}")
+    size = _DTYPE_BYTES.get(entry.get("dtype"))
+    if size is None:
+        raise ValueError(f"tensor {key!r} has a dtype stc does not know: {str(entry.get('dtype'))[:20]}")
+    if math.prod(shape) * size != offsets[1] - offsets[0]:
+        raise ValueError(f"tensor {key!r}: its shape {shape} does not fit its {offsets[1] - offsets[0]} bytes")
+    return offsets[1]
 
 
 def folder_files(folder: Path) -> list[tuple[str, int]]:
@@ -91,7 +158,7 @@ def folder_size(folder: Path) -> int:
 def file_lock(path: Path):
     """An exclusive advisory lock on ``path`` (created if needed), released on exit."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
+    with open_lock_file(path) as handle:
         try:
             import fcntl
         except ImportError:  # Windows: best effort
@@ -102,6 +169,13 @@ def file_lock(path: Path):
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_lock_file(path: Path):
+    """``path`` opened for appending, created if needed; a symbolic link there is refused
+    (ELOOP), never followed: a lock file must not create or change a file outside the registry."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0)
+    return os.fdopen(os.open(path, flags, 0o666), "a+")
 
 
 def try_lock(handle) -> bool:
@@ -192,6 +266,15 @@ WORK_FOLDER = re.compile(r"\.(tmp|old|trash)-(?P<name>.+)-(?P<pid>\d+)-[^-]+")
 STALE_WITHOUT_PID = 600  # seconds: work folders written before pids were recorded
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a folder, or only the link when ``path`` is a symbolic link (never its target)."""
+    if path.is_symlink():
+        with contextlib.suppress(OSError):
+            path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def staging_folder(parent: Path, name: str):
     """A private hidden folder in ``parent``; removed unless committed (moved away)."""
@@ -227,7 +310,7 @@ def commit_folder(staging: Path, path: Path) -> None:
     if not path.exists():
         os.replace(staging, path)
     elif _exchange(staging, path):
-        shutil.rmtree(staging, ignore_errors=True)  # now the previous entry
+        remove_tree(staging)  # now the previous entry (a link, if the entry was one)
     else:
         trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-{os.getpid()}-", dir=path.parent))
         os.replace(path, trash / "entry")
@@ -277,7 +360,8 @@ def leftovers(parent: Path) -> list[Path]:
     if not parent.is_dir():
         return []
     return [item for item in sorted(parent.iterdir())
-            if item.name.startswith((".tmp-", ".old-", ".trash-")) and item.is_dir() and _stale(item)]
+            if item.name.startswith((".tmp-", ".old-", ".trash-")) and (item.is_dir() or item.is_symlink())
+            and _stale(item)]
 
 
 def sweep(parent: Path) -> list[Path]:
@@ -287,9 +371,10 @@ def sweep(parent: Path) -> list[Path]:
     for item in leftovers(parent):
         match = WORK_FOLDER.fullmatch(item.name)
         entry = item / "entry"
-        if item.name.startswith(".old-") and match and entry.is_dir() and not (parent / match["name"]).exists():
+        if (item.name.startswith(".old-") and match and not item.is_symlink() and entry.is_dir()
+                and not (parent / match["name"]).exists()):
             os.replace(entry, parent / match["name"])
-        shutil.rmtree(item, ignore_errors=True)
+        remove_tree(item)  # a planted link is removed, never followed
         swept.append(item)
     if swept:
         fsync_path(parent)
