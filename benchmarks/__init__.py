@@ -1,0 +1,1 @@
+"""Benchmarks of stc against its baselines: ``python -m benchmarks`` (see BENCHMARKS.md)."""
