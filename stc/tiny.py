@@ -125,77 +125,32 @@ def build_tiny_tokenizer(pad_token: str = "<|endoftext|>"):
 
 def build_tiny_pipeline():
     """A ``StableDiffusionPipeline`` with random weights and the SD 1.x topology (fp32, CPU)."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DPMSolverMultistepScheduler,
-        StableDiffusionPipeline,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     tokenizer = build_tiny_tokenizer()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SEED)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TINY_TEXT_WIDTH,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            projection_dim=TINY_TEXT_WIDTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text_encoder = CLIPTextModel(text_config)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_RESOLUTION // 8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(16, 32, 32, 32),
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=TINY_TEXT_WIDTH,
-            attention_head_dim=4,
-            norm_num_groups=8,
-        )
-        vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_RESOLUTION,
-        )
-    scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-    )
-    for module in (text_encoder, unet, vae):
-        module.eval().requires_grad_(False)
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+    text = dict(hidden_size=TINY_TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2)
+    unet = dict(block_out_channels=(16, 32, 32, 32), attention_head_dim=4)
+    return _assemble(tokenizer, TINY_SEED, TINY_RESOLUTION, text, unet)
 
 
 def build_tiny_sd2_pipeline():
     """A ``StableDiffusionPipeline`` with random weights and the SD 2.x choices (fp32, CPU)."""
+    tokenizer = build_tiny_tokenizer(pad_token="!")
+    text = dict(
+        hidden_size=TINY_SD2_TEXT_WIDTH,
+        intermediate_size=4 * TINY_SD2_TEXT_WIDTH,  # OpenCLIP's MLP ratio
+        num_hidden_layers=TINY_SD2_TEXT_LAYERS,
+        hidden_act="gelu",  # OpenCLIP's; SD 1's OpenAI CLIP uses quick_gelu
+    )
+    unet = dict(
+        block_out_channels=(16, 32, 64, 64),
+        attention_head_dim=(1, 2, 4, 4),  # heads per block, as SD 2's (5, 10, 20, 20): 16-wide heads
+        use_linear_projection=True,
+        upcast_attention=True,
+    )
+    return _assemble(tokenizer, TINY_SD2_SEED, TINY_SD2_RESOLUTION, text, unet, prediction_type="v_prediction")
+
+
+def _assemble(tokenizer, seed: int, resolution: int, text: dict, unet: dict, prediction_type: str = "epsilon"):
+    """Text encoder, UNet (the 16 cross-attention layers of SD) and VAE drawn from ``seed``, in that order."""
     import torch
     from diffusers import (
         AutoencoderKL,
@@ -205,65 +160,32 @@ def build_tiny_sd2_pipeline():
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tokenizer = build_tiny_tokenizer(pad_token="!")
+    width = text["hidden_size"]
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(TINY_SD2_SEED)
-        text_config = CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=TINY_SD2_TEXT_WIDTH,
-            intermediate_size=4 * TINY_SD2_TEXT_WIDTH,  # OpenCLIP's MLP ratio
-            num_hidden_layers=TINY_SD2_TEXT_LAYERS,
-            num_attention_heads=4,
-            hidden_act="gelu",  # OpenCLIP's; SD 1's OpenAI CLIP uses quick_gelu
-            max_position_embeddings=77,
-            projection_dim=TINY_SD2_TEXT_WIDTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-        text_encoder = CLIPTextModel(text_config)
-        unet = UNet2DConditionModel(
-            sample_size=TINY_SD2_RESOLUTION // 8,
-            in_channels=4,
-            out_channels=4,
-            layers_per_block=2,
-            block_out_channels=(16, 32, 64, 64),
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            vocab_size=len(tokenizer), num_attention_heads=4, max_position_embeddings=77, projection_dim=width,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **text,
+        ))
+        unet_model = UNet2DConditionModel(
+            sample_size=resolution // 8, in_channels=4, out_channels=4, layers_per_block=2,
             down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-            cross_attention_dim=TINY_SD2_TEXT_WIDTH,
-            attention_head_dim=(1, 2, 4, 4),  # heads per block, as SD 2's (5, 10, 20, 20): 16-wide heads
-            use_linear_projection=True,
-            upcast_attention=True,
-            norm_num_groups=8,
+            cross_attention_dim=width, norm_num_groups=8, **unet,
         )
         vae = AutoencoderKL(
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(8, 16, 16, 16),
-            layers_per_block=1,
-            latent_channels=4,
-            norm_num_groups=8,
-            sample_size=TINY_SD2_RESOLUTION,
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=resolution,
         )
     scheduler = DPMSolverMultistepScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        prediction_type="v_prediction",
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        steps_offset=1, prediction_type=prediction_type,
     )
-    for module in (text_encoder, unet, vae):
+    for module in (text_encoder, unet_model, vae):
         module.eval().requires_grad_(False)
     return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

@@ -83,3 +83,32 @@ def trials(default: int = 20) -> int:
         return max(1, int(os.environ.get("STC_FAULT_TRIALS", default)))
     except ValueError:
         return default
+
+
+# Fixtures shared by the reliability test modules (imported there; pytest finds them by name).
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def collector(request):
+    attach(request.config)
+    yield
+    write()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def cli_built_once():
+    """typer rebuilds the command tree on every CliRunner.invoke (~0.1 s); build it once here."""
+    import typer.testing
+
+    built = {}
+    original = typer.testing._get_command
+
+    def get_command(app):
+        if id(app) not in built:
+            built[id(app)] = original(app)
+        return built[id(app)]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(typer.testing, "_get_command", get_command)
+        yield

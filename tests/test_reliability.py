@@ -61,29 +61,7 @@ HIDDEN = (".tmp-", ".old-", ".trash-")
 pytestmark = pytest.mark.reliability
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _collector(request):
-    counts.attach(request.config)
-    yield
-    counts.write()
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _cli_built_once():
-    """typer rebuilds the command tree on every CliRunner.invoke (~0.1 s); build it once here."""
-    import typer.testing
-
-    built = {}
-    original = typer.testing._get_command
-
-    def get_command(app):
-        if id(app) not in built:
-            built[id(app)] = original(app)
-        return built[id(app)]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(typer.testing, "_get_command", get_command)
-        yield
+from reliability_counts import cli_built_once, collector  # noqa: E402,F401  (autouse fixtures)
 
 
 # --------------------------------------------------------------------------- fixtures
