@@ -122,3 +122,33 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
         assert not torch.allclose(plain, bypassed)  # the bypass changes the placeholder position
         assert torch.allclose(seen[(layer, "to_k")], plain, atol=1e-6), f"layer {layer}: keys"
         assert torch.allclose(seen[(layer, "to_v")], bypassed, atol=1e-6), f"layer {layer}: values"
+
+
+def test_text_layers_are_recomputed_in_the_backward_with_identical_gradients(tiny, photos, monkeypatch):
+    """Memory: the 16-row text batch keeps no activations of the recomputed layers; the gradients
+    are exactly those of a step that keeps them."""
+    from accelerate import Accelerator
+
+    import stc.trainer
+    from stc.images import load_photos
+    from stc.training import Trainer
+
+    images = load_photos(photos, 64).images
+
+    def gradients(fraction):
+        monkeypatch.setattr(stc.trainer, "RECOMPUTED_TEXT_LAYERS", fraction)
+        trainer = Trainer(tiny, images, f"<rc{int(fraction * 100)}>", TrainConfig(**FAST), Accelerator(cpu=True))
+        trainer.mapper.eval()
+        first = getattr(trainer.text_encoder, "text_model", trainer.text_encoder).encoder.layers[0]
+        calls = []
+        hook = first.self_attn.register_forward_pre_hook(lambda *args: calls.append(1))  # recomputation stops early
+        loss = trainer.denoising_loss(*trainer.random_batch(), generator=torch.Generator().manual_seed(0))
+        loss.backward()
+        hook.remove()
+        assert "forward" not in vars(first)  # the layer is back to its own forward
+        return [p.grad.clone() for p in trainer.unwrapped_mapper.parameters()], len(calls)
+
+    kept, kept_calls = gradients(0.0)
+    recomputed, recomputed_calls = gradients(2 / 3)
+    assert (kept_calls, recomputed_calls) == (1, 2)  # the first layer ran again in the backward pass
+    assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
