@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from stc.errors import BadInput, ConceptExists, InvalidName
-from stc.conceptio import load_mapper, read_state_dict
+from stc.conceptio import load_mapper
 from stc.registry import Registry
 from stc.training import OBJECT_TEMPLATES, TrainConfig, train_concept
 

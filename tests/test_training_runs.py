@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from stc.cli import app
 from stc.errors import BadInput
-from stc.conceptio import load_mapper, read_state_dict
+from stc.conceptio import read_state_dict
 from stc.registry import Registry
 from stc.training import (
     TrainCallbacks,

@@ -4,7 +4,7 @@ Only this package imports typer and rich. Heavy libraries (torch, diffusers, tra
 imported inside commands, so ``stc --help`` and ``stc ls`` answer instantly.
 """
 
-from . import exchange, render, store, train  # noqa: F401  (registers the commands)
+from . import exchange, inspecting, render, store, train  # noqa: F401  (registers the commands)
 from ._base import app
 
 

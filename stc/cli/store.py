@@ -1,6 +1,6 @@
-"""Registry commands: stc ls, show, inspect, rm, mv, cp.
+"""Registry commands: stc ls, show, rm, mv, cp (``inspect`` is in ``inspecting.py``).
 
-``ls`` and ``show`` never import torch; ``inspect`` does, inside the command.
+None of them imports torch.
 """
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import fnmatch
 import json
 import sys
 from enum import Enum
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -293,118 +292,6 @@ def show(name: NameArg, as_json: JsonOpt = False) -> None:
         _print_json(record)
     else:
         _print_show(record)
-
-
-# --------------------------------------------------------------------------- inspect
-
-
-def _cell_style(fraction: float) -> str:
-    from ..inspection import colormap
-
-    red, green, blue = colormap(fraction)
-    text = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
-    return f"{text} on rgb({red},{green},{blue})"
-
-
-def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
-    from ..inspection import fraction_in, short_layer_name, value_range
-
-    low, high = value_range(values)
-    numbers = out.width >= 16 + 6 * len(grid.timesteps)
-    table = Table(title=title, title_justify="left", box=None, padding=(0, 1), collapse_padding=True,
-                  header_style="bold", pad_edge=False)
-    table.add_column("layer \\ t", no_wrap=True)
-    for timestep in grid.timesteps:
-        table.add_column(str(timestep), justify="right", no_wrap=True)
-    for layer_name, row in zip(grid.layer_names, values):
-        cells = [Text(f"{value:.3f}" if numbers else "  ", style=_cell_style(fraction_in(value, low, high)))
-                 for value in row]
-        table.add_row(Text(short_layer_name(layer_name)), *cells)
-    return table
-
-
-def _legend(values: list[list[float]]) -> Text:
-    from ..inspection import value_range
-
-    low, high = value_range(values)
-    legend = Text("  legend: ")
-    legend.append(f"{low:.3f} ")
-    for step in range(16):
-        legend.append("  ", style=_cell_style(step / 15))
-    legend.append(f" {high:.3f}")
-    return legend
-
-
-def _rank_table(report) -> Table:
-    suggested = report.suggested_rank()
-    has_bypass = report.ranks[0].bypass_mean is not None
-    table = Table(title="Rank r vs full concept (cosine similarity)",
-                  title_justify="left", box=None, header_style="bold", pad_edge=False)
-    table.add_column("rank", justify="right")
-    table.add_column("token mean", justify="right")
-    table.add_column("token min", justify="right")
-    if has_bypass:
-        table.add_column("bypass mean", justify="right")
-        table.add_column("bypass min", justify="right")
-    for agreement in report.ranks:
-        row = [str(agreement.rank), f"{agreement.token_mean:.4f}", f"{agreement.token_min:.4f}"]
-        if has_bypass:
-            row += [f"{agreement.bypass_mean:.4f}", f"{agreement.bypass_min:.4f}"]
-        table.add_row(*row, style="bold green" if agreement.rank == suggested else "")
-    return table
-
-
-def _print_inspection(report) -> None:
-    from ..inspection import AGREEMENT_THRESHOLD
-
-    grid = report.grid
-    out.print(_heatmap_table(f"<{report.name}> token embedding norm (rank {grid.rank})", grid, grid.token))
-    out.print(_legend(grid.token))
-    if grid.bypass is not None:
-        out.print()
-        out.print(_heatmap_table(f"<{report.name}> bypass vector norm (rank {grid.rank})", grid, grid.bypass))
-        out.print(_legend(grid.bypass))
-    out.print()
-    out.print(_rank_table(report))
-    out.print(
-        f"Suggested: --rank {report.suggested_rank()} (the smallest rank whose token embeddings keep a mean "
-        f"cosine of {AGREEMENT_THRESHOLD} to the full concept). Lower ranks are coarser and easier to edit "
-        "with the prompt; higher ranks are more faithful.",
-        highlight=False,
-    )
-
-
-@app.command("inspect")
-@handle_errors
-def inspect_concept(
-    name: NameArg,
-    rank: Annotated[
-        Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, from 1 to the concept's maximum (default: full).")
-    ] = None,
-    steps: Annotated[
-        int, typer.Option("--steps", "-k", help="Timesteps shown, evenly spaced from 999 down to 0.")
-    ] = 10,
-    as_json: JsonOpt = False,
-    plot: Annotated[
-        Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap (token and bypass side by side).")
-    ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
-) -> None:
-    """Show the token and bypass norms per (timestep, layer) and how outputs change with rank."""
-    from .. import inspection
-
-    registry = open_registry()
-    concept = registry.load(name)
-    if plot is not None:
-        inspection.check_plot_path(plot, force)
-    report = inspection.inspect_concept(concept, rank=rank, num_timesteps=steps)
-    if plot is not None:
-        inspection.save_norm_heatmaps(report.grid, plot, concept.name, force=force)
-        err.print(Text(f"Wrote {plot}"), soft_wrap=True)
-    if as_json:
-        _print_json({**report.to_dict(), "plot": str(plot) if plot else None})
-    else:
-        _print_inspection(report)
 
 
 # --------------------------------------------------------------------------- rm, mv, cp
