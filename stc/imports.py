@@ -184,7 +184,7 @@ def _from_embedding(path: Path, name, init, model):
     concept = _new_concept(_concept_name(name, stem), model or default_model(), init or "object", mapper,
                            {"imported_from": str(path.resolve()), "source_format": source})
     notes = ["a textual-inversion embedding: the same vector at every timestep and layer, no bypass; "
-             f"ranks change nothing"]
+             "ranks change nothing"]
     return concept, mapper, source, notes
 
 
