@@ -53,3 +53,22 @@ def one_thread():
     os.environ.setdefault("STC_THREADS", "1")
     torch.set_num_threads(1)
     yield
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket opened during the test raises and is recorded; none may be. HF_HUB_OFFLINE is
+    unset, so nothing may rely on it. Yields the list of attempts."""
+    import socket
+
+    opened = []
+
+    class NoSocket(socket.socket):
+        def __init__(self, *args, **kwargs):
+            opened.append(args)
+            raise OSError("network access in an offline test")
+
+    monkeypatch.setattr(socket, "socket", NoSocket)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    yield opened
+    assert opened == [], "a socket was opened"

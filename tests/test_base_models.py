@@ -1,6 +1,5 @@
 """Base models as users keep them: the default model, offline use, local folders."""
 
-import socket
 
 import pytest
 from helpers import assert_one_line_error, invoke
@@ -34,16 +33,8 @@ def test_stc_model_is_honoured_by_train_and_gen(photos, monkeypatch, tmp_path):
     assert '"base_model": "builtin:tiny"' in result.stdout
 
 
-def test_offline_never_opens_a_socket_and_names_what_to_download(monkeypatch):
-    opened = []
-
-    class NoSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            opened.append(args)
-            raise OSError("network access in an offline test")
-
-    monkeypatch.setattr(socket, "socket", NoSocket)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_offline_never_opens_a_socket_and_names_what_to_download(monkeypatch, no_network):
+    opened = no_network
     result = invoke("--offline", "gen", "a cat", "--model", "nobody/not-downloaded", "--steps", 1)
     assert_one_line_error(result, "nobody/not-downloaded", "hf download nobody/not-downloaded", "offline")
     assert opened == []

@@ -2,7 +2,6 @@
 the method and the whole command line, offline."""
 
 import json
-import socket
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,22 +21,6 @@ FAST = ("--steps", 2, "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)
 @pytest.fixture
 def sd2():
     return load_base_model(TINY_SD2, device="cpu")
-
-
-@pytest.fixture
-def offline(monkeypatch):
-    """No socket may open (HF_HUB_OFFLINE unset: nothing may rely on it)."""
-    opened = []
-
-    class NoSocket(socket.socket):
-        def __init__(self, *args, **kwargs):
-            opened.append(args)
-            raise OSError("network access in an offline test")
-
-    monkeypatch.setattr(socket, "socket", NoSocket)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    yield
-    assert opened == []
 
 
 def test_tiny_sd2_has_the_sd2_choices(sd2):
@@ -112,7 +95,7 @@ def test_the_training_target_is_v(sd2, photos):
     assert loss != pytest.approx(float(((prediction - noise) ** 2).mean()), rel=1e-2)
 
 
-def test_train_gen_grid_inspect_export_offline(photos, tmp_path, offline):
+def test_train_gen_grid_inspect_export_offline(photos, tmp_path, no_network):
     result = invoke("train", photos, "--name", "vcat", "--init", "cat", "--model", TINY_SD2, *FAST)
     assert result.exit_code == 0, result.output
     shown = json.loads(invoke("show", "vcat", "--json").stdout)

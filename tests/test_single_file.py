@@ -7,7 +7,6 @@ socket ever opened.
 
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -23,29 +22,6 @@ from stc.generation import Renderer, RenderSettings
 from stc.models import load_base_model, text_width_of
 
 SETTINGS = RenderSettings(steps=3)
-
-
-class NoNetwork:
-    """Every socket opened while active raises and is recorded."""
-
-    def __init__(self, monkeypatch):
-        self.opened = []
-        opened = self.opened
-
-        class NoSocket(socket.socket):
-            def __init__(self, *args, **kwargs):
-                opened.append(args)
-                raise OSError("network access in an offline test")
-
-        monkeypatch.setattr(socket, "socket", NoSocket)
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # local_files_only must hold on its own
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    guard = NoNetwork(monkeypatch)
-    yield guard
-    assert guard.opened == [], "a socket was opened"
 
 
 @pytest.fixture(scope="module")
