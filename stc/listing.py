@@ -26,7 +26,8 @@ CACHE_FORMAT = 1
 def _stamp(folder: Path) -> list[int] | None:
     """What must not change for a cached record to hold (None: the entry cannot be stamped)."""
     stamp = []
-    for path in (folder, folder / CONCEPT_FILE, folder / WEIGHTS_FILE):
+    base = os.fspath(folder)  # plain strings: pathlib costs more than the stat for thousands of entries
+    for path in (base, os.path.join(base, CONCEPT_FILE), os.path.join(base, WEIGHTS_FILE)):
         try:
             info = os.stat(path)
         except OSError:

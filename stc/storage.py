@@ -8,9 +8,7 @@ Weights files are checked from their safetensors header (JSON) without torch.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import hashlib
 import json
 import math
 import os
@@ -81,6 +79,8 @@ def _expansion_problem(data) -> str | None:
 
 
 def sha256_file(path: Path) -> str:
+    import hashlib
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -288,6 +288,8 @@ def staging_folder(parent: Path, name: str):
 
 def _exchange(first: Path, second: Path) -> bool:
     """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    import ctypes  # here, not at the top (nor hashlib below): stc ls and stc --help start faster
+
     try:
         function = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
@@ -359,9 +361,10 @@ def leftovers(parent: Path) -> list[Path]:
     """Work folders in ``parent`` whose writer is gone (killed mid-write)."""
     if not parent.is_dir():
         return []
-    return [item for item in sorted(parent.iterdir())
-            if item.name.startswith((".tmp-", ".old-", ".trash-")) and (item.is_dir() or item.is_symlink())
-            and _stale(item)]
+    with os.scandir(parent) as entries:  # no stat for the (many) entries that are not work folders
+        found = sorted(entry.name for entry in entries if entry.name.startswith((".tmp-", ".old-", ".trash-"))
+                       and (entry.is_dir() or entry.is_symlink()))
+    return [parent / name for name in found if _stale(parent / name)]
 
 
 def sweep(parent: Path) -> list[Path]:

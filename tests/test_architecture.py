@@ -11,11 +11,19 @@ TORCH_FREE = ["registry.py", "concept.py", "storage.py", "names.py", "trainconfi
 HEAVY = {"torch", "safetensors.torch", "diffusers", "transformers", "stc.mapper", "stc.conceptio", "stc.spacetime"}
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Absolute names of every module imported anywhere in ``path`` (functions included)."""
+# what every `stc` run imports before it knows the command: no command module, nothing heavy
+CLI_STARTUP = ["cli/__init__.py", "cli/_base.py", "cli/_lazy.py"]
+CLI_COMMAND_MODULES = {"stc.cli.exchange", "stc.cli.inspecting", "stc.cli.render", "stc.cli.store", "stc.cli.train"}
+SLOW_TO_IMPORT = {"yaml", "pydantic"}  # ~15 ms and ~80 ms: only where they are used, not at the top of a module
+
+
+def imported_modules(path: Path, top_level: bool = False) -> set[str]:
+    """Absolute names of every module imported anywhere in ``path`` (functions included), or
+    with ``top_level`` only by the module's own body (what importing it costs)."""
     package = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts[:-1])
     found = set()
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in tree.body if top_level else ast.walk(tree):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
@@ -39,6 +47,25 @@ def test_the_cli_asks_the_library_and_never_loads_models_itself():
     for path in sorted((PACKAGE / "cli").glob("*.py")):
         imports = imported_modules(path)
         assert not any(name.startswith("stc.models") for name in imports), path.name
+
+
+def matching(imports: set[str], roots: set[str]) -> list[str]:
+    return sorted(name for name in imports if any(name == root or name.startswith(root + ".") for root in roots))
+
+
+@pytest.mark.parametrize("module", CLI_STARTUP)
+def test_the_cli_start_up_path_imports_no_command_module(module):
+    """stc.cli, its app and its lazy command group load a command's module only when that
+    command runs (stc/cli/_lazy.py), and never anything heavy or slow to import."""
+    imports = imported_modules(PACKAGE / module)
+    assert matching(imports, CLI_COMMAND_MODULES) == [], f"stc/{module} imports a command module"
+    assert matching(imports, HEAVY | SLOW_TO_IMPORT) == [], f"stc/{module}"
+
+
+@pytest.mark.parametrize("module", ["registry.py", "listing.py", "storage.py", "concept.py", "names.py", "errors.py"])
+def test_listing_the_registry_imports_no_yaml_up_front(module):
+    """stc ls reads its cache, not concept.yaml: yaml is imported where YAML is read or written."""
+    assert matching(imported_modules(PACKAGE / module, top_level=True), SLOW_TO_IMPORT) == [], f"stc/{module}"
 
 
 def test_code_cites_only_files_of_the_project():

@@ -94,3 +94,159 @@ def test_help_explains_commands():
     for command in ("train", "gen", "ls"):
         assert command in result.stdout
     assert "--rank" in invoke("gen", "--help").stdout
+
+
+# --------------------------------------------------------------------------- start-up (issue 10)
+
+# One `stc ARGS` run in a fresh interpreter: its output, exit code and every module it imported.
+STARTUP_PROBE = """
+import contextlib, io, json, sys
+sys.argv = ["stc", *json.loads(sys.argv[1])]
+from stc.cli import main
+out, err, code = io.StringIO(), io.StringIO(), 0
+with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    try:
+        main()
+    except SystemExit as exc:
+        code = exc.code or 0
+print(json.dumps({"stdout": out.getvalue(), "stderr": err.getvalue(), "code": code, "modules": sorted(sys.modules)}))
+"""
+COMMAND_MODULES = {"stc.cli.exchange", "stc.cli.inspecting", "stc.cli.render", "stc.cli.store", "stc.cli.train"}
+NEVER_AT_START = {"torch", "diffusers", "transformers", "safetensors", "accelerate", "PIL"}
+
+
+def run_fresh(*args) -> dict:
+    import os
+    import subprocess
+    import sys
+
+    from pathlib import Path
+
+    env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1"}
+    done = subprocess.run([sys.executable, "-c", STARTUP_PROBE, json.dumps([str(arg) for arg in args])],
+                          capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    result["roots"] = {name.split(".")[0] for name in result["modules"]} | set(result["modules"])
+    return result
+
+
+def typer_alone_imports_pydantic() -> bool:
+    """typer 0.2x converts parameters with pydantic; stc.cli._lazy keeps it from being imported.
+    (Should a typer import pydantic up front, the start-up tests cannot ask that of stc.)"""
+    import subprocess
+    import sys
+
+    probe = "import sys, typer; print('pydantic' in sys.modules)"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True).stdout.strip() == "True"
+
+
+def test_help_lists_every_command_without_importing_one():
+    from stc.cli._lazy import COMMANDS
+
+    result = run_fresh("--help")
+    assert result["code"] == 0
+    assert not result["roots"] & (COMMAND_MODULES | NEVER_AT_START | {"yaml"})
+    if not typer_alone_imports_pydantic():
+        assert "pydantic" not in result["roots"]
+    listed = [line.split()[1] for line in result["stdout"].splitlines() if line.startswith("│ ") and len(line) > 3
+              and line.split()[1] in COMMANDS]
+    assert listed == list(COMMANDS)
+
+
+def test_the_lazy_help_is_the_help_of_the_commands_themselves():
+    """`stc --help` (no command module imported: one-line summaries from COMMANDS) prints what
+    it prints with every command built, and COMMANDS names each command's module."""
+    import importlib
+    import inspect
+
+    import typer.main
+
+    from stc.cli import app
+    from stc.cli._lazy import COMMANDS, command_name
+
+    for module in {module for module, _ in COMMANDS.values()}:
+        importlib.import_module(f"stc.cli.{module}")
+    registered = {command_name(info): info for info in app.registered_commands}
+    assert set(registered) == set(COMMANDS)
+    for name, (module, summary) in COMMANDS.items():
+        command = typer.main.get_command_from_info(registered[name], pretty_exceptions_short=True,
+                                                   rich_markup_mode=app.rich_markup_mode)
+        assert registered[name].callback.__module__ == f"stc.cli.{module}", name
+        assert inspect.cleandoc(command.help).split("\n\n")[0] == summary, name
+    built = invoke("--help", env={"COLUMNS": "100", "NO_COLOR": "1"})
+    assert built.exit_code == 0
+    assert run_fresh("--help")["stdout"] == built.stdout
+
+
+@pytest.mark.parametrize("args, module", [
+    (["ls"], "stc.cli.store"),
+    (["show", "nosuch"], "stc.cli.store"),
+    (["gen", "<nosuch> on the moon"], "stc.cli.render"),
+    (["train", ".", "--name", "BAD!"], "stc.cli.train"),
+    (["train", ".", "--name", "x", "--steps", "0", "--lr", "0.002", "--scale-lr"], "stc.cli.train"),
+])
+def test_a_command_imports_its_own_module_only(args, module):
+    result = run_fresh(*args)
+    assert result["code"] == (0 if args == ["ls"] else 1), result["stderr"]
+    assert result["roots"] & COMMAND_MODULES == {module}
+    assert not result["roots"] & NEVER_AT_START
+    if not typer_alone_imports_pydantic():
+        assert "pydantic" not in result["roots"]
+
+
+def test_ls_of_a_cached_registry_reads_no_yaml():
+    from helpers import save_concept
+
+    save_concept("blob")
+    first = run_fresh("ls")  # reads concept.yaml, writes the listing cache
+    assert first["code"] == 0 and "blob" in first["stdout"]
+    again = run_fresh("ls")
+    assert again["stdout"] == first["stdout"]
+    assert "yaml" not in again["roots"]
+
+
+def test_a_mistyped_command_gets_a_suggestion():
+    result = run_fresh("lss")
+    assert result["code"] == 2
+    assert "No such command 'lss'. Did you mean 'ls'?" in result["stderr"]
+
+
+QUICK_SAMPLES = ["0", "7", "-3", "007", "+5", " 5", "1_000", "123456789012345678901", "1.5", "1.", ".5", "1e-3",
+                 "-0.0", "1e400", "inf", "nan", "abc", "", "x/y", ".", "name", "created", "SIZE", "<a> on b", "true"]
+
+
+def test_quick_conversion_gives_what_typer_gives():
+    """Every parameter of every command converts samples to what typer's own (pydantic)
+    conversion gives, or fails with the same message."""
+    coercion = pytest.importorskip("typer._coercion")
+    import importlib
+
+    import typer.main
+
+    from stc.cli import app
+    from stc.cli._lazy import COMMANDS, QuickConversion
+
+    def outcome(convert):
+        try:
+            value = convert()
+        except Exception as exc:  # noqa: BLE001 - the failure itself is compared
+            return "error", type(exc).__name__, str(exc)
+        return "ok", type(value).__name__, repr(value)
+
+    for module in {module for module, _ in COMMANDS.values()}:
+        importlib.import_module(f"stc.cli.{module}")
+    group = typer.main.get_command(app)
+    checked = 0
+    for command in [group, *group.commands.values()]:
+        ctx = command.context_class(command)
+        for param in command.params:
+            multiple = param.multiple or param.nargs == -1
+            values = [(), ("a", "b"), tuple(QUICK_SAMPLES), "a"] if multiple else [*QUICK_SAMPLES, param.default]
+            for value in values:
+                typers = outcome(lambda: coercion.build_runtime_param(param.type_descriptor).coerce(
+                    value, param=param, ctx=ctx))
+                quick = outcome(lambda: QuickConversion(param.type_descriptor).coerce(value, param=param, ctx=ctx))
+                assert quick == typers, (command.name, param.name, value)
+                checked += 1
+    assert checked > 1000

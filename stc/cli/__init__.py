@@ -1,10 +1,11 @@
 """The ``stc`` command line: parse, call the library, render with rich.
 
-Only this package imports typer and rich. Heavy libraries (torch, diffusers, transformers) are
-imported inside commands, so ``stc --help`` and ``stc ls`` answer instantly.
+Only this package imports typer and rich. Each command's module (``exchange``, ``inspecting``,
+``render``, ``store``, ``train``) is imported when that command runs (``_lazy.py``), and heavy
+libraries (torch, diffusers, transformers) inside the commands, so ``stc --help`` and ``stc ls``
+answer instantly.
 """
 
-from . import exchange, inspecting, render, store, train  # noqa: F401  (registers the commands)
 from ._base import app
 
 

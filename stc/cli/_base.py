@@ -1,7 +1,8 @@
 """Shared pieces of the command line: the app, consoles, option aliases, error boundary.
 
-Heavy libraries (torch, diffusers, transformers) are imported inside commands, so
-``stc --help`` and ``stc ls`` answer instantly.
+Heavy libraries (torch, diffusers, transformers) are imported inside commands, and the command
+modules themselves only when their command runs (``_lazy.py``), so ``stc --help`` and ``stc ls``
+answer instantly.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import StcError
+from ._lazy import LazyGroup, QuickTyper
 
-app = typer.Typer(
+app = QuickTyper(
+    cls=LazyGroup,
     name="stc",
     help="Personalize Stable Diffusion with neural space-time concepts (NeTI): train a concept "
     "from a few photos, keep it in a local registry, render it at any truncation rank.",

@@ -12,8 +12,8 @@ from enum import Enum
 from typing import Annotated, Optional
 
 import typer
+from rich.control import strip_control_codes
 from rich.markup import escape
-from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConceptNotFound, ConfirmationRequired
@@ -106,10 +106,16 @@ def _print_ls_table(records: list[dict]) -> None:
         cells = [f"{value:{align}{width}}" for value, (_, align), width in zip(row, LS_COLUMNS, widths)]
         return "  ".join(cells).rstrip()
 
-    lines = [Text(line(header), style="bold")]
-    for row, record in zip(rows, records):
-        lines.append(Text(line(row), style="" if record["complete"] and not record.get("weights_problem") else "yellow"))
-    out.print(Text("\n").join(lines), soft_wrap=True, highlight=False)
+    # one Text with a style span per line: the same output as joining a Text per line, built
+    # without a thousand Text objects
+    lines = [strip_control_codes(line(row)) for row in (header, *rows)]
+    styles = ["bold"] + ["" if record["complete"] and not record.get("weights_problem") else "yellow"
+                         for record in records]
+    text, start = Text("\n".join(lines)), 0
+    for plain, style in zip(lines, styles):
+        text.stylize(style, start, start + len(plain))
+        start += len(plain) + 1
+    out.print(text, soft_wrap=True, highlight=False)
 
 
 @app.command("ls")
@@ -228,6 +234,8 @@ def _compact(value) -> str:
 
 
 def _key_values(title: str, rows: list[tuple[str, object]]) -> None:
+    from rich.table import Table  # here, not at the top: stc ls prints plain columns
+
     out.print(Text(title, style="bold"))
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="dim", no_wrap=True)
@@ -335,6 +343,8 @@ def rm(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
 ) -> None:
     """Delete concepts (shows what goes and its size, then asks unless --yes)."""
+    from rich.table import Table
+
     registry = open_registry()
     plan = _removal_plan(registry, names)
     total = sum(entry["size"] for entry in plan)
