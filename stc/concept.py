@@ -165,6 +165,9 @@ class Concept:
     path: Path | None = None
     extra: dict = field(default_factory=dict)  # keys this stc does not know; written back as they are
     migrated_from: int | None = None  # schema version of the file on disk, when older than ours
+    # (device, inode, mtime, ctime) of the concept.yaml this was read from: a reader that finds the
+    # weights changed can tell a re-save (a new file, even one with the same content) from damage
+    source_stamp: tuple | None = field(default=None, compare=False, repr=False)
 
     @property
     def token(self) -> str:

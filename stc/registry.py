@@ -132,9 +132,19 @@ def _changed_meanwhile(concept: Concept) -> str | None:
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
         return None
     recorded = data.get("weights_sha256", data.get("sha256")) if isinstance(data, dict) else None
+    resaved = f"{concept.name!r} was saved again by another process while it was being read; try again"
     if concept.weights_sha256 and recorded and recorded != concept.weights_sha256:
-        return f"{concept.name!r} was saved again by another process while it was being read; try again"
+        return resaved
+    try:  # saved again with the same content meanwhile (A, then B, then A again): a new file
+        if concept.source_stamp is not None and _stamp(os.stat(meta)) != concept.source_stamp:
+            return resaved
+    except OSError:
+        return None
     return None
+
+
+def _stamp(info: os.stat_result) -> tuple:
+    return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def preview_paths(folder: Path) -> list[Path]:
@@ -219,7 +229,9 @@ class Registry:
         try:
             if not meta.is_file():
                 raise FileNotFoundError(meta)
-            data = yaml_load(meta.read_text(encoding="utf-8"))
+            with open(meta, "rb") as handle:  # the stamp of the very file that is read
+                stamp = _stamp(os.fstat(handle.fileno()))
+                data = yaml_load(handle.read().decode("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CorruptConcept(f"{meta} is not valid YAML: {_one_line(exc)}") from exc
         except OSError as exc:
@@ -231,7 +243,9 @@ class Registry:
             raise CorruptConcept(f"{meta} cannot be read: {exc.strerror or exc}") from exc
         if not isinstance(data, dict):
             raise CorruptConcept(f"{meta} does not hold a mapping")
-        return Concept.from_yaml_dict(data, path)
+        concept = Concept.from_yaml_dict(data, path)
+        concept.source_stamp = stamp
+        return concept
 
     def names(self) -> list[str]:
         """Names of the entries (folders with a valid name), loadable or not."""
@@ -382,6 +396,7 @@ class Registry:
                 commit_folder(staging, path)
         concept.path = path
         concept.migrated_from = None
+        concept.source_stamp = None  # not read from disk: nothing to compare a later check with
         return concept
 
     def rename(self, old: str, new: str) -> Concept:

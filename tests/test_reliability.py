@@ -440,6 +440,31 @@ def test_a_reader_racing_a_save_is_told_so_not_that_the_concept_is_damaged(spec,
         registry.load("hot")
 
 
+def test_a_reader_racing_two_saves_that_restore_the_same_content_is_told_so(spec, stc_home, monkeypatch):
+    """A -> B -> A while one reader checks: it read concept.yaml of A, hashes B's weights, and
+    finds concept.yaml recording A again. The content is the same, the file is not: still a
+    race, never "damaged" (the one failure of the stress test above under heavy load)."""
+    from stc import registry as registry_module
+
+    registry = Registry()
+    registry.save(fault_worker.concept("hot", "A"), fault_worker.WEIGHTS["A"])
+    loaded = registry.load("hot")
+    registry.save(fault_worker.concept("hot", "B"), fault_worker.WEIGHTS["B"], overwrite=True)
+    real_hash = registry_module.sha256_file
+
+    def hash_then_restore_a(path):
+        digest = real_hash(path)  # B's weights
+        registry.save(fault_worker.concept("hot", "A"), fault_worker.WEIGHTS["A"], overwrite=True)
+        return digest
+
+    monkeypatch.setattr(registry_module, "sha256_file", hash_then_restore_a)
+    check = registry.verify(loaded)
+    monkeypatch.undo()
+    assert registry.load("hot").weights_sha256 == loaded.weights_sha256  # the same content again
+    assert not check.ok and "saved again by another process" in check.problem, check.problem
+    assert registry.verify(registry.load("hot")).ok
+
+
 def test_a_load_racing_a_removal_is_not_found_not_damaged(stc_home, monkeypatch):
     """A listing saw the folder; it is removed before concept.yaml is read: ConceptNotFound."""
     from helpers import save_concept
