@@ -13,7 +13,10 @@ from .errors import ModelError
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
-BUILTINS = (TINY, TINY_SD2)  # random-weight test models in the SD 1.x and SD 2.x layouts (stc/tiny.py)
+SHAPES = "builtin:shapes"
+# random-weight test models in the SD 1.x and SD 2.x layouts (stc/tiny.py), and the trained
+# shapes world (stc/worlds/shapes)
+BUILTINS = (TINY, TINY_SD2, SHAPES)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
@@ -164,6 +167,10 @@ def check_device(device: str | None) -> str:
 
 @lru_cache(maxsize=len(BUILTINS))
 def _builtin_pipeline(spec: str):
+    if spec == SHAPES:
+        from .worlds.shapes.model import build_shapes_pipeline
+
+        return build_shapes_pipeline()
     from .tiny import build_tiny_pipeline, build_tiny_sd2_pipeline
 
     return {TINY: build_tiny_pipeline, TINY_SD2: build_tiny_sd2_pipeline}[spec]()
@@ -229,8 +236,9 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
 
     if spec in BUILTINS:
         from .tiny import TINY_SD2_TEXT_WIDTH, TINY_TEXT_WIDTH
+        from .worlds.shapes.model import TEXT_WIDTH as SHAPES_TEXT_WIDTH
 
-        return TINY_TEXT_WIDTH if spec == TINY else TINY_SD2_TEXT_WIDTH
+        return {TINY: TINY_TEXT_WIDTH, TINY_SD2: TINY_SD2_TEXT_WIDTH, SHAPES: SHAPES_TEXT_WIDTH}[spec]
     path = Path(spec).expanduser()
     if path.is_file():
         from .ldm import checkpoint_text_width
@@ -281,7 +289,7 @@ def load_base_model(
     if spec in BUILTINS:
         pipeline = copy.deepcopy(_builtin_pipeline(spec))
     elif spec.startswith("builtin:"):
-        raise ModelError(f"unknown builtin model {spec!r}; the builtin ones are {' and '.join(BUILTINS)}")
+        raise ModelError(f"unknown builtin model {spec!r}; the builtin ones are {', '.join(BUILTINS)}")
     else:
         path = Path(spec).expanduser()
         if path.is_dir():

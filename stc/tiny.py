@@ -79,14 +79,14 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return symbols
 
 
-@lru_cache(maxsize=1)
-def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
-    """Vocabulary and merges of the tiny tokenizer; every word in WORDS is one token."""
+@lru_cache(maxsize=4)
+def tiny_vocab_and_merges(words: tuple[str, ...] = tuple(WORDS)) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of the tiny tokenizer; every word in ``words`` is one token."""
     byte_chars = list(bytes_to_unicode().values())
     vocab_list = byte_chars + [c + "</w>" for c in byte_chars]
     merges: list[tuple[str, str]] = []
     ranks: dict[tuple[str, str], int] = {}
-    words = sorted({w for w in WORDS if w.isalpha()}, key=lambda w: (len(w), w))
+    words = sorted({w for w in words if w.isalpha()}, key=lambda w: (len(w), w))
 
     def add_merge(a: str, b: str) -> None:
         if (a, b) not in ranks:
@@ -112,11 +112,12 @@ def tiny_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
     return {token: index for index, token in enumerate(vocab_list)}, merges
 
 
-def build_tiny_tokenizer(pad_token: str = "<|endoftext|>"):
-    """The tiny CLIP-layout tokenizer; SD 2's tokenizer pads with ``!`` instead of the end token."""
+def build_tiny_tokenizer(pad_token: str = "<|endoftext|>", words: tuple[str, ...] = tuple(WORDS)):
+    """The tiny CLIP-layout tokenizer; SD 2's tokenizer pads with ``!`` instead of the end token.
+    ``words`` are the single-token words (builtin:shapes adds its own)."""
     from transformers import CLIPTokenizer
 
-    vocab, merges = tiny_vocab_and_merges()
+    vocab, merges = tiny_vocab_and_merges(tuple(words))
     tokenizer = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77, pad_token=pad_token)
     if len(tokenizer("a photo of a cat").input_ids) != 7:  # bos + 5 words + eos
         raise RuntimeError("the builtin:tiny tokenizer does not tokenize; transformers changed its API")

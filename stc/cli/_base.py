@@ -39,7 +39,8 @@ ModelOpt = Annotated[
         "--model",
         "-m",
         help="Base model: a hub id, a local diffusers folder, a single-file SD 1.x/2.x checkpoint (.safetensors, "
-        "or a weights-only .ckpt), or builtin:tiny / builtin:tiny-sd2 (default: the concept's, else STC_MODEL or "
+        "or a weights-only .ckpt), builtin:shapes (a tiny trained world of coloured shapes, 32 px), or "
+        "builtin:tiny / builtin:tiny-sd2 (random weights, for tests) (default: the concept's, else STC_MODEL or "
         "model: in $STC_HOME/config.yaml, else SD 1.5).",
     ),
 ]

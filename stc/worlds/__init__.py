@@ -1,0 +1,1 @@
+"""Small synthetic worlds with really trained Stable Diffusion-topology models (``builtin:shapes``)."""
