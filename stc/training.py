@@ -28,6 +28,20 @@ PREVIEW_PROMPTS = {
     "style": ["a painting in the style of {}", "a house in the style of {}", "a cat in the style of {}"],
 }
 PREVIEW_SEEDS = [0, 1]
+# builtin:shapes knows only coloured shapes on plain backgrounds: its previews ask for those
+SHAPES_PREVIEW_PROMPTS = ["a photo of a {}", "a {} on a green background", "a {} on a blue background"]
+
+
+def preview_prompts(kind: str, base_model: str) -> list[str]:
+    if base_model == "builtin:shapes" and kind == "object":
+        return SHAPES_PREVIEW_PROMPTS
+    return PREVIEW_PROMPTS[kind]
+
+
+def suggested_prompt(concept) -> str:
+    """The prompt ``stc train`` suggests trying next (the second preview prompt)."""
+    kind = concept.training.config.kind if concept.training.config else "object"
+    return preview_prompts(kind, concept.base_model)[1].format(concept.token)
 
 
 @dataclass
@@ -140,7 +154,7 @@ def render_preview(base, concept: Concept, mapper, kind: str, resolution: int, s
 
     renderer = Renderer(base, {concept.name: (concept, mapper)})
     settings = RenderSettings(steps=steps, width=resolution, height=resolution)
-    prompts = [prompt.format(concept.token) for prompt in PREVIEW_PROMPTS[kind]]
+    prompts = [prompt.format(concept.token) for prompt in preview_prompts(kind, concept.base_model)]
     columns = [renderer.render(prompt, PREVIEW_SEEDS, settings) for prompt in prompts]
     rows = [[column[index].image for column in columns] for index in range(len(PREVIEW_SEEDS))]
     buffer = io.BytesIO()

@@ -170,7 +170,9 @@ def _summary(concept) -> None:
         f"loss {metrics.final_loss:.4f}, eval loss {before}{metrics.eval_loss_after:.4f}",
         highlight=False,
     )
-    err.print(f'Use it: stc gen "{concept.token} on the beach" --rank 8', highlight=False)
+    from ..training import suggested_prompt
+
+    err.print(f'Use it: stc gen "{suggested_prompt(concept)}" --rank 8', highlight=False)
     out.print(str(concept.path), highlight=False, soft_wrap=True)
 
 
