@@ -203,7 +203,7 @@ def table(results: dict) -> str:
     for rank, scores in neti.items():
         lines.append(f"| {rank} | " + " | ".join(_cells(scores)) + " |")
     lines += ["", "**Ablation at full rank (equal steps)**", "",
-              "| variant | fidelity | editability | edit+concept | recolour | held-out loss before → after |",
+              "| variant | fidelity | editability | edit+concept | recolour | denoising loss on the photos (fixed noise) before → after |",
               "|---|---|---|---|---|---|"]
     for variant, data in results["variants"].items():
         full = data["ranks"][max(data["ranks"], key=int)]
