@@ -149,7 +149,7 @@ def test_the_shipped_world_draws_what_a_plain_prompt_asks_for(world):
     assert hits["background"] >= 10 and hits["colour"] >= 9, hits
 
 
-def held_out_loss(world, mapper_state, steps_seed=0):
+def held_out_loss(world, mapper_state):
     """Denoising loss of the concept on 5 unseen photos of it (fixed noise and timesteps)."""
     import copy
 
@@ -166,7 +166,7 @@ def held_out_loss(world, mapper_state, steps_seed=0):
     return trainer.evaluate()
 
 
-def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(world, tmp_path):
+def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(world):
     from pathlib import Path
 
     from stc.conceptio import load_mapper

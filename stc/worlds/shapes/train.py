@@ -222,8 +222,6 @@ def evaluate_world(pipeline, config: WorldConfig, seeds=(0,)) -> dict:
     held-out one excluded) and read each image back with the checker."""
     import torch
 
-    from . import PALETTE  # noqa: F401  (the palette defines the prompts' colours)
-
     counts = {"background": 0, "colour": 0, "shape": 0, "all": 0}
     total = 0
     prompts = [(c, s, b) for c in COLOURS for s in SHAPES for b in COLOURS if c != b and (c, s) != HELD_OUT]
