@@ -14,8 +14,9 @@ def main(argv=None) -> int:
                                      description="Train the shapes world (builtin:shapes) from scratch.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train the VAE, then the UNet and text encoder; write the weights")
-    train.add_argument("--out", type=Path, default=Path(__file__).parent,
-                       help="folder for shapes.safetensors and training.json (default: the package's)")
+    train.add_argument("--out", type=Path, default=Path("shapes-world"),
+                       help="folder for shapes.safetensors, training.json and the run's checkpoints (default "
+                            "./shapes-world); copy the first two into stc/worlds/shapes/ to ship them")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     train.add_argument("--reuse-vae", action="store_true",
                        help="take the VAE stage from an earlier run in --out (vae-stage.safetensors)")
