@@ -28,6 +28,18 @@ def assert_one_line_error(result, *fragments, code=1):
         assert fragment in result.stderr, result.stderr
 
 
+def assert_close_in_scale(actual, expected, rel: float) -> None:
+    """``max |actual - expected| <= rel * max |expected|``: for floats computed along two different
+    code paths (another kernel, memory layout or batch shape sums in another order), whose
+    difference is rounding relative to the values' scale, not an absolute amount. Each caller
+    says why its ``rel`` holds on any CPU."""
+    actual, expected = torch.as_tensor(actual).double(), torch.as_tensor(expected).double()
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    scale = float(expected.abs().max())
+    difference = float((actual - expected).abs().max())
+    assert difference <= rel * scale, f"max difference {difference:.3g} exceeds {rel:g} x scale {scale:.3g}"
+
+
 def make_mapper(seed: int = 0) -> NeTIMapper:
     """A random mapper for builtin:tiny's text width (32), in eval mode."""
     mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))

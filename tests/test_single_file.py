@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke
+from helpers import assert_close_in_scale, assert_one_line_error, invoke
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -42,6 +42,14 @@ def written(tmp_path_factory):
 
 def latents(base, prompt="a cat on the moon"):
     return Renderer(base, {}).latents(prompt, [0], SETTINGS)
+
+
+# A single file and the builtin it was written from hold identical weights (asserted exactly), but
+# the loaded tensors are laid out differently in memory, so the CPU picks other kernels and sums
+# in another order: fp32 rounding, ~1e-6 of the latents' scale after 3 steps (measured: 4.2e-5 at
+# values up to 48.6). 1e-4 of the scale leaves 100x margin; a real conversion error (one wrong or
+# transposed weight) moves the latents by a sizeable fraction of their scale.
+LAYOUT_TOLERANCE = 1e-4
 
 
 def same_weights(a, b) -> list[str]:
@@ -81,7 +89,7 @@ def test_a_single_file_with_model_config_renders_as_the_builtin(written, spec, n
         builtin.text_width, builtin.default_resolution, builtin.prediction_type)
     for module in ("unet", "vae", "text_encoder"):
         assert same_weights(getattr(builtin.pipeline, module), getattr(single.pipeline, module)) == [], module
-    assert torch.allclose(latents(builtin), latents(single), atol=1e-6)
+    assert_close_in_scale(latents(single), latents(builtin), LAYOUT_TOLERANCE)
 
 
 def test_single_file_through_the_cli_gives_the_builtin_image(written, tmp_path, photos, no_network):
@@ -94,7 +102,9 @@ def test_single_file_through_the_cli_gives_the_builtin_image(written, tmp_path, 
         with Image.open(record["path"]) as image:
             images.append(np.asarray(image.convert("RGB")))
     assert record["base_model"] == str(path.resolve())
-    assert np.array_equal(images[0], images[1])
+    # the latents agree to LAYOUT_TOLERANCE of their scale; decoded and rounded to 8 bits, a pixel
+    # may land one level off where a value sits on a rounding boundary, never more
+    assert int(np.abs(images[0].astype(int) - images[1].astype(int)).max()) <= 1
 
     result = invoke("train", photos, "--name", "single", "--init", "cat", "--model", path, "--model-config", folder,
                     "--steps", 1, "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)
@@ -111,8 +121,8 @@ def test_a_weights_only_ckpt_loads_and_a_ckpt_needing_code_is_refused(written, t
 
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(path)), "global_step": 7, "epoch": 1}, ckpt)
-    assert torch.allclose(latents(load_base_model(str(ckpt), device="cpu", config=str(folder))),
-                          latents(load_base_model("builtin:tiny", device="cpu")), atol=1e-6)
+    assert_close_in_scale(latents(load_base_model(str(ckpt), device="cpu", config=str(folder))),
+                          latents(load_base_model("builtin:tiny", device="cpu")), LAYOUT_TOLERANCE)
 
     ran = tmp_path / "ran"
 
@@ -184,7 +194,7 @@ def test_shipped_configs_with_a_tokenizer_folder_render_as_the_builtin(tiny_fami
     tokenizer_only = tmp_path / "tok"
     shutil.copytree(folder / "tokenizer", tokenizer_only)
     single = load_base_model(str(path), device="cpu", config=str(tokenizer_only))
-    assert torch.allclose(latents(single), latents(load_base_model("builtin:tiny", device="cpu")), atol=1e-6)
+    assert_close_in_scale(latents(single), latents(load_base_model("builtin:tiny", device="cpu")), LAYOUT_TOLERANCE)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelError, match="neither model_index.json nor a tokenizer"):
@@ -202,7 +212,7 @@ def test_shipped_configs_take_the_tokenizer_from_the_local_hub_cache(tiny_family
     single = load_base_model(str(path), device="cpu")
     assert single.pipeline.tokenizer("a photo of a cat").input_ids == load_base_model(
         "builtin:tiny", device="cpu").pipeline.tokenizer("a photo of a cat").input_ids
-    assert torch.allclose(latents(single), latents(load_base_model("builtin:tiny", device="cpu")), atol=1e-6)
+    assert_close_in_scale(latents(single), latents(load_base_model("builtin:tiny", device="cpu")), LAYOUT_TOLERANCE)
 
 
 def test_prediction_type_comes_from_the_option_then_the_file_then_the_config(written, tmp_path, monkeypatch,
