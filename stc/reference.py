@@ -25,7 +25,7 @@ import io
 import pickle
 import zipfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -131,12 +131,30 @@ _ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles a torch zip checkpoint's ``data.pkl``, resolving only ``_ALLOWED_GLOBALS``."""
+class _ParameterDict(dict):
+    """What ``torch.nn.ParameterDict`` unpickles to here: a plain dict of its tensors. The original
+    textual-inversion layout (A1111, kohya) stores ``string_to_param`` as one; its pickled state
+    is data (``_parameters``), so nothing runs to read it."""
 
-    def __init__(self, archive: zipfile.ZipFile, prefix: str, source: Path, byteorder: str):
-        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
-        self.archive, self.prefix, self.source, self.byteorder = archive, prefix, source, byteorder
+    def __setstate__(self, state: Any) -> None:
+        parameters = state.get("_parameters") if isinstance(state, dict) else None
+        if not isinstance(parameters, dict):
+            raise ValueError("a pickled ParameterDict without its _parameters")
+        self.update(parameters)
+
+
+_ALLOWED_GLOBALS[("torch.nn.modules.container", "ParameterDict")] = _ParameterDict
+
+StorageReader = Callable[[str, torch.dtype, int], torch.Tensor]  # (key, dtype, numel) -> 1-d tensor
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickles a torch checkpoint's object pickle, resolving only ``_ALLOWED_GLOBALS``; tensor
+    storages come from ``read_storage`` (the zip archive's members, or a legacy file's data)."""
+
+    def __init__(self, data: bytes, source: Path, read_storage: StorageReader | None = None):
+        super().__init__(io.BytesIO(data))
+        self.source, self.read_storage = source, read_storage
         self.storages: dict[str, torch.Tensor] = {}
 
     def find_class(self, module: str, name: str) -> Any:
@@ -149,32 +167,39 @@ class RestrictedUnpickler(pickle.Unpickler):
         return found
 
     def persistent_load(self, pid: Any) -> torch.Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"
-                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int)):
+        """A storage record: ``('storage', type, key, location, numel)`` in zip files, with a sixth
+        entry (a view of another storage, or None) in legacy ones, which also record each pickled
+        module's class (one of the stand-ins ``find_class`` gave). Every location maps to the CPU."""
+        if isinstance(pid, tuple) and len(pid) == 4 and pid[0] == "module":  # legacy files: a module's class
+            if isinstance(pid[1], type) and pid[1] in _ALLOWED_GLOBALS.values():  # already through find_class
+                return pid[1]
+            raise ValueError(f"a module record of {str(pid[1])[:60]}")
+        if not (isinstance(pid, tuple) and len(pid) in (5, 6) and pid[0] == "storage"
+                and isinstance(pid[1], _StorageType) and isinstance(pid[4], int) and self.read_storage):
             raise ValueError(f"unknown persistent record {str(pid)[:80]}")
-        _, storage_type, key, _location, numel = pid  # every location maps to the CPU
-        key = str(key)
+        storage_type, key, numel = pid[1], str(pid[2]), pid[4]
         if key not in self.storages:
-            self.storages[key] = self._read_storage(key, storage_type.dtype, numel)
-        return self.storages[key]
+            self.storages[key] = self.read_storage(key, storage_type.dtype, numel)
+        storage = self.storages[key]
+        view = pid[5] if len(pid) == 6 else None
+        if view is None:
+            return storage
+        view_key, offset, size = view
+        if not (isinstance(offset, int) and isinstance(size, int) and 0 <= offset <= offset + size <= numel):
+            raise ValueError(f"a storage view {str(view)[:60]} outside its storage")
+        return self.storages.setdefault(str(view_key), storage[offset : offset + size])
 
-    def _read_storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
-        name = f"{self.prefix}data/{key}"
-        if name not in self.archive.namelist():
-            raise ValueError(f"the archive has no {name} for a tensor it refers to")
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        declared = self.archive.getinfo(name).file_size  # before reading: a small file may inflate hugely
-        if declared != numel * itemsize:
-            raise ValueError(f"{name} holds {declared} bytes, not {numel} x {itemsize}")
-        raw = self.archive.read(name)
-        if len(raw) != numel * itemsize:
-            raise ValueError(f"{name} holds {len(raw)} bytes, not {numel} x {itemsize}")
-        if not raw:
-            return torch.empty(0, dtype=dtype)
-        data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
-        if self.byteorder == "big" and itemsize > 1:
-            data = data.view(-1, itemsize).flip(-1).contiguous().view(-1)
-        return data.view(dtype)
+
+def _storage_from_bytes(raw: bytes, dtype: torch.dtype, numel: int, name: str, byteorder: str) -> torch.Tensor:
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if len(raw) != numel * itemsize:
+        raise ValueError(f"{name} holds {len(raw)} bytes, not {numel} x {itemsize}")
+    if not raw:
+        return torch.empty(0, dtype=dtype)
+    data = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    if byteorder == "big" and itemsize > 1:
+        data = data.view(-1, itemsize).flip(-1).contiguous().view(-1)
+    return data.view(dtype)
 
 
 def _archive_prefix(archive: zipfile.ZipFile, path: Path) -> str:
@@ -194,31 +219,115 @@ def _byteorder(archive: zipfile.ZipFile, prefix: str, path: Path) -> str:
     return order
 
 
+def _read_archive(archive: zipfile.ZipFile, path: Path) -> Any:
+    prefix = _archive_prefix(archive, path)
+    byteorder = _byteorder(archive, prefix, path)
+    names = set(archive.namelist())
+
+    def read_storage(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        name = f"{prefix}data/{key}"
+        if name not in names:
+            raise ValueError(f"the archive has no {name} for a tensor it refers to")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        declared = archive.getinfo(name).file_size  # before reading: a small file may inflate hugely
+        if declared != numel * itemsize:
+            raise ValueError(f"{name} holds {declared} bytes, not {numel} x {itemsize}")
+        return _storage_from_bytes(archive.read(name), dtype, numel, name, byteorder)
+
+    return RestrictedUnpickler(archive.read(prefix + "data.pkl"), path, read_storage).load()
+
+
+# The legacy format (torch.save before torch 1.6, or _use_new_zipfile_serialization=False): five
+# pickles in a row (magic number, protocol version, system info, the object, its storage keys),
+# then each storage's data as an int64 element count and the raw little-endian bytes.
+LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+LEGACY_PROTOCOL = 1001
+
+
+def _pickle_end(data: bytes, start: int) -> int:
+    """Where the pickle starting at ``start`` ends, found by parsing its opcodes (nothing runs)."""
+    import pickletools
+
+    for opcode, _, position in pickletools.genops(io.BytesIO(data[start:])):
+        if opcode.name == "STOP":
+            return start + position + 1
+    raise ValueError("a pickle without its end")
+
+
+def _read_legacy(data: bytes, path: Path) -> Any:
+    header, position = [], 0
+    for _ in range(3):  # magic number, protocol version, system info: plain data, no globals
+        try:
+            end = _pickle_end(data, position)
+            header.append(RestrictedUnpickler(data[position:end], path).load())
+        except Exception as exc:
+            if header:
+                raise
+            raise BadCheckpoint(f"{path} is not a torch checkpoint (neither a zip archive nor the legacy "
+                                "format)") from exc
+        if header[0] != LEGACY_MAGIC or header[1:2] not in ([], [LEGACY_PROTOCOL]):
+            raise BadCheckpoint(f"{path} is not a torch checkpoint (neither a zip archive nor the legacy format)")
+        position = end
+    object_start, object_end = position, _pickle_end(data, position)
+    keys_end = _pickle_end(data, object_end)
+    keys = RestrictedUnpickler(data[object_end:keys_end], path).load()
+    if not (isinstance(keys, list) and all(isinstance(key, str) for key in keys)):
+        raise ValueError("the storage key list is not a list of names")
+    declared = {}  # key -> (dtype, numel), from the object's storage records (a first, inert pass)
+
+    def note(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if numel < 0 or numel * torch.empty((), dtype=dtype).element_size() > len(data):
+            raise ValueError(f"storage {key} claims {numel} elements, more than the file holds")
+        declared[key] = (dtype, numel)
+        return torch.zeros(numel, dtype=dtype)
+
+    RestrictedUnpickler(data[object_start:object_end], path, note).load()
+    storages, position = {}, keys_end
+    for key in keys:
+        if key not in declared:
+            raise ValueError(f"storage {key} is listed but no tensor uses it")
+        dtype, numel = declared[key]
+        count = int.from_bytes(data[position : position + 8], "little", signed=True)
+        if count != numel:
+            raise ValueError(f"storage {key} holds {count} elements, not {numel}")
+        size = numel * torch.empty((), dtype=dtype).element_size()
+        raw = data[position + 8 : position + 8 + size]
+        storages[key] = _storage_from_bytes(raw, dtype, numel, f"storage {key}", "little")
+        position += 8 + size
+
+    def stored(key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
+        if key not in storages:
+            raise ValueError(f"the file has no data for storage {key}")
+        return storages[key]
+
+    return RestrictedUnpickler(data[object_start:object_end], path, stored).load()
+
+
 def read_torch_checkpoint(path: str | Path) -> Any:
-    """The object a ``torch.save`` zip checkpoint holds, rebuilt without running its pickle's code.
+    """The object a ``torch.save`` file holds (zip format, or the legacy format of torch < 1.6),
+    rebuilt without running its pickle's code.
 
     Tensors come back on the CPU in their saved dtype; the reference's encoder classes come back
-    as :class:`PickledModule` stand-ins. Raises :class:`UnsafeCheckpoint` for any other global and
-    :class:`BadCheckpoint` for files that are not intact zip-format torch checkpoints.
+    as :class:`PickledModule` stand-ins and ``nn.ParameterDict`` as a plain dict. Raises
+    :class:`UnsafeCheckpoint` for any other global and :class:`BadCheckpoint` for files that are
+    not intact torch checkpoints.
     """
     path = Path(path)
     try:
-        archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile as exc:
-        raise BadCheckpoint(
-            f"{path} is not a zip-format torch checkpoint (torch.save has written zip archives since "
-            "torch 1.6); legacy pickles are not read, because reading them means running them"
-        ) from exc
+        data = path.read_bytes()
     except OSError as exc:
         raise BadCheckpoint(f"{path} cannot be read: {exc.strerror or exc}") from exc
-    with archive:
-        prefix = _archive_prefix(archive, path)
-        try:
-            return RestrictedUnpickler(archive, prefix, path, _byteorder(archive, prefix, path)).load()
-        except (UnsafeCheckpoint, BadCheckpoint):
-            raise
-        except Exception as exc:  # any malformed pickle or archive member: report, never crash
-            raise BadCheckpoint(f"{path} is a damaged torch checkpoint: {type(exc).__name__}: {exc}") from exc
+    zip_format = data.startswith(b"PK\x03\x04")  # a zip archive's first local header
+    try:
+        if zip_format:
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                return _read_archive(archive, path)
+        return _read_legacy(data, path)
+    except (UnsafeCheckpoint, BadCheckpoint):
+        raise
+    except Exception as exc:  # any malformed pickle or archive member: report, never crash
+        kind = "zip-format" if zip_format else "legacy-format"
+        raise BadCheckpoint(f"{path} is a damaged {kind} torch checkpoint: {type(exc).__name__}: {exc}") from exc
 
 
 # --------------------------------------------------------------------------- reference layout

@@ -205,11 +205,11 @@ def test_code_hidden_in_a_torch_saved_dict_is_refused(tmp_path):
     assert not target.exists()
 
 
-def test_files_that_are_not_torch_zip_checkpoints_get_clear_errors(tmp_path):
-    legacy = tmp_path / "legacy.pt"
-    legacy.write_bytes(pickle.dumps({"a": 1}, protocol=2))
-    with pytest.raises(BadCheckpoint, match="not a zip-format torch checkpoint"):
-        read_reference_mapper(legacy)
+def test_files_that_are_not_torch_checkpoints_get_clear_errors(tmp_path):
+    plain = tmp_path / "plain.pt"
+    plain.write_bytes(pickle.dumps({"a": 1}, protocol=2))  # a pickle, but not torch.save's layout
+    with pytest.raises(BadCheckpoint, match="not a torch checkpoint"):
+        read_reference_mapper(plain)
     no_pickle = _write_archive(tmp_path / "no-pickle.pt", {"version": "3\n", "data/0": b"\0" * 4})
     with pytest.raises(BadCheckpoint, match="no single data.pkl"):
         read_reference_mapper(no_pickle)
@@ -254,6 +254,42 @@ def test_tensors_round_trip_in_every_layout(tmp_path):
         assert type(loaded[key]) is torch.Tensor and loaded[key].dtype == expected.dtype, key
         assert torch.equal(loaded[key], expected.detach()), key
     assert loaded["shared"].data_ptr() == loaded["view"].data_ptr()  # one storage, as saved
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_legacy_and_zip_files_are_read_without_running_them(tmp_path, zip_format):
+    """torch.save's legacy format (torch < 1.6, or _use_new_zipfile_serialization=False) is five
+    pickles and raw storages: read with the same restricted unpickler, views and shared storages
+    kept, nn.ParameterDict (the original textual-inversion layout) as a plain dict."""
+    base = torch.arange(24, dtype=torch.float32).view(4, 6)
+    saved = {"half": base.half(), "long": base.long(), "view": base[1:, 2:4], "base": base,
+             "string_to_param": torch.nn.ParameterDict({"*": torch.nn.Parameter(base[:2].clone())}), "step": 7}
+    path = tmp_path / "file.pt"
+    torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
+    assert zipfile.is_zipfile(path) == zip_format
+    loaded = read_torch_checkpoint(path)
+    for key in ("half", "long", "view", "base"):
+        assert loaded[key].dtype == saved[key].dtype and torch.equal(loaded[key], saved[key]), key
+    assert type(loaded["string_to_param"]) is not torch.nn.ParameterDict and isinstance(loaded["string_to_param"], dict)
+    assert torch.equal(loaded["string_to_param"]["*"], base[:2]) and loaded["step"] == 7
+    assert loaded["view"].untyped_storage().data_ptr() == loaded["base"].untyped_storage().data_ptr()
+
+    target = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {target}",)
+
+    for name, payload in (("code", Payload()), ("module", torch.nn.Linear(2, 2))):
+        evil = tmp_path / f"{name}.pt"
+        torch.save({"string_to_param": {"*": payload}}, evil, _use_new_zipfile_serialization=zip_format)
+        with pytest.raises(UnsafeCheckpoint, match="wants to run .* refused"):
+            read_torch_checkpoint(evil)
+    assert not target.exists()
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(BadCheckpoint, match="damaged"):
+        read_torch_checkpoint(truncated)
 
 
 def test_big_endian_archives_are_byte_swapped(tmp_path):
