@@ -48,14 +48,14 @@ def test_inline_ranks_are_parsed_per_concept():
     assert resolve_ranks(parsed, limits, 2) == {"mydog": 8, "mycat": 2}
     assert resolve_ranks(parsed, limits) == {"mydog": 8, "mycat": 16}  # no default: each concept's full rank
     assert parse_prompt("a cat").ranks == {}
-    assert parse_prompt("<lora:foo:0.8> <x y>").ranks == {}  # not ours: left as text
+    assert parse_prompt("a < b > c").ranks == {}  # opens no reference: left as text
     for bad, fragment in (("<mydog:4> and <mydog:8>", "two different ranks"), ("<MyDog>", "<mydog>")):
         with pytest.raises(BadInput, match=fragment):
             parse_prompt(bad)
     # ranks are checked against each concept's own maximum, in one place
     for prompt, default, message in (("<mydog:0>", None, "mydog has ranks 1..128; <mydog:0>"),
                                      ("<mydog:200>", None, "mydog has ranks 1..128; <mydog:200>"),
-                                     ("<mycat> and <mydog>", 32, "mycat has ranks 1..16; rank 32")):
+                                     ("<mycat> and <mydog>", 32, "mycat has ranks 1..16; --rank 32")):
         with pytest.raises(BadInput) as caught:
             resolve_ranks(parse_prompt(prompt), limits, default)
         assert str(caught.value).startswith(message)

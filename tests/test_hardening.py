@@ -1,5 +1,7 @@
 """Hostile and mistaken input: refused up front, in one line, with nothing lost."""
 
+import re
+
 import pytest
 from helpers import assert_one_line_error, invoke, save_concept
 
@@ -15,8 +17,26 @@ def test_unbalanced_brackets_are_refused(prompt):
     assert_one_line_error(invoke("gen", prompt, "--model", "builtin:tiny"), "unbalanced")
 
 
-def test_balanced_text_in_brackets_stays_text():
-    assert parse_prompt("<lora:foo:0.8> <x y> and a < b > c").ranks == {}
+@pytest.mark.parametrize("prompt, fragment", [
+    ("<wedge:abc> on the moon", "the rank after ':' must be a whole number"),
+    ("<wedge:8x>", "the rank after ':' must be a whole number"),
+    ("<wedge: 8>", "without spaces, as in <wedge:8>"),
+    ("<wedge:>", "the rank after ':' must be a whole number"),
+    ("a <> on the moon", "<> names no concept"),
+    ("<x y> on the moon", "<x y> is not a concept reference"),
+    ("<wedge_!> here", "is not a concept reference"),
+    ("<lora:foo:0.8> a cat", "A1111 extension tag"),
+    ("<Wedge:8>", "write <wedge:8>"),
+])
+def test_anything_that_opens_a_reference_and_is_not_one_is_refused(prompt, fragment):
+    """A mistyped reference must not render plain Stable Diffusion without its concept."""
+    with pytest.raises(BadInput, match=re.escape(fragment)):
+        parse_prompt(prompt)
+    assert_one_line_error(invoke("gen", prompt), fragment)  # before any model loads (none is there)
+
+
+def test_brackets_that_open_no_reference_stay_text():
+    assert parse_prompt("a < b > c and 3 <= 4, x -> y").ranks == {}
 
 
 @pytest.mark.parametrize("args, fragment", [
