@@ -50,3 +50,9 @@ class ConceptBusy(StcError):
 
 class RegistryWriteError(StcError):
     """The registry could not be written (permissions, a full disk); the previous state is kept."""
+
+
+class Interrupted(StcError):
+    """Ctrl-C or SIGTERM stopped long work; the message says what was kept. Exit code 130."""
+
+    exit_code = 130

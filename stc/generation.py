@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from . import __version__
@@ -88,8 +88,9 @@ class RenderedImage:
     image: object  # PIL.Image.Image
     prompt: str
     seed: int
-    ranks: dict[str, int]
+    ranks: dict[str, int | None]  # None: a concept without ranks
     metadata: dict = field(default_factory=dict)
+    key: tuple = ()  # which distinct image of a render this is
 
 
 def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: dict[str, Concept]) -> _Job:
@@ -99,8 +100,8 @@ def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: 
     if unknown:
         raise BadInput(f"concept(s) {', '.join(unknown)} are not loaded for this render")
     rank_max = {name: concepts[name].rank_max for name in parsed.ranks}
-    default = settings.rank if request.rank is None else request.rank
-    ranks = resolve_ranks(parsed, rank_max, default)
+    default, flag = (settings.rank, "--rank") if request.rank is None else (request.rank, "rank")
+    ranks = resolve_ranks(parsed, rank_max, default, flag)
     return _Job(prompt=request.prompt, seed=request.seed, text=parsed.text, ranks=tuple(ranks.items()))
 
 
@@ -108,6 +109,7 @@ class Renderer:
     """A base model with concepts attached; renders prompts that reference them."""
 
     def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
+        from .placeholders import add_placeholder_tokens, placeholder_tokens
         from .spacetime import ConceptSlot, install_processors
 
         self.base = base
@@ -115,13 +117,13 @@ class Renderer:
         self.layer_names = install_processors(pipe.unet)
         self.concepts = {name: concept for name, (concept, _) in concepts.items()}
         self.notes = compatibility_notes(list(self.concepts.values()), base) if self.concepts else []
-        slots = {}
+        slots, tokens = {}, {}
         for name, (concept, mapper) in concepts.items():
             check_compatible(concept, base, self.layer_names)
-            pipe.tokenizer.add_tokens([concept.token])
-            token_id = pipe.tokenizer.convert_tokens_to_ids(concept.token)
-            slots[name] = ConceptSlot(token_id=token_id, mapper=mapper.to(base.device))
-        self.text = TextConditioner(pipe, base.device, slots, len(self.layer_names))
+            tokens[name] = placeholder_tokens(concept.token, mapper.config.num_vectors)
+            token_id, *extra = add_placeholder_tokens(pipe.tokenizer, tokens[name])
+            slots[name] = ConceptSlot(token_id=token_id, mapper=mapper.to(base.device), extra_token_ids=tuple(extra))
+        self.text = TextConditioner(pipe, base.device, slots, len(self.layer_names), tokens)
 
     @classmethod
     def from_registry(
@@ -194,20 +196,38 @@ class Renderer:
         and dropped after its last; identical requests (e.g. a prompt without concepts at
         several ranks) are rendered once.
         """
+        images = {rendered.key: rendered for rendered in self.iter_render(requests, settings, progress)}
+        return [images[resolve_request(request, settings, self.concepts).image_key] for request in requests]
+
+    def iter_render(
+        self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> Iterator[RenderedImage]:
+        """Like :meth:`render_requests`, but yields each distinct image as soon as its batch is
+        decoded (in first-request order) and keeps none: a caller that writes each one loses
+        nothing finished when the render stops, and ``-n 10000`` holds one batch at a time."""
         width, height = self.size(settings)
-        images: dict[tuple, RenderedImage] = {}
         for jobs, latents in self._denoise_requests(requests, settings, progress):
             for job, image in zip(jobs, self.decode(latents)):
                 ranks = dict(job.ranks)
                 metadata = self.metadata(job.prompt, job.seed, width, height, settings, ranks)
-                images[job.image_key] = RenderedImage(
-                    image=image, prompt=job.prompt, seed=job.seed, ranks=ranks, metadata=metadata
-                )
-        return [images[resolve_request(request, settings, self.concepts).image_key] for request in requests]
+                yield RenderedImage(image=image, prompt=job.prompt, seed=job.seed, ranks=ranks, metadata=metadata,
+                                    key=job.image_key)
 
     def size(self, settings: RenderSettings) -> tuple[int, int]:
         native = self.base.default_resolution
         return settings.width or native, settings.height or native
+
+    def size_warnings(self, settings: RenderSettings) -> list[str]:
+        """A note when the size is far from the model's own (more than 2x, or under half, on a
+        side): such images come out broken, and a large one costs many times a native render."""
+        native = self.base.default_resolution
+        width, height = self.size(settings)
+        if all(native / 2 <= side <= 2 * native for side in (width, height)):
+            return []
+        cost = width * height / native**2
+        slower = f"; it costs about {cost:.0f}x the time and memory of a native one" if cost >= 2 else ""
+        return [f"{width}x{height} px is far from {self.base.spec}'s {native} px (it was trained at that size), so "
+                f"expect broken images{slower}"]
 
     def _denoise_requests(
         self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None

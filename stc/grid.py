@@ -20,6 +20,7 @@ from pathlib import Path
 
 from .errors import BadInput
 from .generation import MAX_SEED, ProgressCallback, RenderedImage, RenderRequest, RenderSettings
+from .outputs import free_path, staged
 from .pngmeta import a1111_parameters, save_png, slug
 from .prompts import parse_prompt
 
@@ -143,17 +144,27 @@ def grid_requests(prompts: list[str], ranks: list[int], seeds: list[int]) -> lis
 
 def render_grid(
     renderer, prompts: list[str], ranks: list[int], seeds: list[int], settings: RenderSettings,
-    progress: ProgressCallback | None = None,
+    progress: ProgressCallback | None = None, on_cell=None,
 ) -> Grid:
-    """Render every (prompt, seed) row at every rank."""
+    """Render every (prompt, seed) row at every rank; ``on_cell(cell)`` is called for each cell as
+    soon as its image exists (identical cells, rendered once, each get their call)."""
+    from .generation import resolve_request
+
     requests = grid_requests(prompts, ranks, seeds)
     order = [(p, rank, seed) for p in range(len(prompts)) for rank in ranks for seed in seeds]
-    images = dict(zip(order, renderer.render_requests(requests, settings, progress)))
-    cells = []
-    for row, (p, seed) in enumerate((p, seed) for p in range(len(prompts)) for seed in seeds):
-        for column, rank in enumerate(ranks):
-            cells.append(GridCell(row, column, p, prompts[p], seed, rank, images[p, rank, seed]))
-    return Grid(prompts=list(prompts), seeds=list(seeds), ranks=list(ranks), cells=cells)
+    positions = {(p, seed): row for row, (p, seed) in enumerate((p, s) for p in range(len(prompts)) for s in seeds)}
+    waiting: dict[tuple, list[tuple]] = {}  # image key -> the cells (prompt, rank, seed) that show it
+    for key, request in zip(order, requests):
+        waiting.setdefault(resolve_request(request, settings, renderer.concepts).image_key, []).append(key)
+    cells: dict[tuple, GridCell] = {}
+    for rendered in renderer.iter_render(requests, settings, progress):
+        for p, rank, seed in waiting[rendered.key]:
+            cell = GridCell(positions[p, seed], ranks.index(rank), p, prompts[p], seed, rank, rendered)
+            cells[p, rank, seed] = cell
+            if on_cell is not None:
+                on_cell(cell)
+    ordered = [cells[p, rank, seed] for p in range(len(prompts)) for seed in seeds for rank in ranks]
+    return Grid(prompts=list(prompts), seeds=list(seeds), ranks=list(ranks), cells=ordered)
 
 
 # --------------------------------------------------------------------------- composing
@@ -235,37 +246,48 @@ def free_grid_path(path: Path) -> Path:
     """``path``, or ``stem-1.png``... such that neither the PNG nor its folder exists yet."""
     if path.suffix.lower() != ".png":
         raise BadInput(f"--out must name a .png file, got {path}")
-    candidate, counter = path, 1
-    while candidate.exists() or candidate.with_suffix("").exists():
-        candidate = path.with_name(f"{path.stem}-{counter}{path.suffix}")
-        counter += 1
-    return candidate
+    return free_path(path.parent, path.stem, path.suffix, with_folder=True)
+
+
+class GridOutput:
+    """Where a grid is written: its cells as they are rendered (``write_cell``), then the labelled
+    grid (``finish``). The PNG and its folder get a free name near ``path``; nothing is overwritten."""
+
+    def __init__(self, path: Path):
+        self.path = free_grid_path(Path(path))
+        self.folder = self.path.with_suffix("")
+        self.written: dict[tuple[int, int], Path] = {}  # (row, column) -> the cell's file
+
+    def write_cell(self, cell: GridCell) -> Path:
+        """``<grid stem>/p{prompt}-s{seed}-r{rank}.png``, with the cell's own metadata."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = save_png(cell.rendered, self.folder, stem=f"p{cell.prompt_index}-s{cell.seed}-r{cell.rank}")
+        self.written[cell.row, cell.column] = path
+        return path
+
+    def finish(self, grid: Grid) -> SavedGrid:
+        """Write the cells not yet written and the grid PNG, which carries the first cell's
+        ``parameters`` and an ``stc-grid`` JSON chunk."""
+        from PIL.PngImagePlugin import PngInfo
+
+        for cell in grid.cells:
+            if (cell.row, cell.column) not in self.written:
+                self.write_cell(cell)
+        images = [self.written[cell.row, cell.column] for cell in grid.cells]
+        first = grid.cells[0].rendered.metadata
+        record = {
+            "prompts": grid.prompts, "seeds": grid.seeds, "ranks": grid.ranks,
+            "images": [str(image.relative_to(self.path.parent)) for image in images],
+            **{key: value for key, value in first.items() if key not in ("prompt", "seed", "concepts")},
+        }
+        info = PngInfo()
+        info.add_text("parameters", a1111_parameters(first))  # the first cell's, like A1111 grids
+        info.add_text("stc-grid", json.dumps(record, sort_keys=True))
+        with staged(self.path) as temporary:
+            compose_grid(grid).save(temporary, format="PNG", pnginfo=info)
+        return SavedGrid(path=self.path, folder=self.folder, images=images)
 
 
 def save_grid(grid: Grid, path: Path) -> SavedGrid:
-    """Write the grid PNG at a free name near ``path`` and every cell into a folder beside it.
-
-    Cells are ``<grid stem>/p{prompt}-s{seed}-r{rank}.png``, each with its own metadata; the
-    grid carries the first cell's ``parameters`` and an ``stc-grid`` JSON chunk.
-    """
-    from PIL.PngImagePlugin import PngInfo
-
-    path = free_grid_path(Path(path))
-    folder = path.with_suffix("")
-    folder.mkdir(parents=True)
-    images = [
-        save_png(cell.rendered, folder, stem=f"p{cell.prompt_index}-s{cell.seed}-r{cell.rank}")
-        for cell in grid.cells
-    ]
-    first = grid.cells[0].rendered.metadata
-    record = {
-        "prompts": grid.prompts, "seeds": grid.seeds, "ranks": grid.ranks,
-        "images": [str(image.relative_to(path.parent)) for image in images],
-        **{key: value for key, value in first.items() if key not in ("prompt", "seed", "concepts")},
-    }
-    info = PngInfo()
-    info.add_text("parameters", a1111_parameters(first))  # the first cell's, like A1111 grids
-    info.add_text("stc-grid", json.dumps(record, sort_keys=True))
-    compose_grid(grid).save(path, pnginfo=info)
-    return SavedGrid(path=path, folder=folder, images=images)
-
+    """Write the grid PNG at a free name near ``path`` and every cell into a folder beside it."""
+    return GridOutput(path).finish(grid)

@@ -44,6 +44,11 @@ def rank_ladder(hidden_dim: int) -> list[int]:
     return ranks + [hidden_dim]
 
 
+def rank_label(rank: int | None) -> str:
+    """How a grid's rank is shown: "rank 8", or "no ranks" for a concept without them."""
+    return "no ranks" if rank is None else f"rank {rank}"
+
+
 def short_layer_name(name: str) -> str:
     """'up_blocks.3.attentions.2.transformer_blocks.0.attn2' -> 'up.3.attn.2'."""
     short = re.sub(r"\.transformer_blocks\.0\.attn2$", "", name)
@@ -58,7 +63,7 @@ def short_layer_name(name: str) -> str:
 class NormGrid:
     """Norms of the mapper outputs at one rank: ``token[layer][timestep_index]``."""
 
-    rank: int
+    rank: int | None  # None: a concept without ranks
     timesteps: list[int]
     layer_names: list[str]
     token: list[list[float]]
@@ -83,12 +88,13 @@ class Inspection:
     grid: NormGrid
     ranks: list[RankAgreement]
 
-    def suggested_rank(self, threshold: float = AGREEMENT_THRESHOLD) -> int:
-        """The smallest rank whose token embeddings keep ``threshold`` mean cosine to the full ones."""
+    def suggested_rank(self, threshold: float = AGREEMENT_THRESHOLD) -> int | None:
+        """The smallest rank whose token embeddings keep ``threshold`` mean cosine to the full ones
+        (None for a concept without ranks)."""
         for agreement in self.ranks:
             if agreement.token_mean >= threshold:
                 return agreement.rank
-        return self.ranks[-1].rank
+        return self.ranks[-1].rank if self.ranks else None
 
     def to_dict(self) -> dict:
         return {
@@ -153,10 +159,10 @@ def rank_agreements(mapper, timesteps: list[int], num_layers: int) -> list[RankA
 
 def inspect_mapper(mapper, name: str, layer_names: list[str], rank: int | None = None,
                    num_timesteps: int = DEFAULT_TIMESTEPS) -> Inspection:
-    hidden_dim = mapper.config.hidden_dim
-    rank = hidden_dim if rank is None else rank
-    if not 1 <= rank <= hidden_dim:
-        raise BadInput(f"{name} has ranks 1..{hidden_dim}; --rank {rank} is outside them")
+    from .prompts import check_rank
+
+    limit = mapper.config.rank_max  # None: a concept without ranks, inspected in full
+    rank = limit if rank is None else check_rank(name, rank, limit, f"--rank {rank}")
     num_layers = mapper.config.num_layers
     if len(layer_names) != num_layers:
         layer_names = [f"layer {index}" for index in range(num_layers)]
@@ -167,7 +173,7 @@ def inspect_mapper(mapper, name: str, layer_names: list[str], rank: int | None =
         name=name,
         norm_scale=float(mapper.config.norm_scale),
         grid=norm_grid(mapper, layer_names, timesteps, rank),
-        ranks=rank_agreements(mapper, timesteps, num_layers),
+        ranks=rank_agreements(mapper, timesteps, num_layers) if limit is not None else [],
     )
 
 
@@ -236,7 +242,7 @@ def draw_norm_heatmaps(grid: NormGrid, name: str = ""):
     panel_width = LABEL_WIDTH + len(grid.timesteps) * CELL_WIDTH + COLORBAR_SPACE
     for index, (title, values) in enumerate(panels):
         left = MARGIN + index * (panel_width + MARGIN)
-        heading = f"{name + ': ' if name else ''}{title} (rank {grid.rank})"
+        heading = f"{name + ': ' if name else ''}{title} ({rank_label(grid.rank)})"
         draw.text((left + LABEL_WIDTH, MARGIN), heading, fill="black", font=font)
         _draw_panel(draw, font, grid, values, left + LABEL_WIDTH, MARGIN + TITLE_HEIGHT)
     return image
@@ -244,9 +250,10 @@ def draw_norm_heatmaps(grid: NormGrid, name: str = ""):
 
 def check_plot_path(path: Path, force: bool = False) -> Path:
     """Refuse a plot path that cannot be written (or exists, unless ``force``), before any work."""
+    from .outputs import refuse_existing
+
     path = Path(path)
-    if path.is_file() and not force:
-        raise BadInput(f"--plot: {path} exists already; pass --force to replace it, or choose another file")
+    refuse_existing([path], force, "--plot")
     if path.suffix.lower() != ".png":
         raise BadInput(f"--plot writes a PNG; give a file name ending in .png, not {path.name!r}")
     if not path.parent.is_dir():
@@ -257,8 +264,11 @@ def check_plot_path(path: Path, force: bool = False) -> Path:
 
 
 def save_norm_heatmaps(grid: NormGrid, path: Path, name: str = "", force: bool = False) -> Path:
+    from .outputs import staged
+
     path = check_plot_path(path, force)
-    draw_norm_heatmaps(grid, name).save(path, format="PNG")
+    with staged(path) as temporary:
+        draw_norm_heatmaps(grid, name).save(temporary, format="PNG")
     return path
 
 

@@ -1,7 +1,7 @@
 """PNG files with their parameters: A1111-style ``parameters`` text, an ``stc`` JSON chunk.
 
 Used by ``stc gen``, grids, training previews and exports alike. Files are never overwritten:
-:func:`free_path` finds the next free name.
+:func:`stc.outputs.free_path` finds the next free name.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ import json
 import re
 from pathlib import Path
 
+from .outputs import free_path, staged
 from .prompts import parse_prompt
 from .schedulers import SCHEDULERS
 
 _A1111_FIELD = re.compile(r'\s*(\w[\w \-/.]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _CONCEPT_FIELD = re.compile(r"stc concept ([a-z0-9][a-z0-9_-]*)")
-_CONCEPT_VALUE = re.compile(r"rank (\d+)(?: sha256 ([0-9a-f]*))?")
+_CONCEPT_VALUE = re.compile(r"(?:rank (\d+))? ?(?:sha256 ([0-9a-f]*))?|full")
 
 
 def _quote(value: object) -> str:
@@ -38,8 +39,9 @@ def a1111_parameters(metadata: dict) -> str:
         ("Model", metadata["base_model"]),
     ]
     for name, info in metadata["concepts"].items():
-        value = f"rank {info['rank']}" + (f" sha256 {info['sha256']}" if info.get("sha256") else "")
-        fields.append((f"stc concept {name}", value))
+        parts = ([f"rank {info['rank']}"] if info.get("rank") is not None else []) + (
+            [f"sha256 {info['sha256']}"] if info.get("sha256") else [])
+        fields.append((f"stc concept {name}", " ".join(parts) or "full"))
     fields.append(("stc scheduler", metadata["scheduler"]))
     fields.append(("stc version", metadata["stc_version"]))
     lines = [metadata["prompt"]]
@@ -83,7 +85,8 @@ def parse_parameters(text: str) -> dict:
     for key in list(fields):
         name, value = _CONCEPT_FIELD.fullmatch(key), _CONCEPT_VALUE.fullmatch(fields[key])
         if name and value:
-            result["concepts"][name.group(1)] = {"rank": int(value.group(1)), "sha256": value.group(2) or ""}
+            rank = value.group(1)
+            result["concepts"][name.group(1)] = {"rank": int(rank) if rank else None, "sha256": value.group(2) or ""}
             del fields[key]
     result["extra"] = fields
     return result
@@ -92,16 +95,6 @@ def parse_parameters(text: str) -> dict:
 def slug(text: str, limit: int = 40) -> str:
     words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
     return (words[:limit].rstrip("-")) or "image"
-
-
-def free_path(folder: Path, stem: str, suffix: str = ".png") -> Path:
-    """``folder/stem.png``, or ``stem-1.png``, ``stem-2.png``... if taken: never overwrite."""
-    candidate = folder / f"{stem}{suffix}"
-    counter = 1
-    while candidate.exists():
-        candidate = folder / f"{stem}-{counter}{suffix}"
-        counter += 1
-    return candidate
 
 
 def png_info(metadata: dict, extra: dict[str, str] | None = None):
@@ -117,7 +110,7 @@ def png_info(metadata: dict, extra: dict[str, str] | None = None):
 
 
 def default_stem(rendered) -> str:
-    rank_part = "-".join(f"r{rank}" for rank in rendered.ranks.values())
+    rank_part = "-".join(f"r{rank}" for rank in rendered.ranks.values() if rank is not None)  # None: no ranks
     parts = (slug(parse_prompt(rendered.prompt).text), f"s{rendered.seed}", rank_part)
     return "-".join(part for part in parts if part)
 
@@ -126,5 +119,6 @@ def save_png(rendered, folder: Path, stem: str | None = None) -> Path:
     """Save a RenderedImage with its metadata as ``folder/stem.png``, at a free name (never overwrites)."""
     folder.mkdir(parents=True, exist_ok=True)
     path = free_path(folder, stem or default_stem(rendered))
-    rendered.image.save(path, pnginfo=png_info(rendered.metadata))
+    with staged(path) as temporary:  # a PNG is there whole or not at all (Ctrl-C, a full disk)
+        rendered.image.save(temporary, format="PNG", pnginfo=png_info(rendered.metadata))
     return path

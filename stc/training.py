@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .concept import Concept, MetricsRecord, TrainingRecord
-from .errors import BadInput, ConceptExists, StcError
+from .errors import BadInput, ConceptExists, Interrupted, StcError
 from .names import validate_name
 from .registry import PREVIEW_FILE, PREVIEWS_DIR, Registry, preview_paths
 from .trainconfig import OBJECT_TEMPLATES, STYLE_TEMPLATES, TrainConfig  # noqa: F401  (re-exported)
@@ -331,10 +331,8 @@ class TrainingDiverged(StcError):
     """The loss became NaN or infinite; the last good checkpoint stays as it was."""
 
 
-class TrainingInterrupted(StcError):
+class TrainingInterrupted(Interrupted):
     """Ctrl-C or SIGTERM during training: the checkpoint is saved, the run can resume."""
-
-    exit_code = 130
 
 
 class InterruptGuard:

@@ -112,6 +112,93 @@ def handle_errors(command):
     return wrapper
 
 
+# --------------------------------------------------------------------------- output helpers
+
+
+def print_json(data) -> None:
+    """Pretty JSON on stdout (``--json`` of ls, show, inspect)."""
+    import json
+
+    out.print_json(json.dumps(data, default=str))
+
+
+def print_record(record: dict) -> None:
+    """One JSON record per line on stdout (``--json`` of gen and grid)."""
+    import json
+
+    out.print(json.dumps(record, sort_keys=True), markup=False, highlight=False, emoji=False, soft_wrap=True)
+
+
+PLAIN_PROGRESS_SECONDS = 30.0  # off a terminal, a progress line at least this often,
+PLAIN_PROGRESS_FRACTION = 0.1  # ... at every further tenth of the work,
+PLAIN_PROGRESS_QUIET = 5.0  # ... but never twice within this many seconds (and once at the end)
+
+
+class progress_bar:
+    """Progress of long work on stderr; yields the library's ``progress(done, total)`` callback.
+
+    On a terminal a rich bar (elapsed, remaining); elsewhere (a log, CI, a pipe) a plain line
+    at every tenth of the work (at most one per 5 seconds), at least every 30 seconds, and at
+    the end, so a long export or render is never silent. ``fields(done, total)`` may add text (a loss) to each report.
+    """
+
+    def __init__(self, description: str, unit: str = "", fields=None):
+        self.description, self.unit, self.fields = description, unit, fields
+
+    def __enter__(self):
+        import time
+
+        self.started = self.last_time = time.monotonic()
+        self.last_fraction = 0.0
+        if err.is_terminal:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TimeRemainingColumn())
+            self.live = Progress(*columns, console=err, transient=True)
+            self.live.__enter__()
+            self.task = self.live.add_task(self.description, total=None, extra="")
+        else:
+            self.live = None
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        import time
+
+        extra = self.fields(done, total) if self.fields else ""
+        if self.live is not None:
+            self.live.update(self.task, completed=done, total=total, extra=extra)
+            return
+        now, fraction = time.monotonic(), done / total if total else 1.0
+        since = now - self.last_time
+        due = since >= PLAIN_PROGRESS_SECONDS or (
+            fraction - self.last_fraction >= PLAIN_PROGRESS_FRACTION and since >= PLAIN_PROGRESS_QUIET)
+        if done < total and not due:
+            return
+        self.last_time, self.last_fraction = now, fraction
+        elapsed = now - self.started
+        left = f", about {_duration(elapsed / fraction - elapsed)} left" if 0 < fraction < 1 else ""
+        unit = f" {self.unit}" if self.unit else ""
+        err.print(f"{self.description}: {done}/{total}{unit} ({fraction:.0%}) {extra}".rstrip()
+                  + f", {_duration(elapsed)} elapsed{left}", highlight=False, markup=False, soft_wrap=True)
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.__exit__(*exc)
+        return False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
 def quiet_libraries() -> None:
     """Silence the heavy libraries' info/warning chatter; our own messages say what matters.
 

@@ -13,8 +13,8 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ._base import JsonOpt, app, err, handle_errors, open_registry, out
-from .store import NameArg, _print_json
+from ._base import JsonOpt, app, err, handle_errors, open_registry, out, print_json
+from .store import NameArg
 
 def _cell_style(fraction: float) -> str:
     from ..inspection import colormap
@@ -75,14 +75,21 @@ def _rank_table(report) -> Table:
 def _print_inspection(report) -> None:
     from ..inspection import AGREEMENT_THRESHOLD
 
+    from ..inspection import rank_label
+
     grid = report.grid
-    out.print(_heatmap_table(f"<{report.name}> token embedding norm (rank {grid.rank})", grid, grid.token))
+    label = rank_label(grid.rank)
+    out.print(_heatmap_table(f"<{report.name}> token embedding norm ({label})", grid, grid.token))
     out.print(_legend(grid.token))
     if grid.bypass is not None:
         out.print()
-        out.print(_heatmap_table(f"<{report.name}> bypass vector norm (rank {grid.rank})", grid, grid.bypass))
+        out.print(_heatmap_table(f"<{report.name}> bypass vector norm ({label})", grid, grid.bypass))
         out.print(_legend(grid.bypass))
     out.print()
+    if not report.ranks:
+        out.print(f"<{report.name}> has no ranks (no nested dropout): it renders the same at every --rank.",
+                  highlight=False)
+        return
     out.print(_rank_table(report))
     out.print(
         f"Suggested: --rank {report.suggested_rank()} (the smallest rank whose token embeddings keep a mean "
@@ -120,7 +127,7 @@ def inspect_concept(
         inspection.save_norm_heatmaps(report.grid, plot, concept.name, force=force)
         err.print(Text(f"Wrote {plot}"), soft_wrap=True)
     if as_json:
-        _print_json({**report.to_dict(), "plot": str(plot) if plot else None})
+        print_json({**report.to_dict(), "plot": str(plot) if plot else None})
     else:
         _print_inspection(report)
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -24,6 +22,8 @@ from ._base import (
     handle_errors,
     open_registry,
     out,
+    print_record,
+    progress_bar,
     quiet_libraries,
 )
 
@@ -52,11 +52,6 @@ DtypeOpt = Annotated[
 ]
 
 
-def _print_record(record: dict) -> None:
-    """One JSON record per line on stdout."""
-    out.print(json.dumps(record, sort_keys=True), markup=False, highlight=False, emoji=False, soft_wrap=True)
-
-
 def _settings(**given) -> RenderSettings:
     """RenderSettings from the options given (None: the library's default)."""
     return RenderSettings(**{key: value for key, value in given.items() if value is not None})
@@ -74,31 +69,9 @@ def _load_renderer(requests, settings, model, model_config, device, dtype):
         )
     if not renderer.concepts:
         err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
-    for note in renderer.notes:
+    for note in renderer.notes + renderer.size_warnings(settings):
         err.print(f"[dim]Note: {escape(note)}[/]", soft_wrap=True)
     return renderer
-
-
-@contextmanager
-def _progress_bar(description: str):
-    """A rich progress bar on stderr; yields the library's progress(done, total) callback."""
-    from rich.progress import (
-        BarColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-               TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as progress:
-        task = progress.add_task(description, total=None)
-
-        def update(done: int, total: int) -> None:
-            progress.update(task, completed=done, total=total)
-
-        yield update
 
 
 @app.command()
@@ -140,7 +113,9 @@ def gen(
     ] = False,
 ) -> None:
     """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
+    from ..errors import Interrupted
     from ..generation import RenderRequest
+    from ..outputs import check_folder
     from ..pngmeta import save_png
 
     if num_images < 1:
@@ -150,15 +125,21 @@ def gen(
         rank=rank, batch_size=batch_size,
     )
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
+    check_folder(out_dir)  # before anything loads
     renderer = _load_renderer(requests, settings, model, model_config, device, dtype)
-    with _progress_bar(f"rendering {num_images} image(s)") as progress:
-        images = renderer.render_requests(requests, settings, progress=progress)
-    for rendered in images:
-        path = save_png(rendered, out_dir)
-        if as_json:
-            _print_record({"path": str(path), **rendered.metadata})
-        else:
-            out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+    saved = 0
+    try:
+        with progress_bar(f"rendering {num_images} image(s)", "denoising steps") as progress:
+            for rendered in renderer.iter_render(requests, settings, progress=progress):
+                path = save_png(rendered, out_dir)  # each image as soon as it is done
+                saved += 1
+                if as_json:
+                    print_record({"path": str(path), **rendered.metadata})
+                else:
+                    out.print(str(path), markup=False, highlight=False, soft_wrap=True)
+    except KeyboardInterrupt:
+        raise Interrupted(f"rendering stopped: {saved} of {num_images} image(s) were finished and saved in "
+                          f"{out_dir}") from None
 
 
 @app.command()
@@ -207,8 +188,10 @@ def grid(
 ) -> None:
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
     from ..errors import BadInput
+    from ..errors import Interrupted
     from ..grid import (
         DEFAULT_SEEDS,
+        GridOutput,
         default_grid_path,
         free_grid_path,
         grid_requests,
@@ -216,8 +199,8 @@ def grid(
         parse_seeds,
         read_prompts,
         render_grid,
-        save_grid,
     )
+    from ..outputs import check_folder
 
     if (prompt is None) == (prompts_file is None):
         raise BadInput("give a PROMPT or --prompts FILE (one of them, not both)")
@@ -231,16 +214,24 @@ def grid(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         batch_size=batch_size,
     )
-    target = out_file or default_grid_path(prompts, prompts_file)
-    free_grid_path(target)  # a bad --out fails before rendering
+    target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
+    check_folder(target.parent)
     renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device, dtype)
     cells = len(prompts) * len(seed_list) * len(rank_list)
-    with _progress_bar(f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)") as progress:
-        result = render_grid(renderer, prompts, rank_list, seed_list, settings, progress=progress)
-    saved = save_grid(result, target)
-    err.print(f"{len(saved.images)} cell images in {saved.folder}", style="dim", markup=False, highlight=False)
+    description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
+    output = GridOutput(target)
+    try:
+        with progress_bar(description, "denoising steps") as progress:
+            result = render_grid(renderer, prompts, rank_list, seed_list, settings, progress=progress,
+                                 on_cell=output.write_cell)
+        saved = output.finish(result)
+    except KeyboardInterrupt:
+        raise Interrupted(f"the grid stopped: {len(output.written)} of {cells} cell image(s) were finished and "
+                          f"saved in {output.folder}; the grid image itself was not written") from None
+    err.print(f"{len(saved.images)} cell image{'s' if len(saved.images) != 1 else ''} in {saved.folder}",
+              style="dim", markup=False, highlight=False)
     if as_json:
-        _print_record({
+        print_record({
             "path": str(saved.path), "folder": str(saved.folder), "prompts": prompts, "ranks": rank_list,
             "seeds": seed_list, "images": [str(path) for path in saved.images],
         })

@@ -24,6 +24,7 @@ from ._base import (
     handle_errors,
     open_registry,
     out,
+    print_json,
 )
 
 NameArg = Annotated[str, typer.Argument(help="Concept name (used in prompts as <name>).", metavar="NAME", show_default=False)]
@@ -39,10 +40,6 @@ def _human(size: int) -> str:
             return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
         size /= 1024
     return str(size)
-
-
-def _print_json(data) -> None:
-    out.print_json(json.dumps(data, default=str))
 
 
 def _warn(message: str) -> None:
@@ -155,7 +152,7 @@ def ls(
             _warn(f"{path} is not a concept: {reason}")
     records = _sorted_records(records, sort)
     if as_json:
-        _print_json(records)
+        print_json(records)
     elif records:
         _print_ls_table(records)
     if not records:
@@ -297,7 +294,7 @@ def show(name: NameArg, as_json: JsonOpt = False) -> None:
     if not record["weights"]["verified"] and record["weights"]["problem"]:
         _warn(record["weights"]["problem"])
     if as_json:
-        _print_json(record)
+        print_json(record)
     else:
         _print_show(record)
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from ..trainconfig import TrainConfig
 from ._base import (
@@ -18,6 +19,7 @@ from ._base import (
     handle_errors,
     open_registry,
     out,
+    progress_bar,
     quiet_libraries,
 )
 
@@ -177,50 +179,29 @@ def _summary(concept) -> None:
 
 
 class _training_progress:
-    """A rich progress bar on stderr (step, smoothed loss, it/s, ETA); yields TrainCallbacks."""
+    """Training progress on stderr (step, smoothed loss, elapsed, ETA; see ``progress_bar``);
+    yields TrainCallbacks. Under torchrun / accelerate launch only rank 0 talks."""
 
     def __enter__(self):
-
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-        )
-
-        self.progress = Progress(
-            TextColumn("[bold]training"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[rate]}"),
-            TimeRemainingColumn(),
-            console=err if _is_main_process() else Console(stderr=True, quiet=True),
-            transient=False,
-        )
-        self.task = None
-        self.smoothed = None
-        self.progress.__enter__()
         from ..training import TrainCallbacks
 
+        self.smoothed = None
+        self.bar = progress_bar("training", "steps", fields=lambda done, total: f"loss {self.smoothed:.4f}")
+        self.main = _is_main_process()
+        self.report = self.bar.__enter__() if self.main else None
+        say = err.print if self.main else (lambda *args, **kwargs: None)
         return TrainCallbacks(
             on_step=self.update,
-            on_warning=lambda message: self.progress.console.print(f"[yellow]Warning:[/] {message}", highlight=False),
-            on_status=lambda message: self.progress.console.print(f"[dim]{message}[/]", highlight=False),
+            on_warning=lambda message: say(f"[yellow]Warning:[/] {escape(message)}", highlight=False, soft_wrap=True),
+            on_status=lambda message: say(f"[dim]{escape(message)}[/]", highlight=False, soft_wrap=True),
         )
 
     def update(self, step: int, total: int, loss: float) -> None:
         self.smoothed = loss if self.smoothed is None else 0.9 * self.smoothed + 0.1 * loss
-        if self.task is None:
-            self.task = self.progress.add_task("train", total=total, completed=step - 1, loss="-", rate="")
-        task = self.progress.tasks[self.task]
-        speed = task.speed
-        self.progress.update(
-            self.task, completed=step, loss=f"{self.smoothed:.4f}", rate=f"{speed:.2f} it/s" if speed else ""
-        )
+        if self.report is not None:
+            self.report(step, total)
 
     def __exit__(self, *exc):
-        self.progress.__exit__(*exc)
+        if self.main:
+            self.bar.__exit__(*exc)
         return False
