@@ -194,8 +194,11 @@ class Concept:
         return done is None or planned is None or done >= planned
 
     @property
-    def rank_max(self) -> int:
-        """The highest truncation rank: the mapper's hidden size (rank r keeps dims [:r])."""
+    def rank_max(self) -> int | None:
+        """The highest truncation rank: the mapper's hidden size (rank r keeps dims [:r]); None
+        for a concept without ranks (no nested dropout: ``MapperConfig.rank_max``)."""
+        if self.mapper.get("nested_dropout", True) is False:
+            return None
         return _optional(int, self.mapper.get("hidden_dim")) or 128
 
     def to_yaml_dict(self) -> dict:

@@ -8,6 +8,7 @@ warm-up) are encoded once.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from .errors import BadInput
@@ -41,10 +42,15 @@ class Conditioning:
 class TextConditioner:
     """Encodes prompts for a pipeline whose tokenizer knows the concepts' placeholder tokens."""
 
-    def __init__(self, pipeline, device: str, slots: dict, num_layers: int):
+    def __init__(self, pipeline, device: str, slots: dict, num_layers: int, tokens: dict | None = None):
         self.pipeline, self.device, self.slots, self.num_layers = pipeline, device, slots, num_layers
+        self.tokens = tokens or {}  # concept name -> its placeholder tokens (several for n-vector concepts)
 
     def tokenize(self, text: str):
+        from .placeholders import expand_placeholders
+
+        for tokens in self.tokens.values():
+            text = expand_placeholders(text, tokens)
         tokenizer = self.pipeline.tokenizer
         ids = tokenizer(
             [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
@@ -64,16 +70,16 @@ class TextConditioner:
         (step, layer) of ``timesteps``: two K x L x S x D tensors."""
         import torch
 
-        from .spacetime import ConceptSlot, encode_layers
+        from .spacetime import encode_layers
 
         input_ids = self.tokenize(text)
         slots = {}
         for name, rank in ranks.items():
             slot = self.slots[name]
-            if not bool((input_ids == slot.token_id).any()):
+            if not all(bool((input_ids == token_id).any()) for token_id in slot.token_ids):
                 limit = self.pipeline.tokenizer.model_max_length
                 raise BadInput(f"<{name}> falls beyond the text encoder's {limit} tokens; shorten the prompt")
-            slots[slot.token_id] = ConceptSlot(slot.token_id, slot.mapper, rank)
+            slots[slot.token_id] = dataclasses.replace(slot, rank=rank)
         unique, inverse = torch.unique(timesteps, return_inverse=True)
         repeated = unique.shape[0] < timesteps.shape[0]
         with torch.no_grad():

@@ -8,8 +8,9 @@ attention and key/value assembly code, copied at export time from ``stc/mapper.p
 of this file below the ``glue`` line, which uses their names (``NeTIMapper``,
 ``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
 ``cross_attention_layer_names``, ``install_processors``, ``encode_layers``, ``_stack_step``,
-``_with_uncond``, ``SCHEDULE_CHUNK``) and the constants the export writes (``EXPORT_FORMAT``,
-``ModelError``). The imports above that line are the glue's own; the export adds those the
+``_with_uncond``, ``SCHEDULE_CHUNK``, ``check_rank``, ``placeholder_tokens``,
+``add_placeholder_tokens``) and the constants the export writes (``EXPORT_FORMAT``,
+``ModelError``, ``BadInput``). The imports above that line are the glue's own; the export adds those the
 copied code needs.
 
 How a render works: a forward pre-hook on the text encoder notes the input ids of every
@@ -71,9 +72,8 @@ def load_concept(pipe, folder, rank: int | None = None) -> str:
     config = read_config(folder)
     mapper = load_mapper(folder, config)
     rank = config.get("rank") if rank is None else int(rank)
-    limit = mapper.config.hidden_dim
-    if rank is not None and not 1 <= rank <= limit:
-        raise ValueError(f"{config['name']} has ranks 1..{limit}; rank {rank} is outside them")
+    if rank is not None:
+        check_rank(config["name"], rank, mapper.config.rank_max)
     width = pipe.text_encoder.config.hidden_size
     if width != config["text_width"]:
         raise ModelError(
@@ -85,8 +85,10 @@ def load_concept(pipe, folder, rank: int | None = None) -> str:
             f"{config['token']} was trained on a UNet with other cross-attention layers ({config['base_model']})"
         )
     hooks = SpaceTimeHooks.of(pipe)
-    token_id = _add_token(pipe, config["token"], config["initializer"])
-    hooks.slots[token_id] = ConceptSlot(token_id, mapper.to(pipe.text_encoder.device), rank)
+    token_id, *extra = _add_tokens(pipe, placeholder_tokens(config["token"], mapper.config.num_vectors),
+                                   config["initializer"])
+    hooks.slots[token_id] = ConceptSlot(token_id, mapper.to(pipe.text_encoder.device), rank,
+                                        extra_token_ids=tuple(extra))
     return config["token"]
 
 
@@ -97,27 +99,27 @@ def unload_concepts(pipe) -> None:
         hooks.remove()
 
 
-def _add_token(pipe, token: str, initializer: str) -> int:
-    """Add ``token`` to the tokenizer and a row to the text encoder's input embeddings.
+def _add_tokens(pipe, tokens: list[str], initializer: str) -> list[int]:
+    """Add ``tokens`` (the concept's placeholder: several for an n-vector concept, which diffusers
+    then writes out in the prompt) to the tokenizer and rows to the text encoder's input embeddings.
 
-    The row (the initializer word's embedding) is only what the pipeline's own encoding of
-    the prompt reads; the UNet reads the mapper's space-time encodings instead.
+    A row (the initializer word's embedding) is only what the pipeline's own encoding of the
+    prompt reads; the UNet reads the mapper's space-time encodings instead.
     """
     tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
-    tokenizer.add_tokens([token])
-    token_id = tokenizer.convert_tokens_to_ids(token)
+    token_ids = add_placeholder_tokens(tokenizer, tokens)
     embeddings = text_encoder.get_input_embeddings()
-    if token_id >= embeddings.num_embeddings:
+    if max(token_ids) >= embeddings.num_embeddings:
         weight = embeddings.weight.detach()
         init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
         row = weight[init_ids].mean(dim=0) if init_ids else weight.mean(dim=0)
-        extra = token_id + 1 - weight.shape[0]
+        extra = max(token_ids) + 1 - weight.shape[0]
         grown = torch.cat([weight, row.unsqueeze(0).expand(extra, -1)])
         text_encoder.set_input_embeddings(
             torch.nn.Embedding.from_pretrained(grown, freeze=True, padding_idx=embeddings.padding_idx)
         )
         text_encoder.config.vocab_size = grown.shape[0]
-    return token_id
+    return token_ids
 
 
 class SpaceTimeHooks:
@@ -184,7 +186,8 @@ class SpaceTimeHooks:
         conditionings, computed = [], {}
         for ids in input_ids:
             slots = {
-                token_id: ConceptSlot(token_id, slot.mapper.to(ids.device), slot.rank)
+                token_id: ConceptSlot(token_id, slot.mapper.to(ids.device), slot.rank,
+                                      extra_token_ids=slot.extra_token_ids)
                 for token_id, slot in self.slots.items()
                 if bool((ids == token_id).any())
             }

@@ -48,16 +48,18 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BadInput, ModelError
+from .export import FAST
 from .mapper import MapperConfig
+from .placeholders import add_placeholder_tokens, placeholder_tokens
 from .spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors
 from .trainconfig import OBJECT_TEMPLATES
 from .trainer import single_token_id
 
 QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
+
 LEARNING_RATE = 0.1  # Adam step size, relative to the initial vectors' RMS coordinate
 UNET_BATCH = 16  # samples per UNet call (recording and evaluation)
 GAIN_SAMPLES = 8  # samples on which the layers' gains are measured (L + 1 UNet calls)
-MAPPER_CHUNK = 4096  # (t, l) rows per mapper call when averaging
 
 
 @dataclass
@@ -85,15 +87,10 @@ class Distilled:
 
     vectors: torch.Tensor  # n x D, fp32 CPU: the embeddings of <name>, <name>_1, …
     fidelity: Fidelity
-    rank: int  # the concept's rank that was imitated (its maximum when none was asked for)
+    rank: int | None  # the concept's rank that was imitated (its maximum when none was asked for)
     objective: float = math.nan  # fit objective at the result: predicted relative squared denoiser error
     objective_start: float = math.nan  # the same at the start (the average baseline)
     heldout: Samples | None = field(default=None, repr=False)  # where the fidelity was measured
-
-
-def placeholder_tokens(token: str, count: int) -> list[str]:
-    """The tokens of an n-vector embedding as diffusers names them: <name>, <name>_1, …"""
-    return [token] + [f"{token}_{index}" for index in range(1, count)]
 
 
 # --------------------------------------------------------------------------- setup
@@ -105,7 +102,7 @@ class _Context:
 
     base: object  # stc.models.BaseModel
     mapper: torch.nn.Module  # a private copy, eval mode, on the base's device
-    rank: int
+    rank: int | None
     tokenizer: object  # a copy of the pipeline's tokenizer that knows the placeholder tokens
     token: str  # the concept's placeholder, <name>
     vector_tokens: list[str]  # <name>, <name>_1, …
@@ -139,13 +136,12 @@ class _Context:
         return {concept_id: ConceptSlot(token_id=concept_id, mapper=self.mapper, rank=self.rank)}
 
 
-def _resolve_rank(mapper, rank: int | None) -> int:
-    rank_max = mapper.config.hidden_dim
-    if rank is None:
-        return rank_max
-    if not 1 <= rank <= rank_max:
-        raise BadInput(f"this concept has ranks 1..{rank_max}; rank {rank} is outside them")
-    return rank
+def _resolve_rank(concept, mapper, rank: int | None) -> int | None:
+    """The rank to imitate: ``rank`` (checked), else the full concept (None if it has no ranks)."""
+    from .prompts import check_rank
+
+    limit = mapper.config.rank_max
+    return limit if rank is None else check_rank(concept.name, rank, limit, f"--rank {rank}")
 
 
 def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
@@ -158,12 +154,12 @@ def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
     tokenizer = copy.deepcopy(base.pipeline.tokenizer)
     single_token_id(tokenizer, concept.initializer)  # a BadInput with suggestions otherwise
     vector_tokens = placeholder_tokens(concept.token, vectors)
-    tokenizer.add_tokens(vector_tokens)
+    add_placeholder_tokens(tokenizer, vector_tokens)
     config = concept.training.config if concept.training is not None else None
     templates = list(config.templates) if config is not None else list(OBJECT_TEMPLATES)
     private = copy.deepcopy(mapper).to(base.device).eval().requires_grad_(False)
     return _Context(
-        base=base, mapper=private, rank=_resolve_rank(mapper, rank), tokenizer=tokenizer,
+        base=base, mapper=private, rank=_resolve_rank(concept, mapper, rank), tokenizer=tokenizer,
         token=concept.token, vector_tokens=vector_tokens, initializer=concept.initializer,
         templates=templates, num_layers=len(layer_names),
     )
@@ -212,26 +208,24 @@ def _concept_conditioning(ctx: _Context, input_ids: torch.Tensor, timesteps: tor
     return SpaceTimeConditioning(keys=keys.transpose(0, 1), values=values.transpose(0, 1))
 
 
-def _average_token(ctx: _Context) -> torch.Tensor:
-    """Mean of the mapper's token outputs over every integer t and every layer: D (fp32)."""
-    num_train = ctx.base.pipeline.scheduler.config.num_train_timesteps
-    timesteps = torch.arange(num_train, dtype=torch.float32).repeat_interleave(ctx.num_layers)
-    layers = torch.arange(ctx.num_layers, dtype=torch.float32).repeat(num_train)
-    total = torch.zeros(ctx.mapper.config.text_width, dtype=torch.float64)
+def mean_token(mapper, rank: int | None = None) -> torch.Tensor:
+    """The mapper's token embedding averaged over t in {0, 10, …, 990} and every layer: D (fp32,
+    CPU). The "plain average" a textual-inversion export is compared with, and the embedding a
+    neti export's learned_embeds.bin holds."""
+    from .spacetime import spacetime_rows
+
+    device = next(mapper.parameters()).device
+    rows_t, rows_l = spacetime_rows(torch.arange(0, 1000, 10, device=device), mapper.config.num_layers)
     with torch.no_grad():
-        for start in range(0, timesteps.shape[0], MAPPER_CHUNK):
-            rows = slice(start, start + MAPPER_CHUNK)
-            outputs = ctx.mapper(timesteps[rows].to(ctx.device), layers[rows].to(ctx.device), rank=ctx.rank)
-            token, _ = ctx.mapper.split(outputs)
-            total += token.double().sum(0).cpu()
-    return (total / timesteps.shape[0]).float()
+        token, _ = mapper.split(mapper(rows_t, rows_l, rank=rank))
+    return token.double().mean(dim=0).float().cpu()
 
 
 def _initial_vectors(ctx: _Context, count: int) -> torch.Tensor:
     """The average baseline: [mean token, initializer embedding × (count - 1)]: count x D."""
     embedding = ctx.text_encoder.get_input_embeddings().weight
     initializer = embedding[single_token_id(ctx.tokenizer, ctx.initializer)].detach().float().cpu()
-    return torch.stack([_average_token(ctx)] + [initializer] * (count - 1))
+    return torch.stack([mean_token(ctx.mapper, ctx.rank)] + [initializer] * (count - 1))
 
 
 # --------------------------------------------------------------------------- denoiser inputs
@@ -305,7 +299,7 @@ def _attention_modules(ctx: _Context) -> list:
     return [ctx.unet.get_submodule(name) for name in cross_attention_layer_names(ctx.unet)]
 
 
-def _record(ctx: _Context, samples: Samples, queries: int, generator) -> tuple[list, list]:
+def _record(ctx: _Context, samples: Samples, queries: int, generator, tracker=None) -> tuple[list, list]:
     """Per layer: ``queries`` random query tokens of every sample (``to_q`` applied) and the
     concept's attention outputs there: two lists of N x Q_l x C_l (model dtype)."""
     inputs: list[list[torch.Tensor]] = [[] for _ in range(ctx.num_layers)]
@@ -321,6 +315,8 @@ def _record(ctx: _Context, samples: Samples, queries: int, generator) -> tuple[l
     with torch.no_grad(), _Hooks(_attention_modules(ctx), record):
         for latents, timesteps, captions in _batches(samples):
             _predict_concept(ctx, latents, timesteps, captions)
+            if tracker is not None:
+                tracker.tick()
     return [torch.cat(chunks) for chunks in inputs], [torch.cat(chunks) for chunks in outputs]
 
 
@@ -438,7 +434,7 @@ class _Student:
         return total, grad
 
 
-def _fit(student: _Student, start: torch.Tensor, steps: int, progress) -> tuple[torch.Tensor, float, float]:
+def _fit(student: _Student, start: torch.Tensor, steps: int, tracker=None) -> tuple[torch.Tensor, float, float]:
     """Adam on the vectors (full batch, cosine step size); returns (best vectors, objective, start objective)."""
     device = student.input_ids.device
     vectors = start.clone().to(device).requires_grad_()
@@ -454,8 +450,8 @@ def _fit(student: _Student, start: torch.Tensor, steps: int, progress) -> tuple[
         vectors.grad = grad
         optimizer.step()
         schedule.step()
-        if progress is not None:
-            progress(step + 1, steps)
+        if tracker is not None:
+            tracker.tick()
     final = student.objective(vectors.detach())
     if final < best_value:
         best, best_value = vectors.detach().cpu().clone(), final
@@ -465,7 +461,8 @@ def _fit(student: _Student, start: torch.Tensor, steps: int, progress) -> tuple[
 # --------------------------------------------------------------------------- fidelity
 
 
-def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, dict | None]]) -> dict[str, float]:
+def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, dict | None]],
+              tracker=None) -> dict[str, float]:
     """Mean relative denoiser error vs the concept for each candidate (caption words, slots)."""
     errors: dict[str, list[torch.Tensor]] = {name: [] for name in candidates}
     with torch.no_grad():
@@ -476,6 +473,8 @@ def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, 
                 hidden = _encode_plain(ctx.text_encoder, ids, slots)
                 prediction = _predict(ctx, latents, timesteps, hidden).flatten(1)
                 errors[name].append((prediction - reference).norm(dim=1) / reference.norm(dim=1))
+            if tracker is not None:
+                tracker.tick()
     return {name: float(torch.cat(values).mean()) for name, values in errors.items()}
 
 
@@ -495,17 +494,32 @@ def heldout_count(samples: int) -> int:
     return min(64, max(8, samples // 4))
 
 
+class _Progress:
+    """``progress(done, total)`` over the whole distillation: one unit per UNet batch recorded, one
+    for the layer gains, one per fit step, one per held-out batch measured."""
+
+    def __init__(self, callback, samples: int, steps: int):
+        batches = lambda count: -(-count // UNET_BATCH)  # noqa: E731
+        self.callback, self.done = callback, 0
+        self.total = batches(samples) + 1 + steps + batches(heldout_count(samples))
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(min(self.done, self.total), self.total)
+
+
 # --------------------------------------------------------------------------- entry point
 
 
 def distil(
-    base, concept, mapper, vectors: int = 1, rank: int | None = None, samples: int = 256, steps: int = 200,
+    base, concept, mapper, vectors: int = 1, rank: int | None = None, samples: int = FAST[0], steps: int = FAST[1],
     seed: int = 0, progress: Callable[[int, int], None] | None = None, *, queries: int = QUERIES_PER_LAYER,
 ) -> Distilled:
     """Fit ``vectors`` plain textual-inversion embeddings that imitate ``concept`` at ``rank``.
 
     ``samples`` denoiser inputs are recorded (``queries`` query tokens per layer each) and the
-    vectors are fitted in ``steps`` Adam steps; ``progress(done, steps)`` follows the fit. The
+    vectors are fitted in ``steps`` Adam steps; ``progress(done, total)`` follows all of it. The
     fidelity is measured on :func:`heldout_count` (``samples``) other inputs. Same arguments and
     seed give the same vectors on the same device.
     """
@@ -514,11 +528,12 @@ def distil(
     unet = ctx.unet
     saved = dict(unet.attn_processors)
     install_processors(unet)
+    tracker = _Progress(progress, samples, steps)
     try:
         average = _initial_vectors(ctx, vectors)
-        result, objective, objective_start = _distil_fit(ctx, average, samples, steps, seed, queries, progress)
+        result, objective, objective_start = _distil_fit(ctx, average, samples, steps, seed, queries, tracker)
         heldout = _draw_samples(ctx, heldout_count(samples), torch.Generator().manual_seed(2 * seed + 1))
-        errors = _fidelity(ctx, heldout, _candidates(ctx, result, average))
+        errors = _fidelity(ctx, heldout, _candidates(ctx, result, average), tracker)
     finally:
         unet.set_attn_processor(saved)
     return Distilled(
@@ -527,12 +542,14 @@ def distil(
     )
 
 
-def _distil_fit(ctx: _Context, start: torch.Tensor, samples: int, steps: int, seed: int, queries: int, progress):
+def _distil_fit(ctx: _Context, start: torch.Tensor, samples: int, steps: int, seed: int, queries: int,
+                tracker: _Progress):
     """Draw and record the fit set, weigh the layers, fit: (vectors, objective, start objective)."""
     generator = torch.Generator().manual_seed(2 * seed)
     fit_set = _draw_samples(ctx, samples, generator)
-    recorded_queries, targets = _record(ctx, fit_set, queries, generator)
+    recorded_queries, targets = _record(ctx, fit_set, queries, generator, tracker)
     words, slots = _candidates(ctx, start, start)["average"]
     gains = _layer_gains(ctx, fit_set, words, slots)
+    tracker.tick()
     student = _Student(ctx, fit_set.captions, recorded_queries, targets, gains)
-    return _fit(student, start, steps, progress)
+    return _fit(student, start, steps, tracker)

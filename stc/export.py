@@ -15,10 +15,8 @@ place, so a failed export leaves nothing half-written; an existing target is ref
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
+import re
 import sys
-import tempfile
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +24,13 @@ from pathlib import Path
 
 from . import __version__
 from .errors import BadInput
+from .outputs import check_folder, refuse_existing, staged
 
+# (samples, fit steps) of the ti/a1111 distillation: the default fit and the thorough one
+# (--thorough). The fit's cost is about samples x steps; on builtin:shapes the fast fit's denoiser
+# error is within a few per cent of the thorough one's (QUALITY.md, python -m benchmarks.quality).
+FAST = (64, 30)
+THOROUGH = (256, 200)
 A1111_STAR_TOKEN = 265  # CLIP's id of '*', the key every A1111 embedding uses
 REFERENCE_TEXT_WIDTH = 768  # the reference implementation hard-codes SD 1.x's text width
 
@@ -73,6 +77,7 @@ class ExportResult:
     format: ExportFormat
     paths: list[Path]
     fidelity: object | None = None  # distill.Fidelity for the lossy formats
+    exact: bool = False  # ti/a1111 of a textual-inversion concept: its own vectors, nothing distilled
 
 
 def target_paths(format_name: str, name: str, out: Path) -> list[Path]:
@@ -86,46 +91,22 @@ def target_paths(format_name: str, name: str, out: Path) -> list[Path]:
 
 
 def check_targets(paths: list[Path], force: bool) -> None:
-    """Refuse existing targets (unless ``force``) and folders that cannot be written, before any work."""
-    existing = [path for path in paths if path.exists() or path.is_symlink()]
-    if existing and not force:
-        raise BadInput(f"{existing[0]} exists already; pass --force to replace it, or choose another --out")
-    folder = paths[0].parent
-    if folder.exists() and not folder.is_dir():
-        raise BadInput(f"--out {folder} is a file; give a folder")
-    try:  # a real write, before any work: permissions, read-only file systems, quotas
-        folder.mkdir(parents=True, exist_ok=True)
-        handle, probe = tempfile.mkstemp(prefix=".stc-probe-", dir=folder)
-        os.close(handle)
-        os.unlink(probe)
-    except OSError as exc:
-        raise BadInput(f"cannot write into {folder}: {exc.strerror or exc}; choose another --out") from exc
+    """Refuse existing targets (unless ``force``) and folders that cannot be written, before any
+    work. ``--force`` replaces only what an export writes: a diffusers export's folder that holds
+    other files is refused, naming them."""
+    refuse_existing(paths, force)
+    check_folder(paths[0].parent)
+    for path in paths:
+        if path.is_dir() and not path.is_symlink():
+            from .export_diffusers import EXPORT_FILES
 
-
-# --------------------------------------------------------------------------- writing atomically
-
-
-@contextlib.contextmanager
-def _staged(target: Path, is_dir: bool = False):
-    """A temporary file or folder beside ``target``, moved onto it when the block succeeds."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-        os.close(handle)
-        temporary = Path(name)
-    try:
-        yield temporary
-        os.chmod(temporary, 0o755 if is_dir else 0o644)
-        if is_dir and target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
-    finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif temporary.exists():
-            temporary.unlink()
+            others = sorted(item.name for item in path.iterdir() if item.name not in EXPORT_FILES)
+            if others:
+                shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+                raise BadInput(f"{path} holds files an export does not write ({shown}); --force replaces only an "
+                               "export's own files: move them, or choose another --out")
+        elif path.exists() and not path.is_file():
+            raise BadInput(f"{path} exists and is not a file; choose another --out")
 
 
 def _writing(paths: list[Path]):
@@ -144,13 +125,14 @@ def _writing(paths: list[Path]):
 # --------------------------------------------------------------------------- the formats
 
 
-def write_ti(vectors, path: Path) -> None:
-    """``emb_params`` [n, D]: the single-key layout diffusers, A1111, ComfyUI and kohya load."""
+def write_ti(vectors, path: Path, base_model: str = "") -> None:
+    """``emb_params`` [n, D]: the single-key layout diffusers, A1111, ComfyUI and kohya load. The
+    header's metadata names the base model, so ``stc import`` gives the concept back its model."""
     from safetensors.torch import save
 
-    with _staged(path) as temporary:
-        temporary.write_bytes(save({"emb_params": vectors.detach().float().cpu().contiguous()},
-                                   metadata={"format": "stc-ti", "stc_version": __version__}))
+    metadata = {"format": "stc-ti", "stc_version": __version__, "base_model": base_model}
+    with staged(path) as temporary:
+        temporary.write_bytes(save({"emb_params": vectors.detach().float().cpu().contiguous()}, metadata=metadata))
 
 
 def a1111_embedding(vectors, name: str, steps: int, checkpoint_name: str) -> dict:
@@ -166,10 +148,43 @@ def a1111_embedding(vectors, name: str, steps: int, checkpoint_name: str) -> dic
 
 
 def write_a1111(vectors, path: Path, name: str, steps: int, checkpoint_name: str) -> None:
+    with staged(path) as temporary:
+        temporary.write_bytes(portable_torch_save(a1111_embedding(vectors, name, steps, checkpoint_name), name))
+
+
+# The zip members a torch checkpoint needs: its pickle, its tensors' storages, its version. The
+# A1111 webui's safe unpickler (modules/safe.py) refuses a file with any other member, and today's
+# torch.save also writes .format_version, .storage_alignment, byteorder and .data/serialization_id.
+_NEEDED_MEMBER = re.compile(r"data\.pkl|version|data/\d+")
+_ZIP_ALIGNMENT = 64  # torch aligns storages to 64 bytes in the archive (its reader does not need it)
+_PADDING_FIELD = 0x4246  # the zip "extra" field id torch's own writer pads with ("FB")
+
+
+def portable_torch_save(obj, folder: str) -> bytes:
+    """``torch.save(obj)`` as bytes whose archive holds only ``<folder>/data.pkl``,
+    ``<folder>/data/<n>`` and ``<folder>/version``: every torch since 1.6 reads it
+    (``torch.load(weights_only=True)`` included, little-endian being the default byte order)
+    and so does the webui's default safe loader. Deterministic: the same object gives the same bytes."""
+    import io
+    import struct
+    import zipfile
+
     import torch
 
-    with _staged(path) as temporary:
-        torch.save(a1111_embedding(vectors, name, steps, checkpoint_name), temporary)
+    written = io.BytesIO()
+    torch.save(obj, written)
+    out = io.BytesIO()
+    with zipfile.ZipFile(written) as source, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as target:
+        for info in source.infolist():
+            member = info.filename.split("/", 1)[1]
+            if not _NEEDED_MEMBER.fullmatch(member):
+                continue
+            entry = zipfile.ZipInfo(f"{folder}/{member}", date_time=(1980, 1, 1, 0, 0, 0))
+            header = 30 + len(entry.filename.encode()) + 4  # local header, name, padding field's own header
+            padding = -(out.tell() + header) % _ZIP_ALIGNMENT
+            entry.extra = struct.pack("<HH", _PADDING_FIELD, padding) + b"Z" * padding
+            target.writestr(entry, source.read(info))
+    return out.getvalue()
 
 
 def reference_state_dict(state_dict: dict) -> dict:
@@ -251,35 +266,24 @@ def _reference_modules(cls):
 
 def write_neti(concept, mapper, paths: list[Path]) -> None:
     """The reference pair: ``<name>-mapper.pt`` and ``<name>-learned_embeds.bin``."""
-    import torch
 
     if concept.text_width != REFERENCE_TEXT_WIDTH:
         raise BadInput(
             f"the reference implementation supports text width {REFERENCE_TEXT_WIDTH} (SD 1.x) only; "
             f"{concept.name} has width {concept.text_width} ({concept.base_model})"
         )
+    from .distill import mean_token
+
     state = mapper.state_dict()
     cls = _positional_encoding_class()
     encoder = cls(state["encoding.w"].detach().float().cpu().clone(), float(concept.mapper.get("sigma_t", 0.03)),
                   float(concept.mapper.get("sigma_l", 2.0)))
     checkpoint = {"state_dict": reference_state_dict(state), "cfg": reference_cfg(concept), "encoder": encoder}
     mapper_path, embeds_path = paths
-    with _staged(mapper_path) as temporary, _reference_modules(cls):
-        torch.save(checkpoint, temporary)
-    with _staged(embeds_path) as temporary:
-        torch.save({concept.token: mean_token(mapper).clone()}, temporary)
-
-
-def mean_token(mapper, rank: int | None = None):
-    """The mapper's token embedding averaged over t in 0..999 and the 16 layers: D."""
-    import torch
-
-    from .spacetime import spacetime_rows
-
-    with torch.no_grad():
-        rows_t, rows_l = spacetime_rows(torch.arange(0, 1000, 10), mapper.config.num_layers)
-        token, _ = mapper.split(mapper(rows_t, rows_l, rank=rank))
-    return token.mean(dim=0)
+    with staged(mapper_path) as temporary, _reference_modules(cls):
+        temporary.write_bytes(portable_torch_save(checkpoint, mapper_path.stem))
+    with staged(embeds_path) as temporary:
+        temporary.write_bytes(portable_torch_save({concept.token: mean_token(mapper)}, embeds_path.stem))
 
 
 # --------------------------------------------------------------------------- the command
@@ -289,16 +293,23 @@ def export_concept(
     registry, name: str, format_name: str, out: Path | None = None, rank: int | None = None, vectors: int = 1,
     force: bool = False, model: str | None = None, model_config: str | None = None, device: str | None = None,
     progress: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
-    samples: int = 256, fit_steps: int = 200,
+    samples: int | None = None, fit_steps: int | None = None, thorough: bool = False,
 ) -> ExportResult:
-    """Export concept ``name`` as ``format_name`` into the folder ``out`` (default: the current one)."""
+    """Export concept ``name`` as ``format_name`` into the folder ``out`` (default: the current one).
+
+    ti/a1111 distil the concept: ``samples`` and ``fit_steps`` default to the fast fit (seconds),
+    or with ``thorough`` to the thorough one (minutes).
+    """
+    preset = THOROUGH if thorough else FAST
+    samples = preset[0] if samples is None else samples
+    fit_steps = preset[1] if fit_steps is None else fit_steps
     from .conceptio import load_mapper
-    from .prompts import ParsedPrompt, resolve_ranks
+    from .prompts import check_rank
 
     export_format = check_format(format_name)
     concept = registry.load(name)
     if rank is not None:
-        resolve_ranks(ParsedPrompt(concept.token, {name: rank}), {name: concept.rank_max})
+        check_rank(concept.name, rank, concept.rank_max, f"--rank {rank}")
     for flag, value in (("--vectors", vectors), ("--samples", samples), ("--fit-steps", fit_steps)):
         if value < 1:
             raise BadInput(f"{flag} must be at least 1, got {value}")
@@ -312,19 +323,40 @@ def export_concept(
             from .registry import preview_paths
 
             previews = [p for p in preview_paths(concept.path) if p.name == "preview.png"]
-            with _staged(paths[0], is_dir=True) as folder:
+            with staged(paths[0], is_dir=True) as folder:
                 write_diffusers_export(concept, concept.weights_path.read_bytes(), folder, rank=rank,
                                        preview=previews[0] if previews else None)
         elif format_name == "neti":
             write_neti(concept, mapper, paths)  # the mapper alone: no base model needed
         else:
-            result.fidelity = _distil_and_write(concept, mapper, format_name, paths[0], rank, vectors, model,
-                                                model_config, device, progress, on_status, samples, fit_steps)
+            exact = constant_vectors(mapper)
+            if exact is not None:  # a textual-inversion concept: its vectors as they are, nothing to fit
+                result.exact = True
+                fitted, spec = exact, concept.base_model
+            else:
+                fitted, spec, result.fidelity = _distil(concept, mapper, rank, vectors, model, model_config,
+                                                        device, progress, on_status, samples, fit_steps)
+            if format_name == "ti":
+                write_ti(fitted, paths[0], spec)
+            else:
+                write_a1111(fitted, paths[0], concept.name, concept.steps_done or 0, spec)
     return result
 
 
-def _distil_and_write(concept, mapper, format_name, path, rank, vectors, model, model_config, device, progress,
-                      on_status, samples, fit_steps):
+def constant_vectors(mapper):
+    """The n x D vectors of a mapper whose output is the same at every (t, l) and rank (an imported
+    textual-inversion embedding: its output layer's weight is zero, its bias the vectors), else None."""
+    layer = mapper.output_layer[0]
+    if mapper.config.bypass or bool(layer.weight.any()):
+        return None
+    bias = layer.bias.detach().float().cpu()
+    scale = mapper.config.norm_scale / float(bias.norm())  # the output is bias / |bias| x norm_scale
+    if abs(scale - 1) > 1e-6:  # an import stores the vectors themselves (norm_scale = |bias|): exactly them
+        bias = bias * scale
+    return bias.reshape(mapper.config.num_vectors, mapper.config.text_width)
+
+
+def _distil(concept, mapper, rank, vectors, model, model_config, device, progress, on_status, samples, fit_steps):
     from .distill import distil
     from .models import load_base_model
 
@@ -334,8 +366,4 @@ def _distil_and_write(concept, mapper, format_name, path, rank, vectors, model, 
     base = load_base_model(spec, device=device, config=model_config)
     distilled = distil(base, concept, mapper, vectors=vectors, rank=rank, samples=samples, steps=fit_steps,
                        progress=progress)
-    if format_name == "ti":
-        write_ti(distilled.vectors, path)
-    else:
-        write_a1111(distilled.vectors, path, concept.name, concept.steps_done or 0, base.spec)
-    return distilled.fidelity
+    return distilled.vectors, base.spec, distilled.fidelity

@@ -37,12 +37,14 @@ from pathlib import Path
 from . import __version__
 from .concept import WEIGHTS_FILE, Concept
 from .errors import BadInput, StcError
+from .prompts import check_rank
 
 EXPORT_FORMAT = "stc-diffusers/1"
 CONFIG_FILE = "config.json"
 MODULE_FILE = "stc_concept.py"
 CARD_FILE = "README.md"
 PREVIEW_FILE = "preview.png"
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODULE_FILE, CARD_FILE, PREVIEW_FILE)  # all a folder export writes
 CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-inversion")
 
 # stc's code the module carries, in this order: (module, top-level names)
@@ -54,6 +56,8 @@ STITCHED = (
                        "_causal_mask", "spacetime_rows", "encode_spacetime", "encode_layers")),
     ("stc.conditioning", ("SCHEDULE_CHUNK", "Conditioning")),
     ("stc.generation", ("_stack_step", "_with_uncond")),
+    ("stc.prompts", ("check_rank",)),
+    ("stc.placeholders", ("placeholder_tokens", "add_placeholder_tokens")),
 )
 GLUE_FILE = Path(__file__).with_name("diffusers_glue.py")  # read as text, never imported
 GLUE_MARKER = "# " + "-" * 76 + " glue"
@@ -61,6 +65,8 @@ GLUE_MARKER = "# " + "-" * 76 + " glue"
 REPLACEMENTS = {
     "ModelError": 'class ModelError(ValueError):\n    """The pipeline does not fit the concept (stc raises '
                   'stc.errors.ModelError here)."""\n',
+    "BadInput": 'class BadInput(ValueError):\n    """An argument that cannot be used (stc raises '
+                'stc.errors.BadInput here)."""\n',
 }
 # config.json keys read_diffusers_export requires, and their types
 REQUIRED_KEYS = {
@@ -83,8 +89,8 @@ def write_diffusers_export(
     ``preview``: an image copied to ``preview.png`` and shown by the model card.
     """
     folder = Path(folder)
-    if rank is not None and not 1 <= rank <= concept.rank_max:
-        raise BadInput(f"{concept.name} has ranks 1..{concept.rank_max}; rank {rank} is outside them")
+    if rank is not None:
+        check_rank(concept.name, rank, concept.rank_max)
     digest = hashlib.sha256(weights).hexdigest()
     if concept.weights_sha256 and digest != concept.weights_sha256:
         raise BadInput(f"the weights given for {concept.name!r} are not the file its concept.yaml records (sha256)")
@@ -119,6 +125,9 @@ def export_config(concept: Concept, weights_sha256: str, rank: int | None = None
         "mapper": dict(concept.mapper),  # MapperConfig
         "steps": concept.steps_done,
         "created": concept.created,
+        "base_fingerprint": concept.base_fingerprint,
+        "training": concept.training.to_dict(),  # the run's settings and record, as concept.yaml has them
+        "metrics": concept.metrics.to_dict(),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": weights_sha256,
     }
@@ -302,11 +311,15 @@ unload_concepts(pipe) removes the hooks and attention processors again. Prompts 
 loaded token render as the untouched pipeline does; prompt_embeds given directly and
 clip_skip bypass the concept.
 
-The code below is stc's own, copied at export time from stc/mapper.py, stc/spacetime.py,
-stc/conditioning.py and stc/generation.py (stc {__version__}), followed by the glue of
-stc/diffusers_glue.py (text-encoder and UNet hooks, load_concept).
+The code below is stc's own, copied at export time from {_stitched_files()} (stc {__version__}),
+followed by the glue of stc/{GLUE_FILE.name} (text-encoder and UNet hooks, load_concept).
 """
 '''
+
+
+def _stitched_files() -> str:
+    files = ["stc/" + module.removeprefix("stc.").replace(".", "/") + ".py" for module, _ in STITCHED]
+    return ", ".join(files[:-1]) + " and " + files[-1]
 
 
 # --------------------------------------------------------------------------- the model card

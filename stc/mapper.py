@@ -31,16 +31,24 @@ class MapperConfig:
     bypass: bool = True
     nested_dropout: bool = True
     nested_dropout_prob: float = 0.5
+    num_vectors: int = 1  # token embeddings per placeholder: 1 for NeTI; n for imported n-vector embeddings
 
     def __post_init__(self) -> None:
-        if self.text_width <= 0 or self.hidden_dim <= 0 or self.num_layers <= 0:
-            raise ValueError("text_width, hidden_dim and num_layers must be positive")
+        if self.text_width <= 0 or self.hidden_dim <= 0 or self.num_layers <= 0 or self.num_vectors <= 0:
+            raise ValueError("text_width, hidden_dim, num_layers and num_vectors must be positive")
         if not 0.0 <= self.nested_dropout_prob <= 1.0:
             raise ValueError("nested_dropout_prob must lie in [0, 1]")
 
     @property
+    def rank_max(self) -> int | None:
+        """The highest truncation rank (rank r keeps hidden dims [:r]); None when ranks do nothing:
+        without nested dropout the hidden dims are unordered (an ablation, or an imported
+        textual-inversion embedding)."""
+        return self.hidden_dim if self.nested_dropout else None
+
+    @property
     def output_dim(self) -> int:
-        return self.text_width * (2 if self.bypass else 1)
+        return self.text_width * self.num_vectors * (2 if self.bypass else 1)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -149,10 +157,12 @@ class NeTIMapper(nn.Module):
 
 
 def split_outputs(outputs: torch.Tensor, config: MapperConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mapper outputs -> (token embeddings, bypass vectors or None): the first D dims, then the rest."""
+    """Mapper outputs -> (token embeddings, bypass vectors or None): the first n·D dims (the n
+    vectors one after the other; n = 1 for NeTI), then the rest."""
     if not config.bypass:
         return outputs, None
-    return outputs[..., : config.text_width], outputs[..., config.text_width :]
+    width = config.text_width * config.num_vectors
+    return outputs[..., :width], outputs[..., width:]
 
 
 def truncate(hidden: torch.Tensor, rank: int) -> torch.Tensor:

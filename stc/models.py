@@ -18,6 +18,9 @@ SHAPES = "builtin:shapes"
 # shapes world (stc/worlds/shapes)
 BUILTINS = (TINY, TINY_SD2, SHAPES)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# the hub model of each family stc knows, and its text width: what an embedding of that width
+# that names no model is taken to be for
+FAMILY_MODELS = {DEFAULT_MODEL: 768, "stabilityai/stable-diffusion-2-1": 1024}
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 PREDICTION_ENV = "STC_PREDICTION_TYPE"  # what --prediction-type sets
@@ -261,7 +264,7 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
             return int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-    return None
+    return FAMILY_MODELS.get(spec)
 
 
 def prediction_type_from_env() -> str | None:

@@ -162,13 +162,20 @@ class ConceptSlot:
     """A concept as the text encoder sees it: its placeholder token id, mapper and rank.
 
     ``mapper`` is what gets called (it may be wrapped for distributed training);
-    ``config`` is its MapperConfig, which says how to split its outputs.
+    ``config`` is its MapperConfig, which says how to split its outputs. A concept of n vectors
+    (an imported n-vector embedding) has n tokens, ``<name> <name>_1 …``: ``token_id`` and then
+    ``extra_token_ids``; the i-th takes the i-th vector.
     """
 
     token_id: int
     mapper: torch.nn.Module
     rank: int | None = None  # None: the full concept
     config: object = None  # MapperConfig; None: ``mapper.config``
+    extra_token_ids: tuple[int, ...] = ()
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return (self.token_id, *self.extra_token_ids)
 
     def split(self, outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return split_outputs(outputs, self.config or self.mapper.config)
@@ -222,19 +229,22 @@ def encode_spacetime(
     transformer = _text_transformer(text_encoder)
     token_embedding = transformer.embeddings.token_embedding
     embeds = token_embedding(input_ids.clamp(max=token_embedding.num_embeddings - 1))  # N, S, D
+    width = embeds.shape[-1]
     bypasses = []
     for slot in (concepts or {}).values():
-        rows, cols = (input_ids == slot.token_id).nonzero(as_tuple=True)
-        if rows.numel() == 0:
-            continue
-        outputs = slot.mapper(
-            timesteps[rows].float(), layers[rows].float(), rank=slot.rank,
-            dropout_groups=layers[rows].long(), generator=generator,
-        )
-        token, bypass = slot.split(outputs)
-        embeds = embeds.index_put((rows, cols), token.to(embeds.dtype))
-        if bypass is not None:
-            bypasses.append((rows, cols, bypass))
+        for vector, token_id in enumerate(slot.token_ids):
+            rows, cols = (input_ids == token_id).nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                continue
+            outputs = slot.mapper(
+                timesteps[rows].float(), layers[rows].float(), rank=slot.rank,
+                dropout_groups=layers[rows].long(), generator=generator,
+            )
+            token, bypass = slot.split(outputs)
+            piece = slice(vector * width, (vector + 1) * width)
+            embeds = embeds.index_put((rows, cols), token[:, piece].to(embeds.dtype))
+            if bypass is not None:
+                bypasses.append((rows, cols, bypass[:, piece]))
 
     hidden = transformer.embeddings(inputs_embeds=embeds)
     state = transformer.encoder(

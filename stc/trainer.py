@@ -55,13 +55,6 @@ def recomputed_text_layers(text_encoder):
             del layer.forward  # back to the class's forward
 
 
-def add_placeholder_token(tokenizer, token: str) -> int:
-    if token in tokenizer.get_vocab():
-        raise BadInput(f"the tokenizer already knows {token!r}; choose another concept name")
-    tokenizer.add_tokens([token])
-    return tokenizer.convert_tokens_to_ids(token)
-
-
 class Trainer:
     """State of one training run on a loaded base model."""
 
@@ -70,13 +63,14 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from .mapper import MapperConfig, NeTIMapper
+        from .placeholders import add_placeholder_tokens
         from .spacetime import install_processors
 
         self.base, self.config, self.accelerator = base, config, accelerator
         pipe = base.pipeline
         self.tokenizer, self.text_encoder, self.unet, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
         initializer_id = single_token_id(self.tokenizer, config.initializer_word)
-        self.token_id = add_placeholder_token(self.tokenizer, token)
+        (self.token_id,) = add_placeholder_tokens(self.tokenizer, [token])
         self.token = token
         self.layer_names = install_processors(self.unet)
         if config.gradient_checkpointing:

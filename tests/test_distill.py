@@ -6,7 +6,8 @@ import pytest
 import torch
 from helpers import make_concept, make_mapper
 
-from stc.distill import Distilled, _attend, distil, placeholder_tokens
+from stc.distill import Distilled, _attend, distil
+from stc.placeholders import placeholder_tokens
 from stc.errors import BadInput
 from stc.mapper import MapperConfig, NeTIMapper
 from stc.spacetime import (
@@ -179,8 +180,11 @@ def test_same_seed_same_vectors(random_run, tiny_model, concept):
 
 
 def test_progress_reaches_its_total(random_run):
+    """One unit per recorded UNet batch (16 samples), one for the layer gains, one per fit step,
+    one per held-out batch: 2 + 1 + 20 + 1 for 32 samples and 20 steps."""
     _, _, _, calls = random_run
-    assert calls == [(step, FAST["steps"]) for step in range(1, FAST["steps"] + 1)]
+    total = 2 + 1 + FAST["steps"] + 1
+    assert calls == [(done, total) for done in range(1, total + 1)]
 
 
 def test_base_model_and_mapper_are_left_as_they_were(random_run, tiny_model):

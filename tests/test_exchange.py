@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import assert_one_line_error, invoke, make_concept, save_concept
+from helpers import assert_close_in_scale, assert_one_line_error, invoke, make_concept, save_concept
 from torch import nn
 
 from stc.conceptio import load_mapper, weights_bytes
@@ -163,16 +163,20 @@ def test_ti_and_a1111_exports_load_in_diffusers_and_round_trip(tmp_path, tiny):
     result = invoke("export", "pup", "--format", "ti", "--out", tmp_path, "--rank", 8, *fast)
     assert result.exit_code == 0, result.output
     assert "Fidelity" in result.stderr and "plain average" in result.stderr and "initializer" in result.stderr
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     vectors = load_file(tmp_path / "pup.safetensors")["emb_params"]
     assert vectors.shape == (1, 32)
+    with safe_open(str(tmp_path / "pup.safetensors"), framework="pt") as handle:
+        assert handle.metadata()["base_model"] == "builtin:tiny"
     result = invoke("export", "pup", "--format", "a1111", "--out", tmp_path, "--vectors", 2, *fast)
     assert result.exit_code == 0, result.output
     embedding = torch.load(tmp_path / "pup.pt", weights_only=True)  # tensors, strings and ints only
     assert set(embedding) == {"string_to_token", "string_to_param", "name", "step", "sd_checkpoint",
                               "sd_checkpoint_name"}
     assert embedding["string_to_param"]["*"].shape == (2, 32) and embedding["name"] == "pup"
+    assert embedding["sd_checkpoint_name"] == "builtin:tiny"
 
     pipe = tiny.pipeline
     pipe.load_textual_inversion(str(tmp_path / "pup.safetensors"), token="<pup-ti>")
@@ -181,19 +185,73 @@ def test_ti_and_a1111_exports_load_in_diffusers_and_round_trip(tmp_path, tiny):
     assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-ti>")], vectors[0])
     assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-a1111>_1")], embedding["string_to_param"]["*"][1])
 
-    result = invoke("import", tmp_path / "pup.safetensors", "--name", "pup-ti", "--model", "builtin:tiny")
+    # back again, without --model: the files name their model
+    result = invoke("import", tmp_path / "pup.safetensors", "--name", "pup-ti")
     assert result.exit_code == 0, result.output
-    imported = load_mapper(Registry().load("pup-ti"))
-    token, bypass = imported.split(outputs_on_a_grid(imported, ranks=(1, 128)))
+    imported = Registry().load("pup-ti")
+    assert imported.base_model == "builtin:tiny" and imported.rank_max is None
+    token, bypass = load_mapper(imported).split(outputs_on_a_grid(load_mapper(imported), ranks=(1, 128)))
     assert bypass is None
     assert torch.allclose(token, vectors[0].expand_as(token), atol=1e-6)  # the same vector everywhere
-    assert_one_line_error(invoke("import", tmp_path / "pup.pt", "--model", "builtin:tiny"), "2 vectors")
+    result = invoke("import", tmp_path / "pup.pt", "--name", "pup-two")  # two vectors: <pup-two> is two tokens
+    assert result.exit_code == 0, result.output
+    two = Registry().load("pup-two")
+    assert two.base_model == "builtin:tiny" and two.mapper["num_vectors"] == 2
+    # ... which export back exactly, with nothing to distil and no base model to load
+    (tmp_path / "again").mkdir()
+    result = invoke("export", "pup-two", "--format", "ti", "--out", tmp_path / "again", "--model", "builtin:nothing")
+    assert result.exit_code == 0, result.output
+    assert "exactly" in result.stderr and "Fidelity" not in result.stderr
+    assert torch.equal(load_file(tmp_path / "again" / "pup-two.safetensors")["emb_params"],
+                       embedding["string_to_param"]["*"])
+
+
+def test_a_multi_vector_concept_puts_each_vector_in_its_own_token(tiny):
+    """<name> of an imported n-vector embedding is written out as n tokens (diffusers' <name>,
+    <name>_1, ...), the i-th reading the i-th vector, at every step and layer: what diffusers'
+    own load_textual_inversion of the same vectors gives."""
+    import copy
+
+    from stc.generation import Renderer, RenderSettings
+    from stc.imports import constant_mapper
+    from stc.spacetime import cross_attention_layer_names
+
+    vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
+    concept = make_concept("tri", cross_attention_layer_names(tiny.pipeline.unet),
+                           mapper=constant_mapper(vectors).config.to_dict())
+    plain_pipe = copy.deepcopy(tiny.pipeline)
+    renderer = Renderer(tiny, {"tri": (concept, constant_mapper(vectors))})
+    prompt = "a photo of <tri> on the moon"
+    ids = renderer.text.tokenize(prompt)[0].tolist()
+    tokenizer = tiny.pipeline.tokenizer
+    expected = [tokenizer.convert_tokens_to_ids(token) for token in ("<tri>", "<tri>_1", "<tri>_2")]
+    start = ids.index(expected[0])
+    assert ids[start:start + 3] == expected
+    conditioning = renderer.condition(prompt, RenderSettings(steps=2))
+    keys = conditioning.keys  # K x L x S x D: no bypass, so values are keys
+    assert torch.equal(conditioning.values, keys)
+
+    plain_pipe.load_textual_inversion(vectors, token="<tri>", tokenizer=plain_pipe.tokenizer,
+                                      text_encoder=plain_pipe.text_encoder)
+    words = plain_pipe.maybe_convert_prompt(prompt, plain_pipe.tokenizer)
+    assert words == "a photo of <tri> <tri>_1 <tri>_2 on the moon"
+    plain_ids = plain_pipe.tokenizer(words, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected_states = plain_pipe.text_encoder(plain_ids)[0]  # 1 x S x D
+    # stc's batched (t, l) encoder against transformers' own forward: the same math in other
+    # kernels and batch shapes; fp32 rounding stays far below 1e-5 of the states' scale
+    for step, layer in ((0, 0), (1, 7), (1, 15)):
+        assert_close_in_scale(keys[step, layer], expected_states[0], 1e-5)
+    vectors[1] += 1  # another second vector: another conditioning
+    other = Renderer(tiny, {"tri": (concept, constant_mapper(vectors))}).condition(prompt, RenderSettings(steps=2))
+    assert not torch.allclose(other.keys, keys)
 
 
 def test_export_refuses_unknown_formats_existing_targets_and_unwritable_folders(tmp_path, monkeypatch):
     save_concept("pup")
     assert_one_line_error(invoke("export", "pup", "--format", "lora"), "diffusers, ti, a1111, neti")
-    assert_one_line_error(invoke("export", "pup", "--format", "ti", "--rank", 500), "pup has ranks 1..128")
+    assert_one_line_error(invoke("export", "pup", "--format", "ti", "--rank", 500),
+                          "pup has ranks 1..128; --rank 500 is outside them")
     (tmp_path / "pup.safetensors").write_bytes(b"mine")
     assert_one_line_error(invoke("export", "pup", "--format", "ti", "--out", tmp_path), "--force")
     assert (tmp_path / "pup.safetensors").read_bytes() == b"mine"

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from ..export import FORMATS
+from ..export import FAST, FORMATS, THOROUGH
 from ._base import (
     DeviceOpt,
     ModelConfigOpt,
@@ -19,6 +19,7 @@ from ._base import (
     handle_errors,
     open_registry,
     out,
+    progress_bar,
     quiet_libraries,
 )
 
@@ -41,9 +42,15 @@ def export(
                                     "diffusers: the default rank of the export (default: full).")
     ] = None,
     vectors: Annotated[int, typer.Option("--vectors", help="ti/a1111: number of vectors to distil.")] = 1,
-    samples: Annotated[int, typer.Option("--samples", help="ti/a1111: (noise, t, caption) samples the vectors "
-                                         "are fitted on; a quarter more measure the fidelity.")] = 256,
-    fit_steps: Annotated[int, typer.Option("--fit-steps", help="ti/a1111: optimisation steps of the fit.")] = 200,
+    thorough: Annotated[bool, typer.Option(
+        "--thorough", help=f"ti/a1111: the thorough fit ({THOROUGH[0]} samples, {THOROUGH[1]} steps: minutes; "
+        f"default: the fast fit, {FAST[0]} samples and {FAST[1]} steps, seconds).")] = False,
+    samples: Annotated[Optional[int], typer.Option(
+        "--samples", show_default=False, help="ti/a1111: (noise, t, caption) samples the vectors are fitted on; a "
+        "quarter more measure the fidelity (overrides --thorough's).")] = None,
+    fit_steps: Annotated[Optional[int], typer.Option(
+        "--fit-steps", show_default=False, help="ti/a1111: optimisation steps of the fit (overrides --thorough's).")
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing export.")] = False,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
@@ -57,17 +64,20 @@ def export(
     from contextlib import nullcontext
 
     from ..export import export_concept
-    from .render import _progress_bar
 
     distils = format_name in ("ti", "a1111")
-    with _progress_bar(f"distilling {name} into {vectors} vector(s)") if distils else nullcontext() as progress:
+    with progress_bar(f"distilling {name} into {vectors} vector(s)") if distils else nullcontext() as progress:
         result = export_concept(
             open_registry(), name, format_name, out=out_dir, rank=rank, vectors=vectors, force=force, model=model,
             model_config=str(model_config) if model_config else None, device=device, progress=progress,
             on_status=lambda message: err.print(Text(message, style="dim")), samples=samples, fit_steps=fit_steps,
+            thorough=thorough,
         )
     err.print(Text(f"Exported <{name}> as {export_format.name}: keeps {export_format.keeps}; "
                    f"loses {export_format.loses}."), soft_wrap=True)
+    if result.exact:
+        err.print(Text(f"{name} is a textual-inversion embedding: its own vectors were written, exactly."),
+                  soft_wrap=True)
     if result.fidelity is not None:
         fidelity = result.fidelity
         err.print(Text(
