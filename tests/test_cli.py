@@ -100,8 +100,11 @@ def test_help_explains_commands():
 
 # One `stc ARGS` run in a fresh interpreter: its output, exit code and every module it imported.
 STARTUP_PROBE = """
-import contextlib, io, json, sys
+import contextlib, importlib, io, json, sys
+preload = json.loads(sys.argv[2])  # command modules built before the run (none: the lazy start)
 sys.argv = ["stc", *json.loads(sys.argv[1])]
+for module in preload:
+    importlib.import_module(module)
 from stc.cli import main
 out, err, code = io.StringIO(), io.StringIO(), 0
 with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -115,15 +118,16 @@ COMMAND_MODULES = {"stc.cli.exchange", "stc.cli.inspecting", "stc.cli.render", "
 NEVER_AT_START = {"torch", "diffusers", "transformers", "safetensors", "accelerate", "PIL"}
 
 
-def run_fresh(*args) -> dict:
+def run_fresh(*args, columns: int = 100, preload: tuple = ()) -> dict:
     import os
     import subprocess
     import sys
 
     from pathlib import Path
 
-    env = {**os.environ, "COLUMNS": "100", "NO_COLOR": "1"}
-    done = subprocess.run([sys.executable, "-c", STARTUP_PROBE, json.dumps([str(arg) for arg in args])],
+    env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}
+    done = subprocess.run([sys.executable, "-c", STARTUP_PROBE, json.dumps([str(arg) for arg in args]),
+                           json.dumps(list(preload))],
                           capture_output=True, text=True, timeout=120, env=env, cwd=Path(__file__).parent.parent)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
@@ -149,8 +153,8 @@ def test_help_lists_every_command_without_importing_one():
     assert not result["roots"] & (COMMAND_MODULES | NEVER_AT_START | {"yaml"})
     if not typer_alone_imports_pydantic():
         assert "pydantic" not in result["roots"]
-    listed = [line.split()[1] for line in result["stdout"].splitlines() if line.startswith("│ ") and len(line) > 3
-              and line.split()[1] in COMMANDS]
+    lines = result["stdout"].splitlines()
+    listed = [line.split()[0] for line in lines[lines.index("Commands:") + 1:] if line.startswith("  ")]
     assert listed == list(COMMANDS)
 
 
@@ -174,9 +178,9 @@ def test_the_lazy_help_is_the_help_of_the_commands_themselves():
                                                    rich_markup_mode=app.rich_markup_mode)
         assert registered[name].callback.__module__ == f"stc.cli.{module}", name
         assert inspect.cleandoc(command.help).split("\n\n")[0] == summary, name
-    built = invoke("--help", env={"COLUMNS": "100", "NO_COLOR": "1"})
-    assert built.exit_code == 0
-    assert run_fresh("--help")["stdout"] == built.stdout
+    built = run_fresh("--help", preload=tuple(sorted(COMMAND_MODULES)))
+    assert built["code"] == 0 and COMMAND_MODULES <= set(built["modules"])
+    assert run_fresh("--help")["stdout"] == built["stdout"]
 
 
 @pytest.mark.parametrize("args, module", [
@@ -250,3 +254,30 @@ def test_quick_conversion_gives_what_typer_gives():
                 assert quick == typers, (command.name, param.name, value)
                 checked += 1
     assert checked > 1000
+
+
+def test_help_at_80_columns_shows_every_option_whole_and_defaults_one_way():
+    """Every option's name in full, descriptions wrapped at the terminal's width, plain flags
+    without a type, every default written as [default: ...]; -h is --help."""
+    import importlib
+
+    import typer.main
+
+    from stc.cli import app
+    from stc.cli._lazy import COMMANDS, command_name
+
+    for module in {module for module, _ in COMMANDS.values()}:
+        importlib.import_module(f"stc.cli.{module}")
+    registered = {command_name(info): info for info in app.registered_commands}
+    for name in COMMANDS:
+        text = run_fresh(name, "--help", columns=80)["stdout"]
+        command = typer.main.get_command_from_info(registered[name], pretty_exceptions_short=True,
+                                                   rich_markup_mode=app.rich_markup_mode)
+        for param in command.params:
+            for flag in [*param.opts, *param.secondary_opts]:
+                if flag.startswith("--"):
+                    assert flag in text, (name, flag)
+        assert "<bool>" not in text, name
+        assert "(default" not in text and "Default:" not in text, name
+        assert max(len(line) for line in text.splitlines()) <= 80, name
+        assert run_fresh(name, "-h", columns=80)["stdout"] == text

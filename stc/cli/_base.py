@@ -28,6 +28,8 @@ app = QuickTyper(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: option names in full and descriptions wide at any width
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 out = Console()
 err = Console(stderr=True)
@@ -40,8 +42,8 @@ ModelOpt = Annotated[
         "-m",
         help="Base model: a hub id, a local diffusers folder, a single-file SD 1.x/2.x checkpoint (.safetensors, "
         "or a weights-only .ckpt), builtin:shapes (a tiny trained world of coloured shapes, 32 px), or "
-        "builtin:tiny / builtin:tiny-sd2 (random weights, for tests) (default: the concept's, else STC_MODEL or "
-        "model: in $STC_HOME/config.yaml, else SD 1.5).",
+        "builtin:tiny / builtin:tiny-sd2 (random weights, for tests).  [default: the concept's, else STC_MODEL or "
+        "model: in $STC_HOME/config.yaml, else SD 1.5]",
     ),
 ]
 ModelConfigOpt = Annotated[
@@ -70,16 +72,16 @@ PredictionTypeOpt = Annotated[
     Optional[str],
     typer.Option(
         "--prediction-type", callback=_prediction_type_callback, show_default=False, envvar="STC_PREDICTION_TYPE",
-        help="epsilon or v_prediction: what the base model predicts (default: its scheduler config; for an SD 2.x "
-        "single file v_prediction, as 768-px SD 2.x; pass epsilon for 512-px SD 2.x-base files).",
+        help="epsilon or v_prediction: what the base model predicts; pass epsilon for 512-px SD 2.x-base single "
+        "files.  [default: its scheduler config; for an SD 2.x single file v_prediction, as 768-px SD 2.x]",
     ),
 ]
 SeedOpt = Annotated[
     int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result.")
 ]
 DeviceOpt = Annotated[
-    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps (default auto: CUDA, else MPS, "
-                                "else the CPU).")
+    Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: CUDA, "
+                                "else MPS, else the CPU]")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
@@ -247,7 +249,7 @@ def _root(
     ] = False,
     threads: Annotated[
         Optional[int], typer.Option("--threads", callback=_threads_callback, help="CPU threads for torch (also "
-                                    "STC_THREADS). Default: 1 for small models, else the free cores.")
+                                    "STC_THREADS).  [default: 1 for small models, else the free cores]")
     ] = None,
     offline: Annotated[
         bool, typer.Option("--offline", callback=_offline_callback, help="Use only models already on disk; never "

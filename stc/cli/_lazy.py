@@ -62,10 +62,10 @@ class LazyGroup(TyperGroup):
         return list(dict.fromkeys([*COMMANDS, *super().list_commands(ctx)]))
 
     def get_command(self, ctx, cmd_name: str):
+        if self._listing and cmd_name in COMMANDS:  # a summary line, without importing the command's module
+            return TyperCommand(name=cmd_name, help=COMMANDS[cmd_name][1])
         command = super().get_command(ctx, cmd_name)
         if command is None and cmd_name in COMMANDS:
-            if self._listing:  # a summary line, without importing the command's module
-                return TyperCommand(name=cmd_name, help=COMMANDS[cmd_name][1])
             command = self._load(cmd_name)
         return command
 

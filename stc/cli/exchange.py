@@ -35,16 +35,16 @@ def export(
         str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.", show_default=False)
     ],
     out_dir: Annotated[
-        Optional[Path], typer.Option("--out", "-o", help="Folder to write into (default: the current folder).")
+        Optional[Path], typer.Option("--out", "-o", help="Folder to write into.  [default: the current folder]")
     ] = None,
     rank: Annotated[
         Optional[int], typer.Option("--rank", "-r", help="ti/a1111: the rank whose outputs are distilled; "
-                                    "diffusers: the default rank of the export (default: full).")
+                                    "diffusers: the default rank of the export.  [default: full]")
     ] = None,
     vectors: Annotated[int, typer.Option("--vectors", help="ti/a1111: number of vectors to distil.")] = 1,
     thorough: Annotated[bool, typer.Option(
-        "--thorough", help=f"ti/a1111: the thorough fit ({THOROUGH[0]} samples, {THOROUGH[1]} steps: minutes; "
-        f"default: the fast fit, {FAST[0]} samples and {FAST[1]} steps, seconds).")] = False,
+        "--thorough", help=f"ti/a1111: the thorough fit ({THOROUGH[0]} samples, {THOROUGH[1]} steps: minutes) instead of the fast "
+        f"one ({FAST[0]} samples, {FAST[1]} steps: seconds).")] = False,
     samples: Annotated[Optional[int], typer.Option(
         "--samples", show_default=False, help="ti/a1111: (noise, t, caption) samples the vectors are fitted on; a "
         "quarter more measure the fidelity (overrides --thorough's).")] = None,
@@ -94,9 +94,9 @@ def import_(
     path: Annotated[Path, typer.Argument(
         help="A reference NeTI *-mapper.pt, a textual-inversion embedding (.safetensors, .pt, .bin) or a folder "
         "written by 'stc export --format diffusers'.", show_default=False)],
-    name: Annotated[Optional[str], typer.Option("--name", "-n", help="Concept name (default: from the file).")] = None,
-    init: Annotated[Optional[str], typer.Option("--init", help="Initializer word to record (default: from the "
-                                                "file, else 'object').")] = None,
+    name: Annotated[Optional[str], typer.Option("--name", help="Concept name.  [default: from the file]")] = None,
+    init: Annotated[Optional[str], typer.Option("--init", help="Initializer word to record.  [default: from "
+                                                "the file, else 'object']")] = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
 ) -> None:

@@ -32,7 +32,7 @@ _DEFAULTS = RenderSettings()
 
 
 def _opt(flag: str, help: str, default=None):
-    shown = f" (default: {default})" if default not in (None, "") else ""
+    shown = f"  [default: {default}]" if default not in (None, "") else ""
     return typer.Option(flag, help=help + shown, show_default=False)
 
 
@@ -42,13 +42,13 @@ BatchSizeOpt = Annotated[
 StepsOpt = Annotated[Optional[int], _opt("--steps", "Denoising steps.", _DEFAULTS.steps)]
 CfgOpt = Annotated[Optional[float], _opt("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
 NegativeOpt = Annotated[Optional[str], _opt("--negative", "Negative prompt (plain words, no concepts).")]
-WidthOpt = Annotated[Optional[int], _opt("--width", "Width in px, a multiple of 8 (default: the model's).")]
-HeightOpt = Annotated[Optional[int], _opt("--height", "Height in px, a multiple of 8 (default: the model's).")]
+WidthOpt = Annotated[Optional[int], _opt("--width", "Width in px, a multiple of 8.", "the model's")]
+HeightOpt = Annotated[Optional[int], _opt("--height", "Height in px, a multiple of 8.", "the model's")]
 SchedulerOpt = Annotated[
     Optional[str], _opt("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
 DtypeOpt = Annotated[
-    Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16 (default: fp16 on GPU, fp32 on CPU).")
+    Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16.  [default: fp16 on GPU, fp32 on CPU]")
 ]
 
 
@@ -87,7 +87,7 @@ def gen(
             "--rank",
             "-r",
             help="Truncation rank for every concept, from 1 to its maximum (128 for concepts trained by stc): "
-            "small = more editable, the maximum = full fidelity. Default: full.",
+            "small = more editable, the maximum = full fidelity.  [default: full]",
             show_default=False,
         ),
     ] = None,
@@ -156,7 +156,7 @@ def grid(
         Optional[str],
         typer.Option(
             "--seeds",
-            help="Comma-separated seeds, one row each (default: 0,1,2,3; with --prompts: 0).",
+            help="Comma-separated seeds, one row each.  [default: 0,1,2,3; with --prompts: 0]",
         ),
     ] = None,
     prompts_file: Annotated[
@@ -169,8 +169,8 @@ def grid(
     ] = None,
     out_file: Annotated[
         Optional[Path],
-        typer.Option("--out", "-o", help="The grid PNG (default: stc-out/grid-<prompt>.png); cells go in a "
-                     "folder of the same name beside it."),
+        typer.Option("--out", "-o", help="The grid PNG; cells go in a "
+                     "folder of the same name beside it.  [default: stc-out/grid-<prompt>.png]"),
     ] = None,
     batch_size: BatchSizeOpt = None,
     steps: StepsOpt = None,

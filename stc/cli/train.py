@@ -27,14 +27,14 @@ from ._base import (
 _DEFAULTS = TrainConfig()
 
 
-def _opt(flag: str, help: str, *aliases: str, field: str | None = None):
+def _opt(flag: str, help: str, *aliases: str, field: str | None = None, default=None):
     """A hyper-parameter option; its default is shown from TrainConfig (defined there only)."""
     field = field or flag.split("/")[0].removeprefix("--").replace("-", "_")
-    default = getattr(_DEFAULTS, field)
+    default = getattr(_DEFAULTS, field) if default is None else default
     if isinstance(default, bool):
         default = "on" if default else "off"
-    shown = f" ({default})" if default is not None else ""
-    return typer.Option(flag, *aliases, help=f"{help}{shown}.", show_default=False,
+    shown = f"  [default: {default}]" if default is not None else ""
+    return typer.Option(flag, *aliases, help=f"{help}.{shown}", show_default=False,
                         rich_help_panel="Hyper-parameters (reference defaults)")
 
 
@@ -45,7 +45,7 @@ def train(
         Optional[Path], typer.Argument(help="Folder with 3-6 photos of the subject (only read, never modified).")
     ] = None,
     name: Annotated[
-        Optional[str], typer.Option("--name", "-n", help="Concept name; use it in prompts as <name>.")
+        Optional[str], typer.Option("--name", help="Concept name; use it in prompts as <name>.")
     ] = None,
     resume: Annotated[
         Optional[str],
@@ -54,8 +54,8 @@ def train(
     ] = None,
     init: Annotated[
         Optional[str],
-        typer.Option("--init", help="Initializer (super-category) word, one token: e.g. dog, cat, toy. "
-                     "Default: object (painting for --kind style)."),
+        typer.Option("--init", help="Initializer (super-category) word, one token: e.g. dog, cat, toy.  "
+                     "[default: object; painting for --kind style]"),
     ] = None,
     kind: Annotated[Optional[str], typer.Option("--kind", help="object or style: the caption templates.")] = None,
     model: ModelOpt = None,
@@ -67,13 +67,13 @@ def train(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
     save_every: Annotated[
-        Optional[int], typer.Option("--save-every", show_default=False, help="Checkpoint every N steps (default "
-                                    f"{_DEFAULTS.save_every}; 0: only at the end and on Ctrl-C).")
+        Optional[int], typer.Option("--save-every", show_default=False, help="Checkpoint every N steps (0: only at "
+                                    f"the end and on Ctrl-C).  [default: {_DEFAULTS.save_every}]")
     ] = None,
     preview_every: Annotated[
         Optional[int], typer.Option("--preview-every", show_default=False, help="Render preview images every N "
-                                    f"steps into the concept folder (default {_DEFAULTS.preview_every}: only the "
-                                    "final preview).")
+                                    "steps into the concept folder (0: only the final preview).  [default: "
+                                    f"{_DEFAULTS.preview_every}]")
     ] = None,
     steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps")] = None,
     seed: Annotated[Optional[int], _opt("--seed", "Random seed; same seed, same concept", "-s")] = None,
@@ -87,7 +87,7 @@ def train(
     adam_beta2: Annotated[Optional[float], _opt("--adam-beta2", "AdamW beta2")] = None,
     adam_weight_decay: Annotated[Optional[float], _opt("--weight-decay", "AdamW weight decay", field="adam_weight_decay")] = None,
     adam_epsilon: Annotated[Optional[float], _opt("--adam-epsilon", "AdamW epsilon")] = None,
-    resolution: Annotated[Optional[int], _opt("--resolution", "Training image size (default: the model's, 512 for SD)")] = None,
+    resolution: Annotated[Optional[int], _opt("--resolution", "Training image size", default="the model's, 512 for SD")] = None,
     bypass: Annotated[Optional[bool], _opt("--bypass/--no-bypass", "Textual bypass; off for ablations")] = None,
     nested_dropout: Annotated[
         Optional[bool], _opt("--nested-dropout/--no-nested-dropout", "Nested dropout; off for ablations")
