@@ -147,6 +147,69 @@ def measure(renderer, word: str, seeds: list[int], settings) -> Scores:
                   {"plain": fidelity.readings, "edit": edit.readings, "recolour": recolour.readings})
 
 
+def render_plain(pipe, prompt: str, seeds: list[int], settings) -> list:
+    """Images of ``prompt`` from a plain diffusers pipeline (no stc in the loop): the renders an
+    exported textual-inversion file gives in another tool."""
+    import torch
+
+    from stc.schedulers import make_scheduler
+
+    pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    images = []
+    for start in range(0, len(seeds), settings.batch_size):
+        batch = seeds[start : start + settings.batch_size]
+        images += pipe([prompt] * len(batch), num_inference_steps=settings.steps, guidance_scale=settings.cfg,
+                       height=size, width=size, generator=[torch.Generator().manual_seed(seed) for seed in batch]).images
+    return images
+
+
+def measure_plain(pipe, word: str, seeds: list[int], settings) -> Scores:
+    """:func:`measure` for a plain diffusers pipeline."""
+    plain = score(render_plain(pipe, FIDELITY_PROMPT.format(word), seeds, settings), None)
+    edit = score(render_plain(pipe, EDIT_PROMPT.format(word), seeds, settings), "green")
+    recolour = score(render_plain(pipe, RECOLOUR_PROMPT.format(word), seeds, settings), None, "blue")
+    return Scores(plain.fidelity, edit.editability, edit.edit_and_concept, len(seeds), recolour.recolour,
+                  {"plain": plain.readings, "edit": edit.readings, "recolour": recolour.readings})
+
+
+def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, folder: Path) -> dict:
+    """The ti exports of ``concept`` (distilled with each of ``fits``, the plain average) written
+    as stc export writes them, each loaded into a plain diffusers pipeline with
+    ``load_textual_inversion`` and rendered there; the initializer word as the floor."""
+    import torch
+
+    from stc.distill import distil, mean_token
+    from stc.export import write_ti
+    from stc.models import load_base_model
+
+    candidates, results = {}, {}
+    for label, (samples, steps) in fits.items():
+        base = load_base_model(MODEL)
+        start = time.time()
+        distilled = distil(base, concept, mapper, samples=samples, steps=steps)
+        candidates[label] = distilled.vectors
+        results[label] = {"seconds": round(time.time() - start, 1), "samples": samples, "fit_steps": steps,
+                          "denoiser_error": distilled.fidelity.distilled,
+                          "denoiser_error_average": distilled.fidelity.average}
+        log(f"  distilled ({label}: {samples} samples, {steps} steps) in {results[label]['seconds']} s, "
+            f"denoiser error {distilled.fidelity.distilled:.4f} (average {distilled.fidelity.average:.4f})")
+    candidates["plain average"] = mean_token(mapper).unsqueeze(0)
+    results["plain average"] = {}
+    for label, vectors in candidates.items():
+        path = folder / f"{label.replace(' ', '-')}.safetensors"
+        write_ti(vectors, path, MODEL)
+        pipe = load_base_model(MODEL).pipeline
+        pipe.load_textual_inversion(str(path), token="<exported>")
+        with torch.no_grad():
+            results[label].update(vars(measure_plain(pipe, "<exported>", seeds, settings)))
+        log(f"  export {label}: {_brief(results[label])}")
+    with torch.no_grad():
+        results["initializer word"] = vars(measure_plain(load_base_model(MODEL).pipeline, INITIALIZER, seeds, settings))
+    log(f"  export floor (initializer word): {_brief(results['initializer word'])}")
+    return results
+
+
 def run(args) -> dict:
     import torch
 
@@ -171,10 +234,20 @@ def run(args) -> dict:
         ranks = args.ranks if VARIANTS[variant]["nested_dropout"] else [max(RANKS)]
         per_rank = {}
         for rank in ranks:
-            scores = measure(renderer, f"<{NAME}:{rank}>", seeds, settings)
+            word = f"<{NAME}:{rank}>" if VARIANTS[variant]["nested_dropout"] else f"<{NAME}>"  # else: no ranks
+            scores = measure(renderer, word, seeds, settings)
             per_rank[str(rank)] = vars(scores)
             log(f"  rank {rank}: {_brief(per_rank[str(rank)])}")
         results["variants"][variant] = {"training": record, "ranks": per_rank}
+        if variant == "neti" and args.exports:
+            from stc.export import FAST, THOROUGH
+
+            log("exports: ti, loaded into plain diffusers")
+            with tempfile.TemporaryDirectory(prefix="stc-quality-exports-") as folder:
+                fits = {"distilled (fast, default)": FAST, "distilled (--thorough)": THOROUGH}
+                if args.quick:
+                    fits = {"distilled (fast, default)": (16, 3)}
+                results["exports"] = measure_exports(concept, mapper, seeds, settings, fits, Path(folder))
     results["settings"] = {
         "model": MODEL, "steps": args.steps, "seeds": args.seeds, "seed": args.seed, "render_steps": args.render_steps,
         "cfg": args.cfg, "ranks": list(args.ranks), "variants": list(args.variants),
@@ -212,6 +285,19 @@ def table(results: dict) -> str:
                      + f" | {t['eval_loss_before']:.4f} → {t['eval_loss_after']:.4f} |")
     for label, scores in results["floors"].items():
         lines.append(f"| floor — {label} | " + " | ".join(_cells(scores)) + " | – |")
+    exports = results.get("exports")
+    if exports:
+        lines += ["", "**`stc export --format ti` of the NeTI concept, loaded into a plain diffusers pipeline "
+                  "(`load_textual_inversion`) and rendered there**", "",
+                  "| export | fidelity | editability | edit+concept | recolour | relative denoiser error vs the "
+                  "concept (stc's figure) | export time |", "|---|---|---|---|---|---|---|"]
+        average_error = next((e["denoiser_error_average"] for e in exports.values() if "denoiser_error_average" in e),
+                             None)
+        for label, scores in exports.items():
+            error = scores.get("denoiser_error", average_error if label == "plain average" else None)
+            seconds = f"{scores['seconds']:.0f} s" if "seconds" in scores else "–"
+            lines.append(f"| {label} | " + " | ".join(_cells(scores))
+                         + f" | {'–' if error is None else f'{error:.4f}'} | {seconds} |")
     return "\n".join(lines)
 
 
@@ -296,6 +382,8 @@ def parse_args(argv):
     parser.add_argument("--cfg", type=float, default=5.0, help="classifier-free guidance (default 5)")
     parser.add_argument("--batch-size", type=int, default=16, help="images rendered at once (default 16)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: stc's choice)")
+    parser.add_argument("--no-exports", dest="exports", action="store_false",
+                        help="skip the ti exports rendered by plain diffusers (fast and thorough distillation)")
     parser.add_argument("--quick", action="store_true", help="10 steps, 2 seeds, ranks 1 and 128: checks that it runs")
     parser.add_argument("--json", type=Path, default=None, help="results file (default benchmarks/results/quality.json)")
     parser.add_argument("--write-md", action="store_true", help="rewrite the generated part of QUALITY.md and the plot")

@@ -9,7 +9,7 @@ loaded the same way. The file layout is specified in ``docs/concept-format.md``.
 
 from __future__ import annotations
 
-from .errors import CorruptConcept, DamagedWeights
+from .errors import CorruptConcept, DamagedWeights, one_line
 from .registry import CONCEPT_FILE, Concept, check_weights
 
 WEIGHTS_FORMAT = "stc-concept"  # the safetensors header's ``format`` metadata
@@ -30,7 +30,7 @@ def mapper_from_state(config, state_dict: dict, source: str = "the weights"):
     try:
         mapper.load_state_dict({key: value.float() for key, value in state_dict.items()}, strict=True)
     except RuntimeError as exc:
-        raise CorruptConcept(f"{source} does not fit its mapper config: {' '.join(str(exc).split())}") from exc
+        raise CorruptConcept(f"{source} does not fit its mapper config: {one_line(exc)}") from exc
     return mapper.eval().requires_grad_(False)
 
 

@@ -4,6 +4,19 @@ Library code raises these; the CLI prints ``Error: <message>`` and exits 1.
 """
 
 
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An exception's message on one line for a message of ours: whitespace collapsed, and a long
+    one cut at its last sentence (else word) that fits in ``limit`` characters, marked with '…'."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if len(text) <= limit:
+        return text
+    cut = text[:limit]
+    sentence = cut.rfind(". ")
+    if sentence > limit // 3:
+        return cut[: sentence + 1]
+    return cut[: cut.rfind(" ")].rstrip(",;:") + " …" if " " in cut else cut + "…"
+
+
 class StcError(Exception):
     """Base class: the message says what went wrong and what to do next."""
 

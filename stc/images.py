@@ -72,13 +72,63 @@ def load_photo(path: Path, resolution: int):
             Image.MAX_IMAGE_PIXELS = previous
 
 
-def check_photo_folder(folder: Path) -> None:
-    """Cheap check before any model loads: the folder exists and has image-named files."""
+MAX_LISTED = 5  # warnings of one kind named one by one; beyond that, a count
+
+
+def photo_files(folder: Path) -> tuple[list[Path], dict[Path, str]]:
+    """The image files of ``folder`` (sorted by name) and what else is there, with why it is skipped.
+    Hidden files and subfolders are passed over; links, FIFOs, sockets and devices are never opened."""
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise BadInput(f"{folder} is not a folder; pass the folder that holds your photos")
-    if not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in folder.iterdir()):
-        raise BadInput(f"no images in {folder}: put a few jpg, png, webp or bmp photos of your subject there")
+    try:
+        if not folder.is_dir():
+            raise BadInput(f"{folder} is not a folder; pass the folder that holds your photos")
+        entries = sorted(folder.iterdir())
+    except OSError as exc:  # a symbolic-link loop, no permission
+        raise BadInput(f"cannot read the photos folder {folder}: {exc.strerror or exc}") from exc
+    files, skipped = [], {}
+    for path in entries:
+        if path.name.startswith("."):
+            continue
+        try:
+            if path.is_dir():
+                continue
+            regular = path.is_file()
+        except OSError as exc:
+            skipped[path] = f"cannot be read ({exc.strerror or exc})"
+            continue
+        if not regular:
+            skipped[path] = "not a regular file (a FIFO, socket, device or broken link); it is not opened"
+        elif path.suffix.lower() not in IMAGE_SUFFIXES:
+            skipped[path] = "not an image file (jpg, png, webp or bmp)"
+        else:
+            files.append(path)
+    return files, skipped
+
+
+def check_photo_folder(folder: Path) -> None:
+    """Before any model loads: the folder holds at least one file that opens as an image
+    (its header only: cheap)."""
+    from PIL import Image, UnidentifiedImageError
+
+    folder = Path(folder).expanduser()
+    files, skipped = photo_files(folder)
+    for path in files:
+        try:
+            with Image.open(path) as image:
+                image.size  # noqa: B018  the header parses
+            return
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            continue
+    found = f" ({len(files) + len(skipped)} file(s) there, none an image that opens)" if files or skipped else ""
+    raise BadInput(f"no usable images in {folder}: put a few jpg, png, webp or bmp photos of your subject there{found}")
+
+
+def _warn_all(warn, messages: list[str], kind: str) -> None:
+    """Each message, or the first MAX_LISTED and a count of the rest."""
+    for message in messages[:MAX_LISTED]:
+        warn(message)
+    if len(messages) > MAX_LISTED:
+        warn(f"... and {len(messages) - MAX_LISTED} more {kind}")
 
 
 def load_photos(folder: Path, resolution: int, on_warning=None) -> PhotoSet:
@@ -86,14 +136,10 @@ def load_photos(folder: Path, resolution: int, on_warning=None) -> PhotoSet:
     from PIL import UnidentifiedImageError
 
     folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise BadInput(f"{folder} is not a folder; pass the folder that holds your photos")
     warn = on_warning or (lambda message: None)
-    images, paths, skipped = [], [], {}
-    for path in sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")):
-        if path.suffix.lower() not in IMAGE_SUFFIXES:
-            skipped[path] = "not an image file (jpg, png, webp or bmp)"
-            continue
+    files, skipped = photo_files(folder)
+    images, paths = [], []
+    for path in files:
         try:
             images.append(load_photo(path, resolution))
             paths.append(path)
@@ -101,13 +147,13 @@ def load_photos(folder: Path, resolution: int, on_warning=None) -> PhotoSet:
             skipped[path] = str(exc)
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
             skipped[path] = f"cannot be read as an image ({exc.__class__.__name__}: {exc})"
-    for path, reason in skipped.items():
-        warn(f"skipping {path.name}: {reason}")
+    _warn_all(warn, [f"skipping {path.name}: {reason}" for path, reason in sorted(skipped.items())],
+              "file(s) skipped")
     small = [(path, image.info["source_size"]) for path, image in zip(paths, images)
              if min(image.info.get("source_size", (resolution, resolution))) < resolution * SMALL_FRACTION]
-    for path, (width, height) in small:
-        warn(f"{path.name} is only {width}x{height} px, far below the training resolution {resolution} px: it is "
-             "upscaled and will teach the concept blur; use larger photos")
+    _warn_all(warn, [f"{path.name} is only {width}x{height} px, far below the training resolution {resolution} px: "
+                     "it is upscaled and will teach the concept blur; use larger photos"
+                     for path, (width, height) in small], f"photo(s) far below {resolution} px")
     if not images:
         raise BadInput(
             f"no usable images in {folder}: put a few jpg, png, webp or bmp photos of your subject there"

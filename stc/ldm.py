@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -110,7 +110,7 @@ def read_checkpoint(path: Path) -> dict:
             data = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(
-                f"{path.name} is not a readable .safetensors checkpoint ({_short(exc)}); pass an SD 1.x/2.x "
+                f"{path.name} is not a readable .safetensors checkpoint ({one_line(exc)}); pass an SD 1.x/2.x "
                 "single file, with --model-config DIR for other architectures"
             ) from exc
     else:
@@ -136,7 +136,7 @@ def _read_pickled(path: Path) -> dict:
         needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
         if needs is None:  # not a pickle torch can read at all
             raise ModelError(
-                f"{path.name} is not a readable PyTorch checkpoint ({_short(exc)[:120]}); only .safetensors and "
+                f"{path.name} is not a readable PyTorch checkpoint ({one_line(exc, 120)}); only .safetensors and "
                 "weights-only .ckpt files are loaded"
             ) from exc
         raise ModelError(
@@ -145,7 +145,7 @@ def _read_pickled(path: Path) -> dict:
         ) from exc
     except Exception as exc:  # not a zip, truncated
         raise ModelError(
-            f"{path.name} is not a readable PyTorch checkpoint ({_short(exc)[:120]}); only .safetensors and "
+            f"{path.name} is not a readable PyTorch checkpoint ({one_line(exc, 120)}); only .safetensors and "
             "weights-only .ckpt files are loaded"
         ) from exc
     if not isinstance(data, dict):
@@ -302,7 +302,7 @@ def _load_tokenizer(folder: Path):
     try:
         return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
     except Exception as exc:  # transformers raises many kinds here
-        raise ModelError(f"could not load the tokenizer in {folder}: {_short(exc)}") from exc
+        raise ModelError(f"could not load the tokenizer in {folder}: {one_line(exc)}") from exc
 
 
 def _hub_cache() -> str:
@@ -339,7 +339,7 @@ def _assemble(path, checkpoint, info, config_dir: Path, tokenizer, dtype, predic
         raise
     except Exception as exc:  # diffusers and transformers raise many kinds here
         _explain_missing(checkpoint, config_dir, where, path.name)
-        raise ModelError(f"could not load {path.name} with {where}: {_short(exc)}") from exc
+        raise ModelError(f"could not load {path.name} with {where}: {one_line(exc)}") from exc
     for module in (unet, vae):
         if any(value.device.type == "meta" for value in module.state_dict().values()):
             _explain_missing(checkpoint, config_dir, where, path.name)
@@ -455,10 +455,6 @@ def _from_openclip(checkpoint, num_layers: int) -> dict:
         elif module in layer_names:
             state[f"encoder.layers.{layer}.{layer_names[module]}.{part}"] = value
     return state
-
-
-def _short(exc: Exception) -> str:
-    return " ".join(str(exc).split())[:300] or type(exc).__name__
 
 
 # --------------------------------------------------------------------------- writing

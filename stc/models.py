@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import ModelError
+from .errors import ModelError, one_line
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
@@ -71,11 +71,13 @@ def default_model() -> str:
     from .registry import registry_root
     from .storage import yaml_load
 
+    import yaml
+
     path = registry_root() / "config.yaml"
     try:
         data = yaml_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError, UnicodeDecodeError) as exc:
-        raise ModelError(f"cannot read {path}: {' '.join(str(exc).split())}") from exc
+    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelError(f"cannot read {path} (it must be YAML, e.g. 'model: builtin:shapes'): {one_line(exc)}") from exc
     if isinstance(data, dict) and data.get("model"):
         if not isinstance(data["model"], str):
             raise ModelError(f"{path}: 'model' must be a model name or path, not {data['model']!r}")
@@ -224,12 +226,22 @@ def _load_hub(model_id: str, dtype):
             local_files_only=offline,
         )
     except Exception as exc:  # network, auth, missing files: all mean the same to the user
-        hint = ("it is not in the local Hugging Face cache and stc is offline (--offline or HF_HUB_OFFLINE)"
-                if offline else " ".join(str(exc).split())[:300])
         raise ModelError(
-            f"could not load model {model_id!r}: {hint}. Download it first (hf download {model_id}), pass a "
-            f"local folder or .safetensors file, or use --model {TINY} (or {TINY_SD2})"
+            f"could not load model {model_id!r}: {_hub_failure(exc, offline)}. Download it first (hf download "
+            f"{model_id}), pass a local folder or .safetensors file, or use --model {TINY} (or {TINY_SD2})"
         ) from exc
+
+
+def _hub_failure(exc: Exception, offline: bool) -> str:
+    """Why a hub id did not load, in words (the libraries' messages run to paragraphs)."""
+    text = " ".join(str(exc).split())
+    if offline:
+        return "it is not in the local Hugging Face cache and stc is offline (--offline or HF_HUB_OFFLINE)"
+    if "not fully cached locally" in text or "Couldn't connect" in text or "fetch metadata from the Hub" in text:
+        return "it is not in the local Hugging Face cache and the Hugging Face Hub could not be reached"
+    if type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError") or "404" in text:
+        return "the Hugging Face Hub has no such model, or it is private or gated (log in: hf auth login)"
+    return one_line(exc, 200)
 
 
 def text_width_of(spec: str, model_config: str | None = None) -> int | None:

@@ -32,6 +32,7 @@ from .errors import (
     DamagedWeights,
     RegistryWriteError,
     StcError,
+    one_line,
 )
 from .names import is_valid_name, suggest_name, validate_name
 from .storage import (
@@ -68,10 +69,6 @@ def registry_root() -> Path:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 def _sha256(data: bytes) -> str:
@@ -199,6 +196,9 @@ class Registry:
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root) if root is not None else registry_root()
+        if self.root.exists() and not self.root.is_dir():
+            raise BadInput(f"the registry root {self.root} (STC_HOME) is a file, not a folder; point STC_HOME at a "
+                           "folder (or unset it for the default)")
 
     @property
     def concepts_dir(self) -> Path:
@@ -233,7 +233,7 @@ class Registry:
                 stamp = _stamp(os.fstat(handle.fileno()))
                 data = yaml_load(handle.read().decode("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise CorruptConcept(f"{meta} is not valid YAML: {_one_line(exc)}") from exc
+            raise CorruptConcept(f"{meta} is not valid YAML: {one_line(exc)}") from exc
         except OSError as exc:
             self.folder_of(name)  # ConceptNotFound when another process removed or renamed it meanwhile
             if isinstance(exc, FileNotFoundError):
@@ -404,8 +404,9 @@ class Registry:
 
         The new entry is complete before the old one goes: a crash in between leaves both.
         """
+        validate_name(old)
+        self.refuse_if_training(old, "rename")  # first: a run may not have saved its first step yet
         self._check_distinct(old, new)
-        self.refuse_if_training(old, "rename")
         self.refuse_if_training(new, "rename onto")
         with self._writing(repr(new)), self._rename_locks(old, new):
             sweep(self.concepts_dir)
@@ -438,8 +439,8 @@ class Registry:
 
     def remove(self, name: str) -> int:
         """Delete the entry ``name`` (loadable or not); returns the bytes freed."""
+        self.refuse_if_training(name, "remove")  # first: a run may not have saved its first step yet
         self.folder_of(name)
-        self.refuse_if_training(name, "remove")
         with self._writing(repr(name)), self.lock(name):
             sweep(self.concepts_dir)
             path = self.folder_of(name)

@@ -11,7 +11,7 @@ import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
-from .errors import BadInput
+from .errors import BadInput, one_line
 
 OBJECT_TEMPLATES = [
     "a photo of a {}", "a rendering of a {}", "a cropped photo of the {}", "the photo of a {}",
@@ -92,6 +92,9 @@ class TrainConfig:
             raise BadInput(f"--kind must be 'object' or 'style', not {self.kind!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+        if self.initializer is not None and not self.initializer.strip():
+            raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out for the default "
+                           f"({DEFAULT_INITIALIZER[self.kind]!r})")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
             raise BadInput(f"--resolution must be a positive multiple of 8, got {self.resolution}")
 
@@ -125,7 +128,7 @@ class TrainConfig:
         try:
             data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise BadInput(f"cannot read the config file {path}: {' '.join(str(exc).split())}") from exc
+            raise BadInput(f"cannot read the config file {path}: {one_line(exc)}") from exc
         if not isinstance(data, dict):
             raise BadInput(f"{path} must hold a mapping of option: value (e.g. 'steps: 1500')")
         settings = {}

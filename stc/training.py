@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .concept import Concept, MetricsRecord, TrainingRecord
-from .errors import BadInput, ConceptExists, Interrupted, StcError
+from .errors import BadInput, ConceptExists, Interrupted, RegistryWriteError, StcError
 from .names import validate_name
 from .registry import PREVIEW_FILE, PREVIEWS_DIR, Registry, preview_paths
 from .trainconfig import OBJECT_TEMPLATES, STYLE_TEMPLATES, TrainConfig  # noqa: F401  (re-exported)
@@ -56,6 +56,10 @@ class TrainCallbacks:
         if self.on_status:
             self.on_status(message)
 
+    def warn(self, message: str) -> None:
+        if self.on_warning:
+            self.on_warning(message)
+
 
 @dataclass
 class TrainResult:
@@ -87,11 +91,24 @@ def train_concept(
         raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
     from .models import default_model
 
-    run = _Run(registry, name, Path(photos_dir).expanduser().resolve(), model or default_model(), config, callbacks)
+    run = _Run(registry, name, _photos_folder(photos_dir), model or default_model(), config, callbacks)
     with _owning(registry, name, device):
         if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
             raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")
         return run.execute(device, model_config, previous=None)
+
+
+def _photos_folder(folder) -> Path:
+    """The photos folder as an absolute path (what the concept records), checked to hold an image."""
+    from .images import check_photo_folder
+
+    path = Path(folder).expanduser()
+    try:
+        path = path.resolve()
+    except (OSError, RuntimeError) as exc:  # a symbolic-link loop (RuntimeError before Python 3.13)
+        raise BadInput(f"cannot use the photos folder {path}: {exc}") from exc
+    check_photo_folder(path)
+    return path
 
 
 def _owning(registry: Registry, name: str, device: str | None):
@@ -142,7 +159,7 @@ def resume_training(
     folder = photos_dir or record.photos_dir
     if folder is None:
         raise BadInput(f"{name!r} does not record its photos folder; pass it: stc train PHOTOS --resume {name}")
-    run = _Run(registry, name, Path(folder).expanduser().resolve(), concept.base_model, config, callbacks)
+    run = _Run(registry, name, _photos_folder(folder), concept.base_model, config, callbacks)
     with _owning(registry, name, device):
         return run.execute(device, model_config, previous=(concept, state))
 
@@ -179,9 +196,8 @@ class _Run:
         self.saved_step = 0  # the last step whose state is on disk
 
     def execute(self, device, model_config, previous) -> TrainResult:
-        from .images import check_photo_folder, load_photos
+        from .images import load_photos
 
-        check_photo_folder(self.photos_dir)
         self._load_model(device, model_config)
         self.resolution = self.config.resolution or self.base.default_resolution
         from .models import embedding_fingerprint
@@ -197,7 +213,7 @@ class _Run:
         self._loop(start)
         self.metrics.eval_loss_after = self.trainer.evaluate()
         self.files[PREVIEW_FILE] = self._preview()
-        concept = self._save(self.config.steps, final=True)
+        concept = self._save_or_rescue(self.config.steps, final=True)
         return TrainResult(concept=concept, mapper=self.trainer.unwrapped_mapper)
 
     def _load_model(self, device, model_config) -> None:
@@ -262,7 +278,7 @@ class _Run:
                 if self.callbacks.on_step:
                     self.callbacks.on_step(step, config.steps, loss)
                 if guard.requested(accelerator):
-                    self._save(step, final=False)
+                    self._save_or_rescue(step, final=False)
                     raise TrainingInterrupted(
                         f"training of {self.name!r} stopped at step {step}/{config.steps}; the checkpoint is saved. "
                         f"Resume with: stc train --resume {self.name}"
@@ -270,7 +286,11 @@ class _Run:
                 if config.preview_every and step % config.preview_every == 0 and step < config.steps:
                     self.files[f"{PREVIEWS_DIR}/step-{step:06d}.png"] = self._preview()
                 if config.save_every and step % config.save_every == 0 and step < config.steps:
-                    self._save(step, final=False)
+                    try:
+                        self._save(step, final=False)
+                    except RegistryWriteError as exc:  # the previous checkpoint stays; the run goes on
+                        self.callbacks.warn(f"the checkpoint at step {step} could not be saved ({exc}); training "
+                                            "goes on, and the final save will try again")
 
     def _seconds(self) -> float:
         return self.previous_seconds + time.monotonic() - self.started
@@ -302,6 +322,45 @@ class _Run:
             created=self.created, base_fingerprint=self.fingerprint,
         )
 
+    def _save_or_rescue(self, step: int, final: bool) -> Concept:
+        """:meth:`_save`; if the registry cannot be written (a full disk), the trained concept is
+        written to a rescue folder that ``stc import`` reads, and the error says where."""
+        try:
+            return self._save(step, final)
+        except RegistryWriteError as exc:
+            rescued = self._rescue(step)
+            kept = (f"; the registry still holds its checkpoint at step {self.saved_step} (stc train --resume "
+                    f"{self.name})" if self.saved_step else "")
+            if rescued is None:
+                raise TrainingNotSaved(f"{exc}; the trained weights could not be written anywhere either{kept}") from exc
+            raise TrainingNotSaved(
+                f"{exc}. The trained concept (step {step}) was written to {rescued} instead: free some space, then "
+                f"bring it into the registry with: stc import {rescued}{kept}"
+            ) from exc
+
+    def _rescue(self, step: int) -> Path | None:
+        """The concept at ``step`` as an stc diffusers export (lossless, with its training record) in
+        the first of the working folder, the temporary folder and the home folder that takes it."""
+        import tempfile
+
+        from .conceptio import weights_bytes
+        from .export_diffusers import write_diffusers_export
+        from .outputs import free_path, staged
+
+        if not self.accelerator.is_main_process:
+            return None
+        concept = self._concept(step)
+        weights = weights_bytes(self.trainer.unwrapped_mapper, self.name)
+        for place in dict.fromkeys((Path.cwd(), Path(tempfile.gettempdir()), Path.home())):
+            target = free_path(place, f"{self.name}-rescued-step{step}", suffix="")
+            try:
+                with staged(target, is_dir=True) as folder:
+                    write_diffusers_export(concept, weights, folder)
+                return target
+            except OSError:
+                continue
+        return None
+
     def _save(self, step: int, final: bool) -> Concept:
         """Write the concept (and, unless final, its training state) atomically; main process only."""
         import torch
@@ -325,6 +384,10 @@ class _Run:
         concept.path = self.registry.path_of(self.name)
         self.saved_step = step
         return concept
+
+
+class TrainingNotSaved(StcError):
+    """The registry could not take the trained concept (a full disk); where it went instead is said."""
 
 
 class TrainingDiverged(StcError):

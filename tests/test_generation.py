@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import invoke, make_concept, make_mapper
+from PIL import Image
 
 from stc.errors import BadInput
 from stc.conceptio import weights_bytes
@@ -276,3 +277,59 @@ def test_gen_without_concept_notes_plain_sd(tmp_path):
     assert result.exit_code == 0, result.output
     assert "plain Stable Diffusion" in result.stderr
     assert json.loads(result.stdout)["concepts"] == {}
+
+
+# --------------------------------------------------------------------------- long renders
+
+
+def interrupt_at_decode(monkeypatch, calls: int):
+    """Ctrl-C while the ``calls``-th batch is decoded (the batches before it are done)."""
+    real_decode = Renderer.decode
+    seen = []
+
+    def decode(self, latents):
+        seen.append(1)
+        if len(seen) == calls:
+            raise KeyboardInterrupt
+        return real_decode(self, latents)
+
+    monkeypatch.setattr(Renderer, "decode", decode)
+
+
+def test_an_interrupted_gen_keeps_every_finished_image_and_says_so(saved_concepts, tmp_path, monkeypatch):
+    interrupt_at_decode(monkeypatch, calls=3)
+    out = tmp_path / "out"
+    result = invoke("gen", "<mydog> on the moon", "-n", 6, "--batch-size", 2, "--steps", 1, "--out", out)
+    assert result.exit_code == 130
+    assert "Stopped: rendering stopped: 4 of 6 image(s) were finished and saved in" in result.stderr
+    saved = sorted(out.iterdir())
+    assert [path.name for path in saved] == [f"mydog-on-the-moon-s{seed}-r128.png" for seed in range(4)]
+    assert result.stdout.split() == [str(path) for path in saved]  # each path printed as it was written
+    for path in saved:
+        with Image.open(path) as image:
+            image.load()  # whole files, none cut off
+
+
+def test_an_interrupted_grid_keeps_its_finished_cells(saved_concepts, tmp_path, monkeypatch):
+    interrupt_at_decode(monkeypatch, calls=2)
+    result = invoke("grid", "<mydog> on the moon", "--ranks", "1,2", "--seeds", "0,1", "--steps", 1,
+                    "--batch-size", 2, "--out", tmp_path / "g.png")
+    assert result.exit_code == 130 and "2 of 4 cell image(s) were finished" in result.stderr
+    assert sorted(path.name for path in (tmp_path / "g").iterdir()) == ["p0-s0-r1.png", "p0-s1-r1.png"]
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_gen_checks_out_first_and_warns_far_from_the_model_size(saved_concepts, tmp_path, monkeypatch):
+    import stc.models
+
+    (tmp_path / "taken").write_text("a file")
+    loaded = []
+    real_load = stc.models.load_base_model
+    monkeypatch.setattr(stc.models, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    result = invoke("gen", "<mydog> on the moon", "--out", tmp_path / "taken")
+    assert result.exit_code == 1 and "--out" in result.stderr and "is a file" in result.stderr and not loaded
+    result = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 512, "--out", tmp_path / "wide")
+    assert result.exit_code == 0, result.output
+    assert "512x64 px is far from builtin:tiny's 64 px" in result.stderr and "about 8x" in result.stderr
+    quiet = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 96, "--out", tmp_path / "fine")
+    assert "far from" not in quiet.stderr

@@ -1,5 +1,6 @@
 """Hostile and mistaken input: refused up front, in one line, with nothing lost."""
 
+import os
 import re
 
 import pytest
@@ -122,3 +123,69 @@ def test_os_errors_outside_the_registry_are_one_line(monkeypatch, tmp_path):
     monkeypatch.setattr("stc.cli.render.save_png", full_disk, raising=False)
     result = invoke("gen", "<pup>", "--steps", 1, "--out", tmp_path / "out")
     assert_one_line_error(result, "No space left on device")
+
+
+# --------------------------------------------------------------------------- found by a newcomer run
+
+
+def test_settings_and_folders_that_cannot_work_are_named_before_anything_loads(tmp_path, monkeypatch, photos):
+    import stc.models
+
+    monkeypatch.setattr(stc.models, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    home_file = tmp_path / "home-file"
+    home_file.write_text("not a folder")
+    monkeypatch.setenv("STC_HOME", str(home_file))
+    assert_one_line_error(invoke("ls"), "is a file, not a folder", "STC_HOME")
+    monkeypatch.setenv("STC_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "config.yaml").write_text("model: [unclosed\n")
+    assert_one_line_error(invoke("gen", "a cat"), "config.yaml", "must be YAML")
+    (tmp_path / "home" / "config.yaml").unlink()
+    monkeypatch.setenv("STC_THREADS", "abc")
+    assert_one_line_error(invoke("gen", "a cat", "--model", "builtin:tiny"), "STC_THREADS must be a whole number")
+    monkeypatch.delenv("STC_THREADS")
+    loop = tmp_path / "loop"
+    loop.mkdir()
+    (loop / "a").symlink_to(loop / "b")
+    (loop / "b").symlink_to(loop / "a")
+    assert_one_line_error(invoke("train", loop / "a", "--name", "x", "--model", "builtin:tiny"), "photos folder")
+    unusable = tmp_path / "unusable"
+    unusable.mkdir()
+    (unusable / "broken.jpg").write_bytes(b"garbage")
+    assert_one_line_error(invoke("train", unusable, "--name", "x", "--model", "builtin:tiny"), "no usable images")
+    assert_one_line_error(invoke("train", photos, "--name", "x", "--init", "", "--model", "builtin:tiny"),
+                          "--init must be a word")
+
+
+def test_odd_files_among_the_photos_are_named_and_many_warnings_are_counted(tmp_path):
+    from PIL import Image
+
+    from stc.images import load_photos
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening it would block for ever
+    for index in range(8):
+        Image.new("RGB", (4, 4), (index * 30, 0, 0)).save(tmp_path / f"dot{index}.png")
+    warnings = []
+    load_photos(tmp_path, 64, on_warning=warnings.append)
+    assert any("pipe.png" in w and "not a regular file" in w for w in warnings)
+    small = [w for w in warnings if "far below the training resolution" in w]
+    assert len(small) == 5 and "... and 3 more photo(s) far below 64 px" in warnings
+
+
+def test_messages_are_cut_at_a_sentence_not_mid_word():
+    from stc.errors import one_line
+
+    text = ("Cannot load model x: the model is not fully cached locally (pass 'local_files_only=False' as "
+            "input.) and an error occurred while trying to fetch metadata from the Hub. Please check out "
+            "the root cause in the stacktrace above. " * 3)
+    cut = one_line(text, 200)
+    assert len(cut) <= 200 and cut.endswith(".") and "local_files_only=False' as input.)" in cut
+    assert one_line("word " * 100, 50).endswith(" …") and one_line("short\n text") == "short text"
+
+
+def test_rm_and_mv_of_a_name_in_training_say_so_before_its_first_save(tmp_path):
+    registry = Registry()
+    with registry.training_lock("early"):  # the run holds its name; nothing is saved yet
+        for args, fragment in ((("rm", "early", "--yes"), "cannot remove 'early'"),
+                               (("mv", "early", "later"), "cannot rename 'early'")):
+            assert_one_line_error(invoke(*args), fragment, "being trained by process")

@@ -7,7 +7,8 @@ import time
 import pytest
 import torch
 import yaml
-from helpers import save_concept
+import helpers
+from helpers import make_mapper, save_concept
 
 from stc import registry as registry_module
 from stc.conceptio import load_mapper, read_state_dict, weights_bytes
@@ -406,3 +407,48 @@ def test_rename_waits_for_the_concept_lock():
         assert not finished.is_set()  # blocked while a writer holds "blob"
     worker.join(timeout=10)
     assert finished.is_set() and registry.names() == ["moved"]
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new entry", "replaced entry"])
+def test_every_staged_file_is_fsynced_before_the_entry_is_swapped_in(monkeypatch, overwrite):
+    """The durability promise, file by file: when a save makes its staging folder the entry (a
+    rename or the atomic exchange), every file and folder in it has been fsynced."""
+    import stc.storage as storage
+
+    if overwrite:
+        save_concept("durable", seed=1)
+    synced: set[str] = set()
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        synced.add(os.path.realpath(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    swaps = []
+
+    def check_staging(staging):
+        staged = [os.path.join(d, name) for d, _, files in os.walk(staging) for name in files]
+        staged += [d for d, _, _ in os.walk(staging)]
+        missing = [path for path in staged if os.path.realpath(path) not in synced]
+        swaps.append(staging)
+        assert staged and not missing, f"swapped in before fsync: {missing}"
+
+    real_replace, real_exchange = storage.os.replace, storage._exchange
+
+    def replace(source, target):
+        if os.path.basename(str(source)).startswith(".tmp-durable-"):
+            check_staging(source)
+        return real_replace(source, target)
+
+    def exchange(first, second):
+        check_staging(first)
+        return real_exchange(first, second)
+
+    monkeypatch.setattr(storage.os, "fsync", recording_fsync)
+    monkeypatch.setattr(storage.os, "replace", replace)
+    monkeypatch.setattr(storage, "_exchange", exchange)
+    registry = Registry()
+    concept = registry.load("durable") if overwrite else helpers.make_concept("durable")
+    registry.save(concept, weights_bytes(make_mapper(2), "durable"), overwrite=overwrite,
+                  extra_files={"previews/step-000001.png": b"png"})  # a file in a subfolder too
+    assert len(swaps) == 1

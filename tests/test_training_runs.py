@@ -295,3 +295,58 @@ def test_bad_devices_and_unwritable_registries_fail_before_the_model_loads(photo
 
     with pytest.raises(RegistryWriteError, match="Permission denied"):
         train_concept(photos, "ro", "builtin:tiny", TrainConfig(**FAST), device="cpu")
+
+
+def test_a_resumed_run_owns_its_name_until_it_stops(photos):
+    """stc train --resume holds the same lock as a new run: a second resume, rm and mv wait for none
+    and are refused, naming the process."""
+    with pytest.raises(TrainingInterrupted):
+        train_concept(photos, "again", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4}), device="cpu",
+                      callbacks=interrupt_at(1))
+    checked = []
+
+    def try_others(step, total, loss):
+        if step == 3:
+            checked.append(step)
+            with pytest.raises(Exception, match="'again' is being trained by process"):
+                resume_training("again", device="cpu")
+            for args, fragment in ((("rm", "again", "--yes"), "cannot remove 'again'"),
+                                   (("mv", "again", "other"), "cannot rename 'again'"),
+                                   (("train", "--resume", "again"), "being trained by process")):
+                result = CliRunner().invoke(app, list(args))
+                assert result.exit_code == 1 and fragment in result.stderr, result.output
+
+    resumed = resume_training("again", device="cpu", callbacks=TrainCallbacks(on_step=try_others))
+    assert checked == [3] and resumed.concept.complete
+
+
+def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_path, monkeypatch):
+    """The registry refuses the final save (ENOSPC): the concept goes to a rescue folder that
+    stc import reads back unchanged, the error says where and how, and the checkpoint of step 2
+    stays resumable in the registry."""
+    from stc.errors import RegistryWriteError
+    from stc.training import TrainingNotSaved
+
+    real_save = Registry.save
+
+    def full_disk(self, concept, weights, overwrite=False, extra_files=None):
+        if concept.training.steps_done == 4:  # the final save
+            raise RegistryWriteError(f"could not write {concept.name!r} in {self.root}: No space left on device")
+        return real_save(self, concept, weights, overwrite=overwrite, extra_files=extra_files)
+
+    monkeypatch.setattr(Registry, "save", full_disk)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(TrainingNotSaved) as caught:
+        train_concept(photos, "spacey", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4, "save_every": 2}),
+                      device="cpu")
+    message = str(caught.value)
+    rescued = tmp_path / "spacey-rescued-step4"
+    assert "No space left on device" in message and f"stc import {rescued}" in message
+    assert "checkpoint at step 2 (stc train --resume spacey)" in message
+    assert Registry().load("spacey").training.steps_done == 2  # the registry is as the last good save left it
+    monkeypatch.setattr(Registry, "save", real_save)
+    result = CliRunner().invoke(app, ["import", str(rescued), "--name", "spacey-back"])
+    assert result.exit_code == 0, result.output
+    back = Registry().load("spacey-back")
+    assert back.training.steps_done == 4 and back.training.config.steps == 4
+    assert back.metrics.eval_loss_after is not None

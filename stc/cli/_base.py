@@ -261,3 +261,11 @@ def _root(
     The default base model is STC_MODEL, else 'model:' in $STC_HOME/config.yaml, else
     stable-diffusion-v1-5/stable-diffusion-v1-5.
     """
+    from ..threads import requested_threads
+
+    try:
+        requested_threads()  # STC_THREADS is checked before any command starts its work
+    except StcError as exc:
+        err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+

@@ -315,12 +315,12 @@ def _removal_plan(registry, names: list[str]) -> list[dict]:
 
     plan, missing = [], []
     for name in dict.fromkeys(names):  # unique, in the order given
+        registry.refuse_if_training(name, "remove")  # first: a run may not have saved its first step yet
         try:
             path = registry.folder_of(name)
         except ConceptNotFound as exc:
             missing.append(str(exc))
             continue
-        registry.refuse_if_training(name, "remove")
         try:
             registry.load(name)
             state = "ok"
