@@ -2,7 +2,7 @@
 
 ``sd15``: the Stable Diffusion 1.5 architecture with random weights, built from its public
 configuration with a fixed seed (no download), saved once as a diffusers folder and loaded
-through stc's own loader (:func:`stc.models.load_base_model`). Any other spec is passed to
+through stc's own loader (:func:`stc.models.base.load_base_model`). Any other spec is passed to
 stc as it is (``builtin:tiny``, a local folder, a hub id).
 """
 
@@ -37,7 +37,7 @@ def build_sd15_pipeline():
     )
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from stc.tiny import build_tiny_tokenizer
+    from stc.models.tiny import build_tiny_tokenizer
 
     tokenizer = build_tiny_tokenizer()  # tokenization cost is negligible; its ids stay below 49408
     with torch.random.fork_rng(devices=[]):
@@ -99,7 +99,7 @@ def ensure_sd15(cache: Path | None = None, log=print) -> Path:
 
 
 def model_spec(name: str, cache: Path | None = None, log=print) -> str:
-    """What to hand to ``stc.models.load_base_model`` for ``--model NAME``."""
+    """What to hand to ``stc.models.base.load_base_model`` for ``--model NAME``."""
     if name == SD15:
         return str(ensure_sd15(cache, log=log))
     return name

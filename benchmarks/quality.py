@@ -85,11 +85,11 @@ def train_variant(variant: str, steps: int, seed: int, device: str = "cpu"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from stc.concept import Concept
-    from stc.images import load_photos
-    from stc.models import load_base_model
-    from stc.trainconfig import TrainConfig
-    from stc.trainer import Trainer
+    from stc.store.concept import Concept
+    from stc.train.images import load_photos
+    from stc.models.base import load_base_model
+    from stc.train.config import TrainConfig
+    from stc.train.trainer import Trainer
 
     try:
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -152,7 +152,7 @@ def render_plain(pipe, prompt: str, seeds: list[int], settings) -> list:
     exported textual-inversion file gives in another tool."""
     import torch
 
-    from stc.schedulers import make_scheduler
+    from stc.models.schedulers import make_scheduler
 
     pipe.scheduler = make_scheduler(settings.scheduler, pipe.scheduler.config)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -179,9 +179,9 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
     ``load_textual_inversion`` and rendered there; the initializer word as the floor."""
     import torch
 
-    from stc.distill import distil, mean_token
-    from stc.export import write_ti
-    from stc.models import load_base_model
+    from stc.exchange.distill import distil, mean_token
+    from stc.exchange.export import write_ti
+    from stc.models.base import load_base_model
 
     candidates, results = {}, {}
     for label, (samples, steps) in fits.items():
@@ -213,10 +213,10 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
 def run(args) -> dict:
     import torch
 
-    from stc.generation import Renderer, RenderSettings
-    from stc.models import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
+    from stc.models.base import load_base_model
     if args.threads:
-        os.environ["STC_THREADS"] = str(args.threads)  # load_base_model applies it (stc.threads)
+        os.environ["STC_THREADS"] = str(args.threads)  # load_base_model applies it (stc.models.threads)
     began = time.time()
     seeds = list(range(args.seeds))
     settings = RenderSettings(steps=args.render_steps, cfg=args.cfg, batch_size=args.batch_size)
@@ -240,7 +240,7 @@ def run(args) -> dict:
             log(f"  rank {rank}: {_brief(per_rank[str(rank)])}")
         results["variants"][variant] = {"training": record, "ranks": per_rank}
         if variant == "neti" and args.exports:
-            from stc.export import FAST, THOROUGH
+            from stc.exchange.export import FAST, THOROUGH
 
             log("exports: ti, loaded into plain diffusers")
             with tempfile.TemporaryDirectory(prefix="stc-quality-exports-") as folder:

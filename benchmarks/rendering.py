@@ -1,6 +1,6 @@
 """Figure 4: rendering through ``stc gen``'s path against plain diffusers on the same pipeline.
 
-stc: :class:`stc.generation.Renderer` with a random concept of the model's text width
+stc: :class:`stc.render.generation.Renderer` with a random concept of the model's text width
 (as in ``tests/helpers.py``), ``render_requests``. Baseline: ``StableDiffusionPipeline.__call__``
 on the same components with diffusers' stock attention processors. Same scheduler (DPM-Solver
 multistep), steps, size and CFG 7.5; both decode to PIL images.
@@ -22,9 +22,9 @@ def random_concept(base, seed: int = 0):
     """A concept with a seeded random mapper for ``base``'s text width (nothing is trained)."""
     import torch
 
-    from stc.concept import Concept
-    from stc.mapper import MapperConfig, NeTIMapper
-    from stc.spacetime import cross_attention_layer_names
+    from stc.store.concept import Concept
+    from stc.method.mapper import MapperConfig, NeTIMapper
+    from stc.method.spacetime import cross_attention_layer_names
 
     pipe = base.pipeline
     embedding = pipe.text_encoder.get_input_embeddings().weight
@@ -53,7 +53,7 @@ class RenderResults:
 
 class RenderBench:
     def __init__(self, base, stock_processors, steps: int, resolution: int, decode: bool = True):
-        from stc.generation import Renderer
+        from stc.render.generation import Renderer
 
         self.base, self.steps, self.resolution, self.decode = base, steps, resolution, decode
         self.stock = stock_processors
@@ -61,7 +61,7 @@ class RenderBench:
         self.spacetime = dict(base.pipeline.unet.attn_processors)
 
     def stc(self, batch: int):
-        from stc.generation import RenderRequest, RenderSettings
+        from stc.render.generation import RenderRequest, RenderSettings
 
         settings = RenderSettings(steps=self.steps, cfg=CFG, width=self.resolution, height=self.resolution,
                                   scheduler="dpm", batch_size=batch)

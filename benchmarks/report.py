@@ -269,7 +269,7 @@ def markdown(data: dict) -> str:
         "**Machine.** " + "; ".join([
             f"CPU: {m['cpu']}, {m['cores']} cores ({m['cores_available']} available)",
             f"memory {m['memory_gb']} GB",
-            f"torch {m['torch']} with {threads} threads (chosen as stc does: stc.threads)",
+            f"torch {m['torch']} with {threads} threads (chosen as stc does: stc.models.threads)",
             f"diffusers {m['diffusers']}, transformers {m['transformers']}, accelerate {m['accelerate']}",
             f"Python {m['python']}",
             f"device {m['device']}" + (f" ({m['gpu']}, CUDA {m['cuda']})" if m.get("gpu") else ""),

@@ -161,7 +161,7 @@ def command_figures(args, groups: set[str]) -> list[dict]:
 def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
     import torch
 
-    from stc.models import load_base_model
+    from stc.models.base import load_base_model
 
     started = time.monotonic()
     base = load_base_model(spec, device=args.device, dtype=dtype)

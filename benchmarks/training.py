@@ -94,7 +94,7 @@ def reference_design_conditioning(trainer):
     per UNet layer (16 per step) instead of stc's one batched call."""
     import torch
 
-    from stc.spacetime import ConceptSlot, SpaceTimeConditioning, encode_spacetime
+    from stc.method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_spacetime
 
     def conditioning(input_ids, timesteps, generator):
         device = trainer.accelerator.device
@@ -146,9 +146,9 @@ def run_training(base, device: str, dtype: str, resolution: int, repeats: int, l
                  stock_processors=None) -> TrainingResults:
     """Warm up both sides once (counting FLOPs, peak memory and text-encoder calls), then time
     ``repeats`` steps of each, alternating."""
-    from stc.images import load_photos
-    from stc.trainer import Trainer
-    from stc.trainconfig import TrainConfig
+    from stc.train.images import load_photos
+    from stc.train.trainer import Trainer
+    from stc.train.config import TrainConfig
 
     accelerator, precision = _accelerator(device, dtype)
     config = TrainConfig(steps=1, batch_size=1, grad_accum=1, resolution=resolution, seed=0,

@@ -36,7 +36,7 @@ def photos(tmp_path) -> Path:
 @pytest.fixture
 def tiny():
     """A fresh builtin:tiny base model on the CPU (fp32)."""
-    from stc.models import load_base_model
+    from stc.models.base import load_base_model
 
     return load_base_model("builtin:tiny", device="cpu")
 

@@ -26,11 +26,11 @@ import sys
 import time
 from pathlib import Path
 
-from stc import registry as registry_module
-from stc import storage
-from stc.concept import Concept, MetricsRecord, TrainingRecord
+from stc.store import registry as registry_module
+from stc.store import storage
+from stc.store.concept import Concept, MetricsRecord, TrainingRecord
 from stc.errors import ConceptExists, ConceptNotFound, StcError
-from stc.registry import Registry
+from stc.store.registry import Registry
 
 SPEC: dict = {}
 WEIGHTS: dict[str, bytes] = {}
@@ -193,7 +193,7 @@ def crash(args: dict) -> None:
 
 def stress(args: dict) -> None:
     load_spec(args["spec"])
-    from stc.listing import listing
+    from stc.store.listing import listing
 
     registry = Registry(Path(args["root"]))
     worker, workers = args["worker"], args["workers"]

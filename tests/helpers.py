@@ -4,11 +4,11 @@ import torch
 from typer.testing import CliRunner
 
 from stc.cli import app
-from stc.concept import Concept, MetricsRecord, TrainingRecord
-from stc.conceptio import weights_bytes
-from stc.mapper import MapperConfig, NeTIMapper
-from stc.registry import Registry
-from stc.trainconfig import TrainConfig
+from stc.store.concept import Concept, MetricsRecord, TrainingRecord
+from stc.store.conceptio import weights_bytes
+from stc.method.mapper import MapperConfig, NeTIMapper
+from stc.store.registry import Registry
+from stc.train.config import TrainConfig
 
 runner = CliRunner()
 

@@ -5,7 +5,7 @@ import pytest
 from helpers import assert_one_line_error, invoke
 
 from stc.errors import ModelError
-from stc.models import DEFAULT_MODEL, default_model, load_base_model
+from stc.models.base import DEFAULT_MODEL, default_model, load_base_model
 
 
 def test_the_default_model_comes_from_stc_model_then_the_config_file(stc_home, monkeypatch):
@@ -47,7 +47,7 @@ def test_offline_never_opens_a_socket_and_names_what_to_download(monkeypatch, no
 def test_a_concept_records_its_base_and_notes_a_compatible_other_model(photos, tmp_path):
     import torch
 
-    from stc.models import embedding_fingerprint, load_base_model
+    from stc.models.base import embedding_fingerprint, load_base_model
 
     result = invoke("train", photos, "--name", "fp", "--init", "cat", "--model", "builtin:tiny", "--steps", 1,
                     "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)

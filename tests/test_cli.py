@@ -65,7 +65,7 @@ def test_error_cases_are_one_line_without_traceback(trained, photos, tmp_path):
     assert_one_line_error(invoke("train", photos, "--name", "blob", "--model", "builtin:tiny"), "exists already")
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(invoke("train", empty, "--name", "other", "--model", "builtin:tiny"), "no images")
+    assert_one_line_error(invoke("train", empty, "--name", "other", "--model", "builtin:tiny"), "no usable images")
     assert_one_line_error(
         invoke("train", photos, "--name", "other", "--init", "hippopotamus", "--model", "builtin:tiny"),
         "single token", "--init",

@@ -1,13 +1,13 @@
-"""--device auto|cpu|cuda[:N]|mps and the precision per device; stc.models.check_device is the one
+"""--device auto|cpu|cuda[:N]|mps and the precision per device; stc.models.base.check_device is the one
 place devices are validated. GPUs are simulated where the test machine has none."""
 
 import pytest
 import torch
 from helpers import assert_one_line_error, invoke
 
-from stc import models
+from stc.models import base as models
 from stc.errors import ModelError
-from stc.models import check_device, default_device, default_dtype, load_base_model, torch_dtype
+from stc.models.base import check_device, default_device, default_dtype, load_base_model, torch_dtype
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Distilling a concept into plain textual-inversion vectors (stc.distill) on builtin:tiny."""
+"""Distilling a concept into plain textual-inversion vectors (stc.exchange.distill) on builtin:tiny."""
 
 import copy
 
@@ -6,11 +6,11 @@ import pytest
 import torch
 from helpers import make_concept, make_mapper
 
-from stc.distill import Distilled, _attend, distil
-from stc.placeholders import placeholder_tokens
+from stc.exchange.distill import Distilled, _attend, distil
+from stc.method.placeholders import placeholder_tokens
 from stc.errors import BadInput
-from stc.mapper import MapperConfig, NeTIMapper
-from stc.spacetime import (
+from stc.method.mapper import MapperConfig, NeTIMapper
+from stc.method.spacetime import (
     ConceptSlot,
     SpaceTimeConditioning,
     cross_attention_layer_names,
@@ -50,7 +50,7 @@ def word_embedding(base, word):
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    from stc.models import load_base_model
+    from stc.models.base import load_base_model
 
     return load_base_model("builtin:tiny", device="cpu")
 

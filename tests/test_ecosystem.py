@@ -13,8 +13,8 @@ import torch
 from helpers import assert_one_line_error, invoke, save_concept
 from safetensors.torch import save_file
 
-from stc.registry import Registry
-from stc.spacetime import cross_attention_layer_names
+from stc.store.registry import Registry
+from stc.method.spacetime import cross_attention_layer_names
 
 # --------------------------------------------------------------------------- the A1111 webui's loader
 
@@ -125,7 +125,7 @@ def test_the_original_textual_inversion_layout_imports(tmp_path, zip_format):
     assert result.exit_code == 0, result.output
     concept = Registry().load("old")
     assert concept.base_model == "someone/sd15-finetune"  # sd_checkpoint_name names it (768 alone: SD 1.5)
-    from stc.conceptio import read_state_dict
+    from stc.store.conceptio import read_state_dict
 
     assert torch.equal(read_state_dict(concept)["output_layer.0.bias"], vector[0])
 

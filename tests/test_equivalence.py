@@ -4,10 +4,10 @@ import copy
 
 import torch
 
-from stc.generation import Renderer, RenderSettings
-from stc.mapper import MapperConfig, NeTIMapper
-from stc.registry import Concept
-from stc.spacetime import cross_attention_layer_names
+from stc.render.generation import Renderer, RenderSettings
+from stc.method.mapper import MapperConfig, NeTIMapper
+from stc.store.registry import Concept
+from stc.method.spacetime import cross_attention_layer_names
 
 
 def constant_mapper(vector: torch.Tensor) -> NeTIMapper:

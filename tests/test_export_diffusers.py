@@ -16,14 +16,14 @@ from safetensors.torch import load
 from helpers import invoke, save_concept
 from stc import __version__
 from stc.errors import BadInput
-from stc.export_diffusers import (
+from stc.exchange.export_diffusers import (
     EXPORT_FORMAT,
     module_source,
     read_diffusers_export,
     write_diffusers_export,
 )
-from stc.schedulers import SCHEDULERS
-from stc.spacetime import cross_attention_layer_names
+from stc.models.schedulers import SCHEDULERS
+from stc.method.spacetime import cross_attention_layer_names
 
 # Runs where stc cannot be imported: a plain diffusers pipeline, the export's module, nothing else.
 RENDER_WITHOUT_STC = r"""
@@ -75,7 +75,7 @@ def pixels(path: Path) -> np.ndarray:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory) -> tuple[Path, list[str]]:
     """builtin:tiny saved as a local diffusers folder (read only), and its layer names."""
-    from stc.models import load_base_model
+    from stc.models.base import load_base_model
 
     pipeline = load_base_model("builtin:tiny", device="cpu").pipeline
     folder = tmp_path_factory.mktemp("model") / "tiny-model"
@@ -275,7 +275,7 @@ def test_write_refuses_a_bad_rank_other_weights_and_a_missing_preview(tmp_path, 
 
 
 def test_stitching_fails_loudly_when_the_module_would_lack_a_name(monkeypatch):
-    import stc.export_diffusers as export_diffusers
+    import stc.exchange.export_diffusers as export_diffusers
 
     stitched = tuple(
         (module, tuple(name for name in names if name != "split_outputs"))

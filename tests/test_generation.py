@@ -11,12 +11,12 @@ from helpers import invoke, make_concept, make_mapper
 from PIL import Image
 
 from stc.errors import BadInput
-from stc.conceptio import weights_bytes
-from stc.generation import Renderer, RenderSettings
-from stc.pngmeta import a1111_parameters, parse_parameters, save_png
-from stc.prompts import parse_prompt, resolve_ranks
-from stc.registry import Registry
-from stc.spacetime import _text_transformer, cross_attention_layer_names
+from stc.store.conceptio import weights_bytes
+from stc.render.generation import Renderer, RenderSettings
+from stc.render.pngmeta import a1111_parameters, parse_parameters, save_png
+from stc.render.prompts import parse_prompt, resolve_ranks
+from stc.store.registry import Registry
+from stc.method.spacetime import _text_transformer, cross_attention_layer_names
 
 
 @pytest.fixture
@@ -320,12 +320,12 @@ def test_an_interrupted_grid_keeps_its_finished_cells(saved_concepts, tmp_path, 
 
 
 def test_gen_checks_out_first_and_warns_far_from_the_model_size(saved_concepts, tmp_path, monkeypatch):
-    import stc.models
+    import stc.models.base
 
     (tmp_path / "taken").write_text("a file")
     loaded = []
-    real_load = stc.models.load_base_model
-    monkeypatch.setattr(stc.models, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    real_load = stc.models.base.load_base_model
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
     result = invoke("gen", "<mydog> on the moon", "--out", tmp_path / "taken")
     assert result.exit_code == 1 and "--out" in result.stderr and "is a file" in result.stderr and not loaded
     result = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 512, "--out", tmp_path / "wide")

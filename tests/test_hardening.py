@@ -7,8 +7,8 @@ import pytest
 from helpers import assert_one_line_error, invoke, save_concept
 
 from stc.errors import BadInput
-from stc.prompts import parse_prompt
-from stc.registry import Registry
+from stc.render.prompts import parse_prompt
+from stc.store.registry import Registry
 
 
 @pytest.mark.parametrize("prompt", ["<cat on the moon", "<cat> on the <moon", "<cat on <moon>"])
@@ -62,7 +62,7 @@ def test_train_refuses_bad_numbers(photos):
 def test_tiny_photos_are_warned_about(tmp_path):
     from PIL import Image
 
-    from stc.images import load_photos
+    from stc.train.images import load_photos
 
     for index in range(3):
         Image.new("RGB", (1, 1), (index * 80, 0, 0)).save(tmp_path / f"dot{index}.png")
@@ -111,15 +111,15 @@ def test_leftovers_of_killed_writers_are_reported_then_swept_and_an_interrupted_
 
 
 def test_os_errors_outside_the_registry_are_one_line(monkeypatch, tmp_path):
-    from stc.spacetime import SD_LAYER_NAMES
+    from stc.method.spacetime import SD_LAYER_NAMES
 
     save_concept("pup", layer_names=SD_LAYER_NAMES)
-    import stc.pngmeta
+    import stc.render.pngmeta
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device", str(tmp_path / "out"))
 
-    monkeypatch.setattr(stc.pngmeta, "save_png", full_disk)
+    monkeypatch.setattr(stc.render.pngmeta, "save_png", full_disk)
     monkeypatch.setattr("stc.cli.render.save_png", full_disk, raising=False)
     result = invoke("gen", "<pup>", "--steps", 1, "--out", tmp_path / "out")
     assert_one_line_error(result, "No space left on device")
@@ -129,9 +129,9 @@ def test_os_errors_outside_the_registry_are_one_line(monkeypatch, tmp_path):
 
 
 def test_settings_and_folders_that_cannot_work_are_named_before_anything_loads(tmp_path, monkeypatch, photos):
-    import stc.models
+    import stc.models.base
 
-    monkeypatch.setattr(stc.models, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
     home_file = tmp_path / "home-file"
     home_file.write_text("not a folder")
     monkeypatch.setenv("STC_HOME", str(home_file))
@@ -160,7 +160,7 @@ def test_settings_and_folders_that_cannot_work_are_named_before_anything_loads(t
 def test_odd_files_among_the_photos_are_named_and_many_warnings_are_counted(tmp_path):
     from PIL import Image
 
-    from stc.images import load_photos
+    from stc.train.images import load_photos
 
     os.mkfifo(tmp_path / "pipe.png")  # opening it would block for ever
     for index in range(8):

@@ -26,13 +26,13 @@ import torch
 import yaml
 from helpers import assert_one_line_error, invoke, make_concept, make_mapper, save_concept
 
-from stc.concept import CONCEPT_FILE, WEIGHTS_FILE
-from stc.conceptio import weights_bytes
-from stc.listing import listing
+from stc.store.concept import CONCEPT_FILE, WEIGHTS_FILE
+from stc.store.conceptio import weights_bytes
+from stc.store.listing import listing
 from stc.errors import BadInput, CorruptConcept, InvalidName, RegistryWriteError, StcError
 from stc.names import is_valid_name, validate_name
-from stc.prompts import parse_prompt
-from stc.registry import Registry
+from stc.render.prompts import parse_prompt
+from stc.store.registry import Registry
 
 
 from reliability_counts import cli_built_once, collector  # noqa: E402,F401  (autouse fixtures)
@@ -208,8 +208,8 @@ def _read_each(root: str, cases: dict) -> dict:
     """In the capped child: each hostile weights file as a concept's weights and as an import."""
     import resource
 
-    from stc.conceptio import read_state_dict
-    from stc.imports import read_embedding
+    from stc.store.conceptio import read_state_dict
+    from stc.exchange.imports import read_embedding
 
     registry = Registry(Path(root))
     results = {}
@@ -279,7 +279,7 @@ def test_lying_safetensors_headers_are_clear_errors_without_huge_allocations(tmp
 
 
 def test_a_header_check_never_raises(tmp_path):
-    from stc.storage import safetensors_problem
+    from stc.store.storage import safetensors_problem
 
     for label, content in LYING_HEADERS.items():
         path = tmp_path / f"{label}.safetensors"
@@ -539,7 +539,7 @@ def test_10000_character_prompts_are_refused_or_parsed_at_once(stc_home):
 
 
 def test_a_10000_character_prompt_renders_normally_or_fails_in_one_line(tmp_path, stc_home):
-    from stc.spacetime import SD_LAYER_NAMES
+    from stc.method.spacetime import SD_LAYER_NAMES
 
     save_concept("pup", layer_names=SD_LAYER_NAMES)
     prompt = "<pup> " + ("sitting on the moon, " * 500)[:9_994]
@@ -597,10 +597,10 @@ def test_a_damaged_or_edited_listing_cache_costs_time_not_correctness(stc_home):
 # A .pt whose tensor claims a huge size: the archive member is a 128 MiB deflated stream of
 # zeros (a 130 KB file), or a 1-element storage viewed with stride 0 as a [1, 2_000_000] vector
 # (1.5 KB) whose mapper needs a [2_000_000, 128] output layer (1 GiB). Both are read by
-# stc/reference.py and stc/imports.py, which this change does not touch.
+# stc/exchange/reference.py and stc/exchange/imports.py, which this change does not touch.
 def _import_one(root: str, source: str) -> str:
     """In the capped child: ``stc import`` of one file, as a one-word outcome and its message."""
-    from stc.imports import import_concept
+    from stc.exchange.imports import import_concept
 
     try:
         import_concept(Registry(Path(root)), Path(source), name="big", model="builtin:tiny")
@@ -630,8 +630,8 @@ def _zip_bomb(path: Path) -> Path:
 
 
 def test_pickled_tensors_claiming_huge_sizes_are_refused_without_allocating(tmp_path, stc_home):
-    import stc.imports  # noqa: F401  (imported before the fork: each child would import them again)
-    import stc.tiny  # noqa: F401
+    import stc.exchange.imports  # noqa: F401  (imported before the fork: each child would import them again)
+    import stc.models.tiny  # noqa: F401
 
     wide = tmp_path / "wide.pt"
     torch.save({"emb_params": torch.ones(1).expand(1, 2_000_000)}, wide)

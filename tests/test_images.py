@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from stc.errors import BadInput
-from stc.images import MAX_PIXELS, load_photo, load_photos
+from stc.train.images import MAX_PIXELS, load_photo, load_photos
 
 
 def folder_digest(folder):
@@ -90,9 +90,9 @@ def test_bad_files_are_skipped_with_named_warnings_and_the_folder_is_untouched(p
 
 
 def test_decompression_bombs_are_refused(tmp_path, monkeypatch):
-    import stc.images
+    import stc.train.images
 
-    monkeypatch.setattr(stc.images, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(stc.train.images, "MAX_PIXELS", 1000)
     Image.new("RGB", (100, 100)).save(tmp_path / "bomb.png")
     with pytest.raises(BadInput, match="decompression bomb"):
         load_photo(tmp_path / "bomb.png", 16)

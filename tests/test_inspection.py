@@ -1,10 +1,10 @@
-"""stc.inspection: norms per (timestep, layer), rank agreement, the PNG heatmap."""
+"""stc.render.inspection: norms per (timestep, layer), rank agreement, the PNG heatmap."""
 
 import pytest
 import torch
 
 from stc.errors import BadInput
-from stc.inspection import (
+from stc.render.inspection import (
     colormap,
     draw_norm_heatmaps,
     inspect_mapper,
@@ -14,7 +14,7 @@ from stc.inspection import (
     save_norm_heatmaps,
     short_layer_name,
 )
-from stc.mapper import MapperConfig, NeTIMapper
+from stc.method.mapper import MapperConfig, NeTIMapper
 
 LAYERS = [f"up_blocks.{i // 3}.attentions.{i % 3}.transformer_blocks.0.attn2" for i in range(16)]
 

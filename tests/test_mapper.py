@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from stc.mapper import MapperConfig, NeTIMapper, truncate
+from stc.method.mapper import MapperConfig, NeTIMapper, truncate
 
 
 def make_mapper(width=768, seed=0, **kwargs):

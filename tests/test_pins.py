@@ -19,7 +19,7 @@ from helpers import make_concept, make_mapper
 from PIL import Image
 
 from stc.errors import BadInput
-from stc.registry import Registry
+from stc.store.registry import Registry
 
 TESTS = Path(__file__).resolve().parent
 
@@ -29,11 +29,11 @@ TESTS = Path(__file__).resolve().parent
 def save_with_mapper(registry: Registry, concept, mapper, **options):
     """``registry.save`` with the mapper's weights in whichever form ``save`` takes: a
     state dict (``save(concept, state_dict, ...)``) or the bytes of ``mapper.safetensors``
-    (``save(concept, weights: bytes, ...)``, made by ``stc.conceptio.weights_bytes``)."""
+    (``save(concept, weights: bytes, ...)``, made by ``stc.store.conceptio.weights_bytes``)."""
     parameters = list(inspect.signature(registry.save).parameters.values())
     second = parameters[1]  # bound method: (concept, <weights>, ...)
     if second.name == "weights" or second.annotation in (bytes, "bytes"):
-        from stc.conceptio import weights_bytes
+        from stc.store.conceptio import weights_bytes
 
         return registry.save(concept, weights_bytes(mapper, concept.name), **options)
     return registry.save(concept, mapper.state_dict(), **options)
@@ -79,10 +79,10 @@ def test_save_waits_for_the_lock_of_its_name():
 
 def test_images_between_one_and_two_times_the_pixel_limit_are_refused(tmp_path, monkeypatch):
     """Pillow raises only above 2x MAX_IMAGE_PIXELS and merely warns above 1x: stc refuses both."""
-    import stc.images
-    from stc.images import load_photo, load_photos
+    import stc.train.images
+    from stc.train.images import load_photo, load_photos
 
-    monkeypatch.setattr(stc.images, "MAX_PIXELS", 1000)
+    monkeypatch.setattr(stc.train.images, "MAX_PIXELS", 1000)
     folder = tmp_path / "photos"
     folder.mkdir()
     Image.new("RGB", (40, 40), (10, 200, 30)).save(folder / "bomb.png")  # 1600 px: 1x < 1600 < 2x

@@ -15,13 +15,13 @@ import reliability_counts as counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stc.concept import KNOWN_KEYS, Concept, MetricsRecord, TrainingRecord
+from stc.store.concept import KNOWN_KEYS, Concept, MetricsRecord, TrainingRecord
 from stc.errors import BadInput, InvalidName
 from stc.names import NAME_PATTERN, is_valid_name, suggest_name, validate_name
-from stc.prompts import parse_prompt
-from stc.registry import Registry, _yaml_text
-from stc.storage import yaml_load
-from stc.trainconfig import TrainConfig
+from stc.render.prompts import parse_prompt
+from stc.store.registry import Registry, _yaml_text
+from stc.store.storage import yaml_load
+from stc.train.config import TrainConfig
 
 EXAMPLES = Counter()
 # Fixed examples (derandomized) so every run tries the same; STC_PROPERTY_EXAMPLES=N and
@@ -217,7 +217,7 @@ def test_registry_save_load_round_trips_names_and_metadata(batch):
             loaded = registry.load(name)
             assert loaded.to_yaml_dict() == data
             assert registry.verify(loaded).ok and registry.verify(loaded).problem is None
-        from stc.listing import listing
+        from stc.store.listing import listing
 
         records = {name: record for name, record, problem in listing(registry) if problem is None}
         assert set(records) == set(written)

@@ -4,7 +4,7 @@ CI's `python -m benchmarks.quality --quick`)."""
 import torch
 
 from benchmarks import quality
-from stc.mapper import MapperConfig, NeTIMapper
+from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.worlds.shapes import Scene
 
 

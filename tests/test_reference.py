@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from stc.errors import BadInput, StcError
-from stc.reference import (
+from stc.exchange.reference import (
     BadCheckpoint,
     ReferenceCheckpoint,
     UnsafeCheckpoint,
@@ -26,8 +26,8 @@ from stc.reference import (
     read_torch_checkpoint,
     reference_mapper_config,
 )
-from stc.mapper import truncate
-from stc.spacetime import ConceptSlot, encode_spacetime
+from stc.method.mapper import truncate
+from stc.method.spacetime import ConceptSlot, encode_spacetime
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_MAPPER = DATA / "neti-sample-mapper.pt"

@@ -10,8 +10,8 @@ import yaml
 import helpers
 from helpers import make_mapper, save_concept
 
-from stc import registry as registry_module
-from stc.conceptio import load_mapper, read_state_dict, weights_bytes
+from stc.store import registry as registry_module
+from stc.store.conceptio import load_mapper, read_state_dict, weights_bytes
 from stc.errors import (
     BadInput,
     ConceptExists,
@@ -22,11 +22,11 @@ from stc.errors import (
     RegistryWriteError,
     UnsupportedSchema,
 )
-from stc.mapper import MapperConfig, NeTIMapper
-from stc.concept import CONCEPT_FILE, SCHEMA_VERSION, Concept
+from stc.method.mapper import MapperConfig, NeTIMapper
+from stc.store.concept import CONCEPT_FILE, SCHEMA_VERSION, Concept
 from stc.names import suggest_name, validate_name
-from stc.registry import Registry
-from stc.storage import sha256_file
+from stc.store.registry import Registry
+from stc.store.storage import sha256_file
 
 
 def make_concept(registry: Registry, name: str, steps_done: int = 10, seed: int = 0, **extra) -> Concept:
@@ -322,9 +322,9 @@ def test_a_failed_swap_puts_the_previous_entry_back(monkeypatch):
             raise OSError(5, "Input/output error")
         return real_replace(source, target)
 
-    import stc.storage
+    import stc.store.storage
 
-    monkeypatch.setattr(stc.storage, "_exchange", lambda first, second: False)  # two renames, not one swap
+    monkeypatch.setattr(stc.store.storage, "_exchange", lambda first, second: False)  # two renames, not one swap
     monkeypatch.setattr(registry_module.os, "replace", failing_replace)
     with pytest.raises(RegistryWriteError, match="Input/output"):
         retrain(registry, "blob")
@@ -413,7 +413,7 @@ def test_rename_waits_for_the_concept_lock():
 def test_every_staged_file_is_fsynced_before_the_entry_is_swapped_in(monkeypatch, overwrite):
     """The durability promise, file by file: when a save makes its staging folder the entry (a
     rename or the atomic exchange), every file and folder in it has been fsynced."""
-    import stc.storage as storage
+    import stc.store.storage as storage
 
     if overwrite:
         save_concept("durable", seed=1)

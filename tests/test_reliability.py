@@ -36,11 +36,11 @@ from helpers import invoke, make_mapper
 from safetensors.torch import load as load_tensors
 
 import fault_worker
-from stc.conceptio import read_state_dict, weights_bytes
+from stc.store.conceptio import read_state_dict, weights_bytes
 from stc.errors import ConceptNotFound, StcError
-from stc.listing import listing
-from stc.registry import Registry
-from stc.storage import WORK_FOLDER, leftovers
+from stc.store.listing import listing
+from stc.store.registry import Registry
+from stc.store.storage import WORK_FOLDER, leftovers
 
 WORKER = Path(__file__).with_name("fault_worker.py")
 VERSIONS = ("A", "B", "C")  # an overwrite run writes B, C, A, B, ...: the old and new version differ
@@ -444,7 +444,7 @@ def test_a_reader_racing_two_saves_that_restore_the_same_content_is_told_so(spec
     """A -> B -> A while one reader checks: it read concept.yaml of A, hashes B's weights, and
     finds concept.yaml recording A again. The content is the same, the file is not: still a
     race, never "damaged" (the one failure of the stress test above under heavy load)."""
-    from stc import registry as registry_module
+    from stc.store import registry as registry_module
 
     registry = Registry()
     registry.save(fault_worker.concept("hot", "A"), fault_worker.WEIGHTS["A"])
@@ -487,7 +487,7 @@ def test_a_load_racing_a_removal_is_not_found_not_damaged(stc_home, monkeypatch)
 
 
 def test_read_state_dict_never_returns_weights_it_did_not_verify(spec, stc_home, monkeypatch):
-    import stc.conceptio as conceptio
+    import stc.store.conceptio as conceptio
 
     registry = Registry()
     registry.save(fault_worker.concept("hot", "A"), fault_worker.WEIGHTS["A"])

@@ -9,11 +9,11 @@ import pytest
 import torch
 from helpers import assert_one_line_error, invoke, save_concept
 
-from stc.generation import Renderer, RenderSettings
-from stc.models import TINY_SD2, load_base_model
-from stc.schedulers import SCHEDULERS, make_scheduler
-from stc.spacetime import SD_LAYER_NAMES, cross_attention_layer_names
-from stc.trainconfig import TrainConfig
+from stc.render.generation import Renderer, RenderSettings
+from stc.models.base import TINY_SD2, load_base_model
+from stc.models.schedulers import SCHEDULERS, make_scheduler
+from stc.method.spacetime import SD_LAYER_NAMES, cross_attention_layer_names
+from stc.train.config import TrainConfig
 
 FAST = ("--steps", 2, "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)
 
@@ -38,7 +38,7 @@ def test_tiny_sd2_has_the_sd2_choices(sd2):
 
 
 def test_tiny_sd2_is_deterministic_and_not_tiny():
-    from stc.tiny import build_tiny_pipeline, build_tiny_sd2_pipeline
+    from stc.models.tiny import build_tiny_pipeline, build_tiny_sd2_pipeline
 
     first, second = build_tiny_sd2_pipeline(), build_tiny_sd2_pipeline()
     for module in ("unet", "vae", "text_encoder"):
@@ -69,8 +69,8 @@ def test_the_training_target_is_v(sd2, photos):
     """With a fixed UNet output P the loss is mse(P, v), v = sqrt(a)·noise - sqrt(1-a)·x0, not mse(P, noise)."""
     from accelerate import Accelerator
 
-    from stc.images import load_photos
-    from stc.trainer import Trainer
+    from stc.train.images import load_photos
+    from stc.train.trainer import Trainer
 
     trainer = Trainer(sd2, load_photos(photos, 96).images, "<vee>", TrainConfig(steps=1, batch_size=2,
                       grad_accum=1, initializer="cat"), Accelerator(cpu=True))

@@ -125,7 +125,7 @@ def test_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
 
 @pytest.fixture(scope="module")
 def world():
-    from stc.models import load_base_model
+    from stc.models.base import load_base_model
 
     return load_base_model("builtin:shapes", device="cpu")
 
@@ -135,7 +135,7 @@ def test_the_shipped_world_draws_what_a_plain_prompt_asks_for(world):
     and shape colour back from the renders (random weights: about 1 in 6 by chance)."""
     import copy
 
-    from stc.generation import Renderer, RenderSettings
+    from stc.render.generation import Renderer, RenderSettings
 
     renderer = Renderer(copy.deepcopy(world), {})
     settings = RenderSettings(steps=20, cfg=5.0, batch_size=4)
@@ -155,8 +155,8 @@ def held_out_loss(world, mapper_state):
 
     from accelerate import Accelerator
 
-    from stc.trainconfig import TrainConfig
-    from stc.trainer import Trainer
+    from stc.train.config import TrainConfig
+    from stc.train.trainer import Trainer
 
     unseen = [scene.render() for scene in concept_scenes(1234, 5)]
     trainer = Trainer(copy.deepcopy(world), unseen, "<heldout>", TrainConfig(initializer="triangle", eval_samples=20),
@@ -169,9 +169,9 @@ def held_out_loss(world, mapper_state):
 def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(world):
     from pathlib import Path
 
-    from stc.conceptio import load_mapper
-    from stc.registry import Registry
-    from stc.training import TrainConfig, train_concept
+    from stc.store.conceptio import load_mapper
+    from stc.store.registry import Registry
+    from stc.train.training import TrainConfig, train_concept
 
     photos = Path(__file__).parent.parent / "examples" / "wedge"
     config = TrainConfig(steps=60, initializer="triangle", save_every=0, preview_steps=2, seed=0)

@@ -1,6 +1,6 @@
 """Single-file checkpoints (--model x.safetensors / weights-only .ckpt), offline.
 
-Real LDM-layout files are written from the builtin models (stc.ldm.pipeline_to_ldm, checked
+Real LDM-layout files are written from the builtin models (stc.models.ldm.pipeline_to_ldm, checked
 against diffusers' own single-file reader) and must load back to the same images, with no
 socket ever opened.
 """
@@ -16,10 +16,10 @@ from helpers import assert_close_in_scale, assert_one_line_error, invoke
 from PIL import Image
 from safetensors.torch import save_file
 
-from stc import ldm
+from stc.models import ldm
 from stc.errors import ModelError
-from stc.generation import Renderer, RenderSettings
-from stc.models import load_base_model, text_width_of
+from stc.render.generation import Renderer, RenderSettings
+from stc.models.base import load_base_model, text_width_of
 
 SETTINGS = RenderSettings(steps=3)
 
@@ -168,7 +168,7 @@ def test_text_width_of_a_single_file_comes_from_its_header(written):
 @pytest.fixture
 def tiny_family(written, tmp_path, monkeypatch):
     """stc's shipped-config path at tiny scale: a 'tiny' family whose configs (no tokenizer) stand
-    where stc/configs/sd1 stands, known by a 32-wide CLIP text encoder."""
+    where stc/models/configs/sd1 stands, known by a 32-wide CLIP text encoder."""
     folder, path = written["builtin:tiny"]
     configs = tmp_path / "configs"
     shutil.copytree(folder, configs / "tiny", ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer"))

@@ -10,9 +10,9 @@ import pytest
 from helpers import assert_one_line_error, invoke, save_concept
 
 from stc.cli import store as store_cli
-from stc.concept import CONCEPT_FILE, Concept, TrainingRecord
-from stc.registry import Registry
-from stc.trainconfig import TrainConfig
+from stc.store.concept import CONCEPT_FILE, Concept, TrainingRecord
+from stc.store.registry import Registry
+from stc.train.config import TrainConfig
 
 
 def make_concept(name: str, steps_done: int = 10, seed: int = 0) -> Concept:
@@ -172,7 +172,7 @@ def test_inspect_table_and_json(two_concepts):
 def test_inspect_plot_writes_a_png(two_concepts, tmp_path):
     from PIL import Image
 
-    from stc.inspection import plot_size
+    from stc.render.inspection import plot_size
 
     target = tmp_path / "norms.png"
     result = invoke("inspect", "blob", "--plot", target, "--steps", 6, "--json")
@@ -302,11 +302,11 @@ def test_ls_caches_records_and_notices_every_change(stc_home, monkeypatch):
     assert (stc_home / ".listing.json").is_file()
     assert json.loads(invoke("ls", "--json").stdout) == first  # served from the cache
 
-    import stc.listing
+    import stc.store.listing
 
     calls = []
-    real = stc.listing.listing_record
-    monkeypatch.setattr(stc.listing, "listing_record", lambda concept: calls.append(concept.name) or real(concept))
+    real = stc.store.listing.listing_record
+    monkeypatch.setattr(stc.store.listing, "listing_record", lambda concept: calls.append(concept.name) or real(concept))
     invoke("ls")
     assert calls == []  # nothing changed: no concept.yaml was parsed
     assert invoke("mv", "blob", "bloom").exit_code == 0

@@ -5,11 +5,12 @@ import torch
 from helpers import invoke
 
 from stc.errors import BadInput
-from stc.threads import SMALL_MODEL_PARAMETERS, choose_threads, free_cores, requested_threads
+from stc.models.threads import SMALL_MODEL_PARAMETERS, choose_threads, free_cores
+from stc.settings import requested_threads
 
 
 def test_small_models_get_one_thread_large_ones_the_free_cores(monkeypatch):
-    monkeypatch.setattr("stc.threads.available_cores", lambda: 8)
+    monkeypatch.setattr("stc.models.threads.available_cores", lambda: 8)
     monkeypatch.setattr("os.getloadavg", lambda: (3.2, 0.0, 0.0))
     assert free_cores() == 5  # never more than the cores that are not busy
     assert choose_threads(SMALL_MODEL_PARAMETERS - 1) == 1
@@ -31,7 +32,7 @@ def test_requests_come_from_the_flag_or_the_environment(monkeypatch):
 
 
 def test_loading_a_model_sets_the_threads(monkeypatch):
-    from stc.models import load_base_model
+    from stc.models.base import load_base_model
 
     monkeypatch.delenv("STC_THREADS", raising=False)
     torch.set_num_threads(2)

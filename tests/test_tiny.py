@@ -1,4 +1,4 @@
-from stc.tiny import WORDS, build_tiny_tokenizer
+from stc.models.tiny import WORDS, build_tiny_tokenizer
 
 
 def test_tokenizer_really_tokenizes_words_as_single_tokens():
@@ -27,7 +27,7 @@ def test_every_listed_word_is_one_token():
 
 
 def test_tiny_pipeline_has_sd1_topology(tiny):
-    from stc.spacetime import cross_attention_layer_names
+    from stc.method.spacetime import cross_attention_layer_names
 
     pipe = tiny.pipeline
     assert len(pipe.unet.down_blocks) == 4 and len(pipe.unet.up_blocks) == 4
@@ -37,7 +37,7 @@ def test_tiny_pipeline_has_sd1_topology(tiny):
 
 
 def test_tiny_pipeline_is_deterministic():
-    from stc.tiny import build_tiny_pipeline
+    from stc.models.tiny import build_tiny_pipeline
 
     first, second = build_tiny_pipeline(), build_tiny_pipeline()
     for module in ("unet", "vae", "text_encoder"):

@@ -2,9 +2,9 @@ import pytest
 import torch
 
 from stc.errors import BadInput, ConceptExists, InvalidName
-from stc.conceptio import load_mapper
-from stc.registry import Registry
-from stc.training import OBJECT_TEMPLATES, TrainConfig, train_concept
+from stc.store.conceptio import load_mapper
+from stc.store.registry import Registry
+from stc.train.training import OBJECT_TEMPLATES, TrainConfig, train_concept
 
 FAST = dict(steps=15, batch_size=2, grad_accum=1, seed=0, initializer="cat")
 
@@ -36,7 +36,7 @@ def test_training_is_deterministic(photos, tmp_path):
 
 
 def test_only_the_mapper_is_trained(photos, monkeypatch):
-    from stc import training
+    from stc.train import training
 
     seen = {}
     original = training.Trainer.train_step
@@ -90,9 +90,9 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
     each layer at its own (t, l); checked against a direct call of the pinned text encoding."""
     from accelerate import Accelerator
 
-    from stc.images import load_photos
-    from stc.spacetime import ConceptSlot, encode_spacetime
-    from stc.training import Trainer
+    from stc.train.images import load_photos
+    from stc.method.spacetime import ConceptSlot, encode_spacetime
+    from stc.train.training import Trainer
 
     config = TrainConfig(**{**FAST, "batch_size": 2})
     trainer = Trainer(tiny, load_photos(photos, 64).images, "<kv>", config, Accelerator(cpu=True))
@@ -129,14 +129,14 @@ def test_text_layers_are_recomputed_in_the_backward_with_identical_gradients(tin
     are exactly those of a step that keeps them."""
     from accelerate import Accelerator
 
-    import stc.trainer
-    from stc.images import load_photos
-    from stc.training import Trainer
+    import stc.train.trainer
+    from stc.train.images import load_photos
+    from stc.train.training import Trainer
 
     images = load_photos(photos, 64).images
 
     def gradients(fraction):
-        monkeypatch.setattr(stc.trainer, "RECOMPUTED_TEXT_LAYERS", fraction)
+        monkeypatch.setattr(stc.train.trainer, "RECOMPUTED_TEXT_LAYERS", fraction)
         trainer = Trainer(tiny, images, f"<rc{int(fraction * 100)}>", TrainConfig(**FAST), Accelerator(cpu=True))
         trainer.mapper.eval()
         first = getattr(trainer.text_encoder, "text_model", trainer.text_encoder).encoder.layers[0]

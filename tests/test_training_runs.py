@@ -13,9 +13,9 @@ from typer.testing import CliRunner
 
 from stc.cli import app
 from stc.errors import BadInput
-from stc.conceptio import read_state_dict
-from stc.registry import Registry
-from stc.training import (
+from stc.store.conceptio import read_state_dict
+from stc.store.registry import Registry
+from stc.train.training import (
     TrainCallbacks,
     TrainConfig,
     Trainer,
@@ -167,12 +167,12 @@ def test_resume_refuses_changed_hyper_parameters(photos):
 
 
 def test_cli_interrupt_message_says_how_to_resume(monkeypatch, photos):
-    import stc.training
+    import stc.train.training
 
     def interrupted(*args, **kwargs):
         raise TrainingInterrupted("training of 'x' stopped at step 3/10; Resume with: stc train --resume x")
 
-    monkeypatch.setattr(stc.training, "train_concept", interrupted)
+    monkeypatch.setattr(stc.train.training, "train_concept", interrupted)
     result = CliRunner().invoke(app, ["train", str(photos), "--name", "x", "--model", "builtin:tiny"])
     assert result.exit_code == 130
     assert "stc train --resume x" in result.stderr and "Traceback" not in result.stderr
@@ -181,12 +181,12 @@ def test_cli_interrupt_message_says_how_to_resume(monkeypatch, photos):
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(tiny, photos):
     from accelerate import Accelerator
 
-    from stc.images import load_photos
+    from stc.train.images import load_photos
 
     images = load_photos(photos, 64).images
 
     def loss_and_grads(checkpointing):
-        from stc.models import load_base_model
+        from stc.models.base import load_base_model
 
         base = load_base_model("builtin:tiny", device="cpu")
         config = TrainConfig(**{**FAST, "gradient_checkpointing": checkpointing})
@@ -223,17 +223,17 @@ def test_two_processes_train_and_write_exactly_one_concept(photos, stc_home, tmp
 
 
 def test_a_diverging_run_stops_and_keeps_its_last_checkpoint(photos, monkeypatch):
-    import stc.trainer
+    import stc.train.trainer
 
-    real_step = stc.trainer.Trainer.train_step
+    real_step = stc.train.trainer.Trainer.train_step
     calls = []
 
     def diverging(self):
         calls.append(1)
         return float("nan") if len(calls) == 5 else real_step(self)
 
-    monkeypatch.setattr(stc.trainer.Trainer, "train_step", diverging)
-    from stc.training import TrainingDiverged
+    monkeypatch.setattr(stc.train.trainer.Trainer, "train_step", diverging)
+    from stc.train.training import TrainingDiverged
 
     with pytest.raises(TrainingDiverged, match="loss became nan at step 5. The last checkpoint \\(step 4\\) is kept"):
         train_concept(photos, "wild", "builtin:tiny", TrainConfig(**{**FAST, "save_every": 2}), device="cpu")
@@ -265,7 +265,7 @@ def test_a_run_owns_its_name_until_it_stops(photos):
 def test_a_killed_run_leaves_no_lock_behind(photos, stc_home, tmp_path):
     script = (
         "import os, signal, sys\n"
-        "from stc.training import TrainCallbacks, TrainConfig, train_concept\n"
+        "from stc.train.training import TrainCallbacks, TrainConfig, train_concept\n"
         "kill = TrainCallbacks(on_step=lambda step, total, loss: os.kill(os.getpid(), signal.SIGKILL))\n"
         f"train_concept({str(photos)!r}, 'killed', 'builtin:tiny', TrainConfig(steps=3, batch_size=1, grad_accum=1,"
         " initializer='cat', save_every=0), device='cpu', callbacks=kill)\n"
@@ -279,9 +279,9 @@ def test_a_killed_run_leaves_no_lock_behind(photos, stc_home, tmp_path):
 
 
 def test_bad_devices_and_unwritable_registries_fail_before_the_model_loads(photos, monkeypatch):
-    import stc.models
+    import stc.models.base
 
-    monkeypatch.setattr(stc.models, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: pytest.fail("loaded a model"))
     for device, message in (("tpu", "unknown device 'tpu'"), ("cuda", "no CUDA GPU is available")):
         with pytest.raises(Exception, match=message):
             train_concept(photos, "dev", "builtin:tiny", TrainConfig(**FAST), device=device)
@@ -325,7 +325,7 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
     stc import reads back unchanged, the error says where and how, and the checkpoint of step 2
     stays resumable in the registry."""
     from stc.errors import RegistryWriteError
-    from stc.training import TrainingNotSaved
+    from stc.train.training import TrainingNotSaved
 
     real_save = Registry.save
 

@@ -56,7 +56,7 @@ ModelConfigOpt = Annotated[
 
 
 def _prediction_type_callback(value: Optional[str]) -> Optional[str]:
-    """--prediction-type (or STC_PREDICTION_TYPE) travels to stc.models.load_base_model as
+    """--prediction-type (or STC_PREDICTION_TYPE) travels to stc.models.base.load_base_model as
     STC_PREDICTION_TYPE; every command that has the option sets or clears it, so one in-process
     command's choice never leaks into the next."""
     if value is None:
@@ -217,7 +217,7 @@ def quiet_libraries() -> None:
 
 
 def open_registry():
-    from ..registry import Registry
+    from ..store.registry import Registry
 
     return Registry()
 
@@ -232,7 +232,7 @@ def _threads_callback(value: Optional[int]) -> Optional[int]:
     if value is not None:
         if value < 1:
             raise typer.BadParameter("must be at least 1")
-        os.environ["STC_THREADS"] = str(value)  # read where a model is loaded (stc.threads)
+        os.environ["STC_THREADS"] = str(value)  # read where a model is loaded (stc.models.threads)
     return value
 
 
@@ -261,7 +261,7 @@ def _root(
     The default base model is STC_MODEL, else 'model:' in $STC_HOME/config.yaml, else
     stable-diffusion-v1-5/stable-diffusion-v1-5.
     """
-    from ..threads import requested_threads
+    from ..settings import requested_threads
 
     try:
         requested_threads()  # STC_THREADS is checked before any command starts its work

@@ -1,6 +1,6 @@
 """stc inspect: a concept's token and bypass norms per (timestep, layer), and its ranks.
 
-Terminal heatmaps with rich; the PNG and the numbers come from ``stc.inspection``. torch is
+Terminal heatmaps with rich; the PNG and the numbers come from ``stc.render.inspection``. torch is
 imported inside the command.
 """
 
@@ -17,7 +17,7 @@ from ._base import JsonOpt, app, err, handle_errors, open_registry, out, print_j
 from .store import NameArg
 
 def _cell_style(fraction: float) -> str:
-    from ..inspection import colormap
+    from ..render.inspection import colormap
 
     red, green, blue = colormap(fraction)
     text = "black" if 0.299 * red + 0.587 * green + 0.114 * blue > 140 else "white"
@@ -25,7 +25,7 @@ def _cell_style(fraction: float) -> str:
 
 
 def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
-    from ..inspection import fraction_in, short_layer_name, value_range
+    from ..render.inspection import fraction_in, short_layer_name, value_range
 
     low, high = value_range(values)
     numbers = out.width >= 16 + 6 * len(grid.timesteps)
@@ -42,7 +42,7 @@ def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
 
 
 def _legend(values: list[list[float]]) -> Text:
-    from ..inspection import value_range
+    from ..render.inspection import value_range
 
     low, high = value_range(values)
     legend = Text("  legend: ")
@@ -73,9 +73,9 @@ def _rank_table(report) -> Table:
 
 
 def _print_inspection(report) -> None:
-    from ..inspection import AGREEMENT_THRESHOLD
+    from ..render.inspection import AGREEMENT_THRESHOLD
 
-    from ..inspection import rank_label
+    from ..render.inspection import rank_label
 
     grid = report.grid
     label = rank_label(grid.rank)
@@ -116,7 +116,7 @@ def inspect_concept(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
 ) -> None:
     """Show the token and bypass norms per (timestep, layer) and how outputs change with rank."""
-    from .. import inspection
+    from ..render import inspection
 
     registry = open_registry()
     concept = registry.load(name)

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ..generation import RenderSettings
-from ..schedulers import SCHEDULERS
+from ..render.generation import RenderSettings
+from ..models.schedulers import SCHEDULERS
 from ._base import (
     DeviceOpt,
     JsonOpt,
@@ -59,7 +59,7 @@ def _settings(**given) -> RenderSettings:
 
 def _load_renderer(requests, settings, model, model_config, device, dtype):
     quiet_libraries()
-    from ..generation import Renderer
+    from ..render.generation import Renderer
 
     with err.status("loading concepts") as status:
         renderer = Renderer.from_registry(
@@ -114,9 +114,9 @@ def gen(
 ) -> None:
     """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
     from ..errors import Interrupted
-    from ..generation import RenderRequest
+    from ..render.generation import RenderRequest
     from ..outputs import check_folder
-    from ..pngmeta import save_png
+    from ..render.pngmeta import save_png
 
     if num_images < 1:
         raise typer.BadParameter("must be at least 1", param_hint="-n")
@@ -189,7 +189,7 @@ def grid(
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
     from ..errors import BadInput
     from ..errors import Interrupted
-    from ..grid import (
+    from ..render.grid import (
         DEFAULT_SEEDS,
         GridOutput,
         default_grid_path,

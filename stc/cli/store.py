@@ -129,7 +129,7 @@ def ls(
     ] = SortKey.name,
 ) -> None:
     """List the concepts in the registry (damaged or foreign entries are reported on stderr)."""
-    from ..listing import listing
+    from ..store.listing import listing
 
     registry = open_registry()
     records = []
@@ -143,7 +143,7 @@ def ls(
             _warn(f"{name}: its weights file is {record['weights_problem']}; see stc show {name}, or remove it: "
                   f"stc rm {name}")
         records.append(record)
-    from ..storage import leftovers
+    from ..store.storage import leftovers
 
     for path in leftovers(registry.concepts_dir):
         _warn(f"{path.name} was left by an interrupted write; the next write to the registry cleans it up")
@@ -170,8 +170,8 @@ def _hint_when_empty(registry, pattern: str | None) -> None:
 
 
 def _show_record(registry, concept) -> dict:
-    from ..registry import preview_paths
-    from ..storage import folder_files
+    from ..store.registry import preview_paths
+    from ..store.storage import folder_files
 
     check = registry.verify(concept)
     files = [{"path": path, "size": size} for path, size in folder_files(concept.path)]

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ..trainconfig import TrainConfig
+from ..train.config import TrainConfig
 from ._base import (
     DeviceOpt,
     ModelConfigOpt,
@@ -123,7 +123,7 @@ def train(
     validate_name(name)
     config = TrainConfig.from_file(config_file, given) if config_file else TrainConfig(**given)
     quiet_libraries()
-    from ..training import train_concept
+    from ..train.training import train_concept
 
     with _training_progress() as callbacks:
         result = train_concept(
@@ -144,7 +144,7 @@ def _resume(name, photos, given, config_file, model, device, model_config) -> No
             param_hint="--resume",
         )
     quiet_libraries()
-    from ..training import resume_training
+    from ..train.training import resume_training
 
     with _training_progress() as callbacks:
         result = resume_training(
@@ -172,7 +172,7 @@ def _summary(concept) -> None:
         f"loss {metrics.final_loss:.4f}, eval loss {before}{metrics.eval_loss_after:.4f}",
         highlight=False,
     )
-    from ..training import suggested_prompt
+    from ..train.training import suggested_prompt
 
     err.print(f'Use it: stc gen "{suggested_prompt(concept)}" --rank 8', highlight=False)
     out.print(str(concept.path), highlight=False, soft_wrap=True)
@@ -183,7 +183,7 @@ class _training_progress:
     yields TrainCallbacks. Under torchrun / accelerate launch only rank 0 talks."""
 
     def __enter__(self):
-        from ..training import TrainCallbacks
+        from ..train.training import TrainCallbacks
 
         self.smoothed = None
         self.bar = progress_bar("training", "steps", fields=lambda done, total: f"loss {self.smoothed:.4f}")

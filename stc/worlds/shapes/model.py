@@ -25,7 +25,7 @@ FORMAT = "stc-shapes-world"
 
 
 def shapes_tokenizer():
-    from ...tiny import WORDS, build_tiny_tokenizer
+    from ...models.tiny import WORDS, build_tiny_tokenizer
 
     return build_tiny_tokenizer(words=tuple(WORDS) + WORLD_WORDS)
 

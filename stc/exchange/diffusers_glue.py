@@ -1,0 +1,245 @@
+"""The glue of ``stc export --format diffusers``: hooks that let a plain diffusers pipeline
+render stc concepts.
+
+This file is a template, never imported by stc (it imports nothing from stc). An export's
+``stc_concept.py`` is written by ``stc/exchange/export_diffusers.py``: stc's own mapper, text-encoding,
+attention and key/value assembly code, copied at export time from ``stc/method/mapper.py``,
+``stc/method/spacetime.py``, ``stc/method/conditioning.py`` and ``stc/render/generation.py``, followed by the part
+of this file below the ``glue`` line, which uses their names (``NeTIMapper``,
+``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
+``cross_attention_layer_names``, ``install_processors``, ``encode_layers``, ``_stack_step``,
+``_with_uncond``, ``SCHEDULE_CHUNK``, ``check_rank``, ``placeholder_tokens``,
+``add_placeholder_tokens``) and the constants the export writes (``EXPORT_FORMAT``,
+``ModelError``, ``BadInput``). The imports above that line are the glue's own; the export adds those the
+copied code needs.
+
+How a render works: a forward pre-hook on the text encoder notes the input ids of every
+prompt the pipeline encodes; at the first UNet call after that (the scheduler's timesteps are
+set by then) the prompt's keys and values for every (step, layer) are computed once, as
+``stc gen`` computes them; every UNet call then gets them for its timestep through
+``cross_attention_kwargs={"spacetime": ...}``, the unconditional half reading the pipeline's
+own encoding of the negative prompt in every layer.
+"""
+
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+
+# ---------------------------------------------------------------------------- glue
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "mapper.safetensors"
+
+
+def read_config(folder) -> dict:
+    """The ``config.json`` of an stc diffusers export, its format checked."""
+    path = Path(folder) / CONFIG_FILE
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{folder} is not an stc diffusers export: cannot read {CONFIG_FILE} ({exc})") from exc
+    if not isinstance(config, dict) or config.get("format") != EXPORT_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise ValueError(f"{path} has format {found!r}; this module reads {EXPORT_FORMAT!r}")
+    return config
+
+
+def load_mapper(folder, config: dict | None = None):
+    """The concept's mapper (fp32, CPU, eval mode), its weights checked against config.json."""
+    from safetensors.torch import load
+
+    folder = Path(folder)
+    config = config or read_config(folder)
+    data = (folder / WEIGHTS_FILE).read_bytes()
+    if hashlib.sha256(data).hexdigest() != config["weights_sha256"]:
+        raise ValueError(f"{folder / WEIGHTS_FILE} does not match the sha256 in {CONFIG_FILE}; the export is damaged")
+    mapper = NeTIMapper(MapperConfig.from_dict(config["mapper"]), generator=torch.Generator().manual_seed(0))
+    mapper.load_state_dict({key: value.float() for key, value in load(data).items()}, strict=True)
+    return mapper.eval().requires_grad_(False)
+
+
+def load_concept(pipe, folder, rank: int | None = None) -> str:
+    """Teach ``pipe`` the concept exported in ``folder``; returns its token, e.g. ``"<cat>"``.
+
+    Afterwards ``pipe("<cat> on the moon", ...)`` renders the concept as ``stc gen`` does.
+    ``rank`` truncates it (1 = coarsest and most editable, the mapper's hidden size = full);
+    None: the export's default rank (``rank`` in config.json; null there = full). Call once
+    per concept to use several in one prompt; prompts without a loaded token render as the
+    untouched pipeline does.
+    """
+    config = read_config(folder)
+    mapper = load_mapper(folder, config)
+    rank = config.get("rank") if rank is None else int(rank)
+    if rank is not None:
+        check_rank(config["name"], rank, mapper.config.rank_max)
+    width = pipe.text_encoder.config.hidden_size
+    if width != config["text_width"]:
+        raise ModelError(
+            f"{config['token']} was trained for a text encoder of width {config['text_width']} "
+            f"({config['base_model']}); this pipeline's has width {width}"
+        )
+    if cross_attention_layer_names(pipe.unet) != list(config["layer_names"]):
+        raise ModelError(
+            f"{config['token']} was trained on a UNet with other cross-attention layers ({config['base_model']})"
+        )
+    hooks = SpaceTimeHooks.of(pipe)
+    token_id, *extra = _add_tokens(pipe, placeholder_tokens(config["token"], mapper.config.num_vectors),
+                                   config["initializer"])
+    hooks.slots[token_id] = ConceptSlot(token_id, mapper.to(pipe.text_encoder.device), rank,
+                                        extra_token_ids=tuple(extra))
+    return config["token"]
+
+
+def unload_concepts(pipe) -> None:
+    """Remove the hooks and processors ``load_concept`` installed (added tokens stay)."""
+    hooks = getattr(pipe, SpaceTimeHooks.ATTRIBUTE, None)
+    if hooks is not None:
+        hooks.remove()
+
+
+def _add_tokens(pipe, tokens: list[str], initializer: str) -> list[int]:
+    """Add ``tokens`` (the concept's placeholder: several for an n-vector concept, which diffusers
+    then writes out in the prompt) to the tokenizer and rows to the text encoder's input embeddings.
+
+    A row (the initializer word's embedding) is only what the pipeline's own encoding of the
+    prompt reads; the UNet reads the mapper's space-time encodings instead.
+    """
+    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
+    token_ids = add_placeholder_tokens(tokenizer, tokens)
+    embeddings = text_encoder.get_input_embeddings()
+    if max(token_ids) >= embeddings.num_embeddings:
+        weight = embeddings.weight.detach()
+        init_ids = tokenizer(initializer, add_special_tokens=False).input_ids
+        row = weight[init_ids].mean(dim=0) if init_ids else weight.mean(dim=0)
+        extra = max(token_ids) + 1 - weight.shape[0]
+        grown = torch.cat([weight, row.unsqueeze(0).expand(extra, -1)])
+        text_encoder.set_input_embeddings(
+            torch.nn.Embedding.from_pretrained(grown, freeze=True, padding_idx=embeddings.padding_idx)
+        )
+        text_encoder.config.vocab_size = grown.shape[0]
+    return token_ids
+
+
+class SpaceTimeHooks:
+    """One per pipeline: its concepts (token id -> ConceptSlot), hooks and current render."""
+
+    ATTRIBUTE = "_stc_spacetime"
+
+    @classmethod
+    def of(cls, pipe) -> "SpaceTimeHooks":
+        hooks = getattr(pipe, cls.ATTRIBUTE, None)
+        if hooks is None:
+            hooks = cls(pipe)
+            setattr(pipe, cls.ATTRIBUTE, hooks)
+        return hooks
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.slots = {}  # token id -> ConceptSlot
+        self.original_processors = dict(pipe.unet.attn_processors)
+        self.num_layers = len(install_processors(pipe.unet))
+        self.encoded_ids = []  # input ids the text encoder read since the UNet last ran
+        self.render = None  # the current render's space-time conditioning; None: plain diffusers
+        self.handles = [
+            pipe.text_encoder.register_forward_pre_hook(self._on_text_encoder, with_kwargs=True),
+            pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.pipe.unet.set_attn_processor(self.original_processors)
+        delattr(self.pipe, self.ATTRIBUTE)
+
+    def _on_text_encoder(self, module, args, kwargs):
+        input_ids = args[0] if args else kwargs.get("input_ids")
+        if input_ids is not None:
+            self.encoded_ids.append(input_ids.detach())
+
+    def _on_unet(self, module, args, kwargs):
+        names = ("sample", "timestep", "encoder_hidden_states")
+        given = {name: args[index] if len(args) > index else kwargs.get(name) for index, name in enumerate(names)}
+        if self.encoded_ids:  # a new render: the pipeline encoded the prompt first, then the negative one
+            prompts, self.encoded_ids = self.encoded_ids[0], []
+            self.render = self._schedule(prompts, given["encoder_hidden_states"])
+        render = self.render
+        if render is None:
+            return None
+        hidden = given["encoder_hidden_states"]
+        if hidden is None or (hidden is not render.hidden and not torch.equal(hidden, render.hidden)):
+            self.render = None  # the UNet is called with other embeddings: not this render any more
+            return None
+        spacetime = self._step(render, given["timestep"], hidden, given["sample"].shape[0])
+        cross_attention_kwargs = dict(kwargs.get("cross_attention_kwargs") or {}, spacetime=spacetime)
+        return args, {**kwargs, "cross_attention_kwargs": cross_attention_kwargs}
+
+    def _schedule(self, input_ids, hidden):
+        """Each prompt's Conditioning for the whole schedule, as stc's TextConditioner.schedule
+        computes it: keys and values for every (step, layer) in chunks of SCHEDULE_CHUNK rows,
+        repeated timesteps encoded once. Prompts without a loaded concept read the
+        pipeline's own encoding (filled in per step). None: no prompt names a concept."""
+        timesteps = self.pipe.scheduler.timesteps.to(input_ids.device)
+        unique, inverse = torch.unique(timesteps, return_inverse=True)
+        repeated = unique.shape[0] < timesteps.shape[0]
+        conditionings, computed = [], {}
+        for ids in input_ids:
+            slots = {
+                token_id: ConceptSlot(token_id, slot.mapper.to(ids.device), slot.rank,
+                                      extra_token_ids=slot.extra_token_ids)
+                for token_id, slot in self.slots.items()
+                if bool((ids == token_id).any())
+            }
+            if not slots:
+                conditionings.append(None)
+                continue
+            key = tuple(ids.tolist())
+            if key not in computed:
+                with torch.no_grad():
+                    keys, values = encode_layers(
+                        self.pipe.text_encoder, ids.unsqueeze(0), unique if repeated else timesteps,
+                        self.num_layers, slots, chunk_size=SCHEDULE_CHUNK,
+                    )
+                if repeated:
+                    keys, values = keys[inverse], values[inverse]
+                ranks = {str(token_id): slot.rank for token_id, slot in slots.items()}
+                computed[key] = Conditioning(ranks=ranks, negative=None, positive=None, keys=keys, values=values)
+            conditionings.append(computed[key])
+        if all(conditioning is None for conditioning in conditionings):
+            return None
+        return _Render(timesteps=timesteps, conditionings=conditionings, hidden=hidden)
+
+    def _step(self, render, timestep, hidden, batch: int):
+        """The per-layer keys and values of one UNet call, as stc's denoising loop builds them:
+        L x batch x S x D, the plain negative encoding first when the batch holds both CFG halves."""
+        matches = (render.timesteps == torch.as_tensor(timestep, device=render.timesteps.device)).nonzero()
+        if matches.numel() == 0:
+            raise RuntimeError(f"timestep {float(timestep)} is not in the schedule the concepts were encoded for")
+        step_index = int(matches[0])
+        cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
+        positive = hidden[batch // 2 :] if cfg else hidden  # B x S x D: the pipeline's own encodings
+        count, prompts = positive.shape[0], len(render.conditionings)
+        if count % prompts:
+            raise RuntimeError(f"a UNet batch of {count} images does not fit {prompts} prompts")
+        per_prompt = count // prompts
+        conditionings = [
+            conditioning
+            if conditioning is not None
+            else Conditioning(ranks={}, negative=None, positive=positive[index * per_prompt].unsqueeze(0))
+            for index, conditioning in enumerate(render.conditionings)
+        ]
+        samples = [conditionings[index // per_prompt] for index in range(count)]
+        keys, values = _stack_step(samples, step_index, self.num_layers)  # L x B x S x D
+        if cfg:
+            negative = hidden[: batch // 2]
+            keys, values = _with_uncond(negative, keys), _with_uncond(negative, values)
+        return SpaceTimeConditioning(keys=keys.to(hidden.device), values=values.to(hidden.device))
+
+
+class _Render:
+    """One pipeline call: its schedule, each prompt's Conditioning (None: plain) and the
+    encoder_hidden_states the pipeline passes to the UNet."""
+
+    def __init__(self, timesteps, conditionings, hidden):
+        self.timesteps, self.conditionings, self.hidden = timesteps, conditionings, hidden

@@ -1,0 +1,555 @@
+"""Distilling a neural space-time concept into plain textual-inversion vectors.
+
+A concept gives its placeholder a token embedding and a textual bypass per (timestep t,
+cross-attention layer l). Plain textual inversion (diffusers ``load_textual_inversion``,
+A1111, ComfyUI) gives it n fixed input embeddings, used identically at every step and layer,
+with no bypass. :func:`distil` fits those n vectors so that plain textual inversion reproduces
+what the concept does to the denoiser, and measures what is lost.
+
+Method (``distil``):
+
+1. Draw denoiser inputs: noisy latents x_t = add_noise(x_0, ε, t) with x_0, ε ~ N(0, I) at the
+   model's latent size, t ~ U{0, …, T-1}, and a caption from the concept's training templates.
+2. Run the UNet once per sample with the concept's conditioning (keys without, values with the
+   bypass, per layer at that t) and record, for every cross-attention layer, a random subset of
+   its query tokens (after ``to_q``) and its outputs there (forward hooks, no grad).
+3. Weigh the layers by their effect on the denoiser: on a few samples, let layer l alone read
+   the plain textual-inversion start instead of the concept and measure gain_l = how much the
+   UNet's output moves per unit of change in that layer's attention output (L + 1 UNet calls).
+4. Fit the n vectors with Adam (full batch, cosine-decayed step size) so that the prompt with
+   the placeholder replaced by the n vectors (``<name> <name>_1 …``, as diffusers writes
+   multi-vector embeddings), encoded by the stock text encoder, reproduces the recorded
+   attention outputs. The objective, Σ_l gain_l · mean squared error of layer l, predicts the
+   relative squared denoiser error. One step costs one text-encoder pass over the distinct
+   captions and L attention ops on the recorded queries; the UNet is never differentiated. The
+   fit starts at the "average" baseline and returns the best iterate.
+5. Fidelity, on a held-out set drawn like step 1 (another seed): the relative denoiser error
+   ``||ε_X - ε_concept|| / ||ε_concept||`` (full UNet forward, conditional branch, no CFG),
+   averaged over samples, for X = the distilled vectors, the average baseline and the
+   initializer word.
+
+Baselines: "average" is the mean of the mapper's token outputs over every integer t and every
+layer; with n > 1 vectors it is that mean followed by n - 1 copies of the initializer word's
+embedding (the fit starts there too). "initializer" is the caption with the initializer word.
+
+The base model, its tokenizer and the mapper are left as they were: the tokenizer is copied
+before placeholder tokens are added, the mapper is copied, and the UNet's attention processors
+are put back afterwards. Every random draw comes from generators seeded with ``seed``.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import BadInput, ModelError
+from .export import FAST
+from ..method.mapper import MapperConfig
+from ..method.placeholders import add_placeholder_tokens, placeholder_tokens
+from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors
+from ..train.config import OBJECT_TEMPLATES
+from ..train.trainer import single_token_id
+
+QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
+
+LEARNING_RATE = 0.1  # Adam step size, relative to the initial vectors' RMS coordinate
+UNET_BATCH = 16  # samples per UNet call (recording and evaluation)
+GAIN_SAMPLES = 8  # samples on which the layers' gains are measured (L + 1 UNet calls)
+
+
+@dataclass
+class Fidelity:
+    """Relative denoiser error vs the concept, ||ε_X - ε_concept|| / ||ε_concept|| averaged over
+    the held-out samples, for X = each export; lower is better."""
+
+    distilled: float
+    average: float
+    initializer: float
+
+
+@dataclass
+class Samples:
+    """Denoiser inputs: noisy latents, their timesteps and captions (with the concept's token)."""
+
+    latents: torch.Tensor  # N x C x h x w, x_t (fp32, CPU)
+    timesteps: torch.Tensor  # N, int64
+    captions: list[str]  # N, e.g. "a photo of a <name>"
+
+
+@dataclass
+class Distilled:
+    """The result of :func:`distil`."""
+
+    vectors: torch.Tensor  # n x D, fp32 CPU: the embeddings of <name>, <name>_1, …
+    fidelity: Fidelity
+    rank: int | None  # the concept's rank that was imitated (its maximum when none was asked for)
+    objective: float = math.nan  # fit objective at the result: predicted relative squared denoiser error
+    objective_start: float = math.nan  # the same at the start (the average baseline)
+    heldout: Samples | None = field(default=None, repr=False)  # where the fidelity was measured
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Context:
+    """Everything the steps share: the base model, a tokenizer copy, the concept's slot."""
+
+    base: object  # stc.models.base.BaseModel
+    mapper: torch.nn.Module  # a private copy, eval mode, on the base's device
+    rank: int | None
+    tokenizer: object  # a copy of the pipeline's tokenizer that knows the placeholder tokens
+    token: str  # the concept's placeholder, <name>
+    vector_tokens: list[str]  # <name>, <name>_1, …
+    initializer: str
+    templates: list[str]
+    num_layers: int
+
+    @property
+    def unet(self):
+        return self.base.pipeline.unet
+
+    @property
+    def text_encoder(self):
+        return self.base.pipeline.text_encoder
+
+    @property
+    def device(self):
+        return torch.device(self.base.device)
+
+    def ids(self, texts: list[str]) -> torch.Tensor:
+        """Token ids, padded to the model's length: N x S on the base's device."""
+        tok = self.tokenizer
+        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
+        return ids.input_ids.to(self.device)
+
+    def token_id(self, token: str) -> int:
+        return self.tokenizer.convert_tokens_to_ids(token)
+
+    def concept_slots(self) -> dict[int, ConceptSlot]:
+        concept_id = self.token_id(self.token)
+        return {concept_id: ConceptSlot(token_id=concept_id, mapper=self.mapper, rank=self.rank)}
+
+
+def _resolve_rank(concept, mapper, rank: int | None) -> int | None:
+    """The rank to imitate: ``rank`` (checked), else the full concept (None if it has no ranks)."""
+    from ..render.prompts import check_rank
+
+    limit = mapper.config.rank_max
+    return limit if rank is None else check_rank(concept.name, rank, limit, f"--rank {rank}")
+
+
+def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
+    """Check the inputs and build the shared context (copies of tokenizer and mapper)."""
+    from ..render.generation import check_compatible
+    from ..method.spacetime import cross_attention_layer_names
+
+    layer_names = cross_attention_layer_names(base.pipeline.unet)
+    check_compatible(concept, base, layer_names)
+    tokenizer = copy.deepcopy(base.pipeline.tokenizer)
+    single_token_id(tokenizer, concept.initializer)  # a BadInput with suggestions otherwise
+    vector_tokens = placeholder_tokens(concept.token, vectors)
+    add_placeholder_tokens(tokenizer, vector_tokens)
+    config = concept.training.config if concept.training is not None else None
+    templates = list(config.templates) if config is not None else list(OBJECT_TEMPLATES)
+    private = copy.deepcopy(mapper).to(base.device).eval().requires_grad_(False)
+    return _Context(
+        base=base, mapper=private, rank=_resolve_rank(concept, mapper, rank), tokenizer=tokenizer,
+        token=concept.token, vector_tokens=vector_tokens, initializer=concept.initializer,
+        templates=templates, num_layers=len(layer_names),
+    )
+
+
+def _check_arguments(vectors: int, samples: int, steps: int, queries: int) -> None:
+    for label, value, least in (("vectors", vectors, 1), ("samples", samples, 1), ("steps", steps, 0),
+                                ("queries", queries, 1)):
+        if value < least:
+            raise BadInput(f"{label} must be at least {least}, got {value}")
+
+
+# --------------------------------------------------------------------------- text encoding
+
+
+class _Constant:
+    """A mapper stand-in that gives one fixed token embedding at every (t, l), no bypass."""
+
+    def __init__(self, vector: torch.Tensor):
+        self.vector = vector  # D
+
+    def __call__(self, timesteps, layers, rank=None, dropout_groups=None, generator=None):
+        return self.vector.unsqueeze(0).expand(timesteps.shape[0], -1)  # N, D
+
+
+def _vector_slots(token_ids: list[int], vectors: torch.Tensor) -> dict[int, ConceptSlot]:
+    """Plain textual inversion as stc's text encoder sees it: token_ids[i] -> vectors[i]."""
+    config = MapperConfig(text_width=vectors.shape[-1], norm_scale=1.0, bypass=False)
+    return {
+        token_id: ConceptSlot(token_id=token_id, mapper=_Constant(vector), config=config)
+        for token_id, vector in zip(token_ids, vectors)
+    }
+
+
+def _encode_plain(text_encoder, input_ids: torch.Tensor, slots=None) -> torch.Tensor:
+    """The stock encoding (one sequence for every layer) of N prompts: N x S x D."""
+    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device)
+    keys, _ = encode_spacetime(text_encoder, input_ids, zeros, zeros, slots)
+    return keys
+
+
+def _concept_conditioning(ctx: _Context, input_ids: torch.Tensor, timesteps: torch.Tensor) -> SpaceTimeConditioning:
+    """The concept's per-layer keys (no bypass) and values (bypass): L x N x S x D each."""
+    keys, values = encode_layers(ctx.text_encoder, input_ids, timesteps.to(ctx.device), ctx.num_layers,
+                                 ctx.concept_slots())  # N, L, S, D
+    return SpaceTimeConditioning(keys=keys.transpose(0, 1), values=values.transpose(0, 1))
+
+
+def mean_token(mapper, rank: int | None = None) -> torch.Tensor:
+    """The mapper's token embedding averaged over t in {0, 10, …, 990} and every layer: D (fp32,
+    CPU). The "plain average" a textual-inversion export is compared with, and the embedding a
+    neti export's learned_embeds.bin holds."""
+    from ..method.spacetime import spacetime_rows
+
+    device = next(mapper.parameters()).device
+    rows_t, rows_l = spacetime_rows(torch.arange(0, 1000, 10, device=device), mapper.config.num_layers)
+    with torch.no_grad():
+        token, _ = mapper.split(mapper(rows_t, rows_l, rank=rank))
+    return token.double().mean(dim=0).float().cpu()
+
+
+def _initial_vectors(ctx: _Context, count: int) -> torch.Tensor:
+    """The average baseline: [mean token, initializer embedding × (count - 1)]: count x D."""
+    embedding = ctx.text_encoder.get_input_embeddings().weight
+    initializer = embedding[single_token_id(ctx.tokenizer, ctx.initializer)].detach().float().cpu()
+    return torch.stack([mean_token(ctx.mapper, ctx.rank)] + [initializer] * (count - 1))
+
+
+# --------------------------------------------------------------------------- denoiser inputs
+
+
+def _draw_samples(ctx: _Context, count: int, generator: torch.Generator) -> Samples:
+    """``count`` noised random latents at uniform timesteps, each with a random template."""
+    from diffusers import DDPMScheduler
+
+    pipe = ctx.base.pipeline
+    scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    size = pipe.unet.config.sample_size
+    shape = (count, pipe.unet.config.in_channels, size, size)
+    clean = torch.randn(shape, generator=generator)
+    noise = torch.randn(shape, generator=generator)
+    timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (count,), generator=generator)
+    picks = torch.randint(0, len(ctx.templates), (count,), generator=generator)
+    captions = [ctx.templates[int(i)].format(ctx.token) for i in picks]
+    return Samples(latents=scheduler.add_noise(clean, noise, timesteps), timesteps=timesteps, captions=captions)
+
+
+def _predict(ctx: _Context, latents, timesteps, hidden, spacetime=None) -> torch.Tensor:
+    """The UNet's prediction (ε or v) for one batch: N x C x h x w, fp32."""
+    kwargs = {"spacetime": spacetime} if spacetime is not None else None
+    unet = ctx.unet
+    return unet(
+        latents.to(ctx.device, unet.dtype), timesteps.to(ctx.device), encoder_hidden_states=hidden,
+        cross_attention_kwargs=kwargs,
+    ).sample.float()
+
+
+def _predict_concept(ctx: _Context, latents, timesteps, captions: list[str]) -> torch.Tensor:
+    conditioning = _concept_conditioning(ctx, ctx.ids(captions), timesteps)
+    return _predict(ctx, latents, timesteps, conditioning.keys[0], conditioning)
+
+
+def _batches(samples: Samples):
+    for start in range(0, samples.timesteps.shape[0], UNET_BATCH):
+        rows = slice(start, start + UNET_BATCH)
+        yield samples.latents[rows], samples.timesteps[rows], samples.captions[rows]
+
+
+# --------------------------------------------------------------------------- recording the concept
+
+
+class _Hooks:
+    """Forward hooks on the cross-attention modules: ``record(index, module, hidden, output)``
+    runs after each module with its query input (B x N x C) and output (B x N x C_out)."""
+
+    def __init__(self, modules: list, record: Callable):
+        def hook(index):
+            def run(module, args, kwargs, output):
+                record(index, module, args[0] if args else kwargs["hidden_states"], output)
+
+            return run
+
+        self.handles = [module.register_forward_hook(hook(i), with_kwargs=True) for i, module in enumerate(modules)]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return False
+
+
+def _attention_modules(ctx: _Context) -> list:
+    from ..method.spacetime import cross_attention_layer_names
+
+    return [ctx.unet.get_submodule(name) for name in cross_attention_layer_names(ctx.unet)]
+
+
+def _record(ctx: _Context, samples: Samples, queries: int, generator, tracker=None) -> tuple[list, list]:
+    """Per layer: ``queries`` random query tokens of every sample (``to_q`` applied) and the
+    concept's attention outputs there: two lists of N x Q_l x C_l (model dtype)."""
+    inputs: list[list[torch.Tensor]] = [[] for _ in range(ctx.num_layers)]
+    outputs: list[list[torch.Tensor]] = [[] for _ in range(ctx.num_layers)]
+
+    def record(index, module, hidden, output):
+        batch, tokens, _ = hidden.shape
+        pick = torch.rand(batch, tokens, generator=generator).argsort(dim=1)[:, :queries].to(hidden.device)  # B, Q
+        take = lambda x: x.gather(1, pick.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # noqa: E731
+        inputs[index].append(module.to_q(take(hidden)))
+        outputs[index].append(take(output))
+
+    with torch.no_grad(), _Hooks(_attention_modules(ctx), record):
+        for latents, timesteps, captions in _batches(samples):
+            _predict_concept(ctx, latents, timesteps, captions)
+            if tracker is not None:
+                tracker.tick()
+    return [torch.cat(chunks) for chunks in inputs], [torch.cat(chunks) for chunks in outputs]
+
+
+def _layer_gains(ctx: _Context, samples: Samples, words: str, slots: dict) -> list[float]:
+    """Per layer l, how much the denoiser moves per unit of attention-output change there.
+
+    On the first GAIN_SAMPLES of ``samples``: layer l alone reads plain textual inversion (``words``
+    and ``slots``, the fit's start) instead of the concept; gain_l = mean ||Δε||² /
+    mean ||Δ output_l||², divided by mean ||ε||². Σ_l gain_l · mean ||Δ output_l||² then
+    predicts the relative squared denoiser error, which is what the fit minimises.
+    """
+    latents, timesteps = samples.latents[:GAIN_SAMPLES], samples.timesteps[:GAIN_SAMPLES]
+    captions = samples.captions[:GAIN_SAMPLES]
+    latest: dict[int, torch.Tensor] = {}  # layer -> its output in the last UNet pass
+    gains = []
+    with torch.no_grad(), _Hooks(_attention_modules(ctx), lambda i, m, h, out: latest.__setitem__(i, out)):
+        concept = _concept_conditioning(ctx, ctx.ids(captions), timesteps)  # L, B, S, D
+        plain = _encode_plain(ctx.text_encoder, ctx.ids([c.replace(ctx.token, words) for c in captions]), slots)
+        reference = _predict(ctx, latents, timesteps, concept.keys[0], concept)
+        first = dict(latest)
+        for index in range(ctx.num_layers):
+            keys, values = concept.keys.clone(), concept.values.clone()
+            keys[index] = values[index] = plain
+            swapped = _predict(ctx, latents, timesteps, keys[0], SpaceTimeConditioning(keys=keys, values=values))
+            moved = (latest[index] - first[index]).float().pow(2).mean()  # 0 where the start equals the concept
+            floor = 1e-12 * first[index].float().pow(2).mean() + 1e-30
+            gains.append(float((swapped - reference).pow(2).mean() / moved.clamp_min(floor)))
+    energy = float(reference.pow(2).mean())
+    return [gain / energy for gain in gains]
+
+
+# --------------------------------------------------------------------------- the student
+
+
+def _attend(attn, query: torch.Tensor, states: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """``attn``'s cross-attention, as SpaceTimeAttnProcessor computes it, of projected queries
+    (B x Q x C, ``to_q`` applied) over text sequences: B x Q x C_out.
+
+    ``states``: B x S x D, or U x S x D distinct sequences with ``rows`` (B) picking each
+    query's; keys and values are then projected once per distinct sequence.
+    """
+    if attn.norm_cross:
+        states = attn.norm_encoder_hidden_states(states)
+    key, value = attn.to_k(states), attn.to_v(states)  # U, S, C
+    if rows is not None:
+        key, value = key[rows], value[rows]  # B, S, C
+    batch, head_dim = query.shape[0], key.shape[-1] // attn.heads
+    split = lambda x: x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)  # noqa: E731  B, H, *, hd
+    query, key, value = split(query), split(key), split(value)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    hidden = F.scaled_dot_product_attention(query, key, value)
+    hidden = hidden.transpose(1, 2).reshape(batch, -1, attn.heads * head_dim)
+    return attn.to_out[1](attn.to_out[0](hidden)) / attn.rescale_output_factor
+
+
+def _check_attention(modules: list) -> None:
+    for attn in modules:
+        if attn.residual_connection or attn.group_norm is not None or attn.spatial_norm is not None:
+            raise ModelError("distillation supports Stable Diffusion 1.x/2.x cross-attention layers only")
+
+
+def _fp32(module):
+    """``module`` itself if it is fp32, else an fp32 copy (the fit runs in fp32)."""
+    if all(p.dtype == torch.float32 for p in module.parameters()):
+        return module
+    return copy.deepcopy(module).float()
+
+
+class _Student:
+    """Plain textual inversion's attention outputs at the recorded queries, and their error.
+
+    The objective is Σ_l gain_l · mean (out_l - target_l)² (means over samples, queries and
+    channels; gains from :func:`_layer_gains`): a prediction of the relative squared denoiser
+    error.
+    """
+
+    def __init__(self, ctx: _Context, captions: list[str], queries: list, targets: list, gains: list[float]):
+        unique = list(dict.fromkeys(captions))
+        words = " ".join(ctx.vector_tokens)
+        self.input_ids = ctx.ids([caption.replace(ctx.token, words) for caption in unique])  # U, S
+        self.rows = torch.tensor([unique.index(c) for c in captions], device=ctx.device)  # N
+        self.token_ids = [ctx.token_id(token) for token in ctx.vector_tokens]
+        self.text_encoder = _fp32(ctx.text_encoder)
+        self.modules = [_fp32(module) for module in _attention_modules(ctx)]
+        _check_attention(self.modules)
+        self.queries, self.targets, self.gains = queries, targets, gains  # per layer N x Q x C (model dtype)
+
+    def encode(self, vectors: torch.Tensor) -> torch.Tensor:
+        """The distinct captions with the vectors in place: U x S x D."""
+        return _encode_plain(self.text_encoder, self.input_ids, _vector_slots(self.token_ids, vectors))
+
+    def layer_error(self, index: int, states: torch.Tensor) -> torch.Tensor:
+        out = _attend(self.modules[index], self.queries[index].float(), states, self.rows)  # N, Q, C
+        return (out - self.targets[index].float()).pow(2).mean() * self.gains[index]
+
+    def objective(self, vectors: torch.Tensor) -> float:
+        with torch.no_grad():
+            states = self.encode(vectors.to(self.input_ids.device))
+            return sum(float(self.layer_error(i, states)) for i in range(len(self.modules)))
+
+    def objective_and_grad(self, vectors: torch.Tensor) -> tuple[float, torch.Tensor]:
+        """The objective and its gradient; layer by layer, so one layer's activations live at a time."""
+        states = self.encode(vectors)  # U, S, D
+        leaf = states.detach().requires_grad_()
+        grad_states, total = torch.zeros_like(leaf), 0.0
+        for index in range(len(self.modules)):
+            error = self.layer_error(index, leaf)
+            (grad,) = torch.autograd.grad(error, leaf)
+            grad_states += grad
+            total += float(error.detach())
+        (grad,) = torch.autograd.grad(states, vectors, grad_outputs=grad_states)
+        return total, grad
+
+
+def _fit(student: _Student, start: torch.Tensor, steps: int, tracker=None) -> tuple[torch.Tensor, float, float]:
+    """Adam on the vectors (full batch, cosine step size); returns (best vectors, objective, start objective)."""
+    device = student.input_ids.device
+    vectors = start.clone().to(device).requires_grad_()
+    scale = float(start.pow(2).mean().sqrt())  # RMS coordinate
+    optimizer = torch.optim.Adam([vectors], lr=LEARNING_RATE * scale)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
+    best, best_value, first = start.clone(), math.inf, None
+    for step in range(steps):
+        value, grad = student.objective_and_grad(vectors)
+        first = value if first is None else first
+        if value < best_value:
+            best, best_value = vectors.detach().cpu().clone(), value
+        vectors.grad = grad
+        optimizer.step()
+        schedule.step()
+        if tracker is not None:
+            tracker.tick()
+    final = student.objective(vectors.detach())
+    if final < best_value:
+        best, best_value = vectors.detach().cpu().clone(), final
+    return best, best_value, first if first is not None else final
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, dict | None]],
+              tracker=None) -> dict[str, float]:
+    """Mean relative denoiser error vs the concept for each candidate (caption words, slots)."""
+    errors: dict[str, list[torch.Tensor]] = {name: [] for name in candidates}
+    with torch.no_grad():
+        for latents, timesteps, captions in _batches(heldout):
+            reference = _predict_concept(ctx, latents, timesteps, captions).flatten(1)  # B, C·h·w
+            for name, (words, slots) in candidates.items():
+                ids = ctx.ids([caption.replace(ctx.token, words) for caption in captions])
+                hidden = _encode_plain(ctx.text_encoder, ids, slots)
+                prediction = _predict(ctx, latents, timesteps, hidden).flatten(1)
+                errors[name].append((prediction - reference).norm(dim=1) / reference.norm(dim=1))
+            if tracker is not None:
+                tracker.tick()
+    return {name: float(torch.cat(values).mean()) for name, values in errors.items()}
+
+
+def _candidates(ctx: _Context, distilled: torch.Tensor, average: torch.Tensor) -> dict:
+    ids = [ctx.token_id(token) for token in ctx.vector_tokens]
+    words = " ".join(ctx.vector_tokens)
+    dtype = ctx.text_encoder.dtype
+    return {
+        "distilled": (words, _vector_slots(ids, distilled.to(ctx.device, dtype))),
+        "average": (words, _vector_slots(ids, average.to(ctx.device, dtype))),
+        "initializer": (ctx.initializer, None),
+    }
+
+
+def heldout_count(samples: int) -> int:
+    """Size of the held-out set for ``samples`` fit samples: a quarter, between 8 and 64."""
+    return min(64, max(8, samples // 4))
+
+
+class _Progress:
+    """``progress(done, total)`` over the whole distillation: one unit per UNet batch recorded, one
+    for the layer gains, one per fit step, one per held-out batch measured."""
+
+    def __init__(self, callback, samples: int, steps: int):
+        batches = lambda count: -(-count // UNET_BATCH)  # noqa: E731
+        self.callback, self.done = callback, 0
+        self.total = batches(samples) + 1 + steps + batches(heldout_count(samples))
+
+    def tick(self) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(min(self.done, self.total), self.total)
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def distil(
+    base, concept, mapper, vectors: int = 1, rank: int | None = None, samples: int = FAST[0], steps: int = FAST[1],
+    seed: int = 0, progress: Callable[[int, int], None] | None = None, *, queries: int = QUERIES_PER_LAYER,
+) -> Distilled:
+    """Fit ``vectors`` plain textual-inversion embeddings that imitate ``concept`` at ``rank``.
+
+    ``samples`` denoiser inputs are recorded (``queries`` query tokens per layer each) and the
+    vectors are fitted in ``steps`` Adam steps; ``progress(done, total)`` follows all of it. The
+    fidelity is measured on :func:`heldout_count` (``samples``) other inputs. Same arguments and
+    seed give the same vectors on the same device.
+    """
+    _check_arguments(vectors, samples, steps, queries)
+    ctx = _prepare(base, concept, mapper, vectors, rank)
+    unet = ctx.unet
+    saved = dict(unet.attn_processors)
+    install_processors(unet)
+    tracker = _Progress(progress, samples, steps)
+    try:
+        average = _initial_vectors(ctx, vectors)
+        result, objective, objective_start = _distil_fit(ctx, average, samples, steps, seed, queries, tracker)
+        heldout = _draw_samples(ctx, heldout_count(samples), torch.Generator().manual_seed(2 * seed + 1))
+        errors = _fidelity(ctx, heldout, _candidates(ctx, result, average), tracker)
+    finally:
+        unet.set_attn_processor(saved)
+    return Distilled(
+        vectors=result, fidelity=Fidelity(**errors), rank=ctx.rank, objective=objective,
+        objective_start=objective_start, heldout=heldout,
+    )
+
+
+def _distil_fit(ctx: _Context, start: torch.Tensor, samples: int, steps: int, seed: int, queries: int,
+                tracker: _Progress):
+    """Draw and record the fit set, weigh the layers, fit: (vectors, objective, start objective)."""
+    generator = torch.Generator().manual_seed(2 * seed)
+    fit_set = _draw_samples(ctx, samples, generator)
+    recorded_queries, targets = _record(ctx, fit_set, queries, generator, tracker)
+    words, slots = _candidates(ctx, start, start)["average"]
+    gains = _layer_gains(ctx, fit_set, words, slots)
+    tracker.tick()
+    student = _Student(ctx, fit_set.captions, recorded_queries, targets, gains)
+    return _fit(student, start, steps, tracker)

@@ -1,0 +1,331 @@
+"""Resolving a base model (``builtin:tiny``/``builtin:tiny-sd2``, a local diffusers folder, a single
+file, a hub id), the device and the precision it runs in."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from ..errors import ModelError, one_line
+
+TINY = "builtin:tiny"
+TINY_SD2 = "builtin:tiny-sd2"
+SHAPES = "builtin:shapes"
+# random-weight test models in the SD 1.x and SD 2.x layouts (stc/models/tiny.py), and the trained
+# shapes world (stc/worlds/shapes)
+BUILTINS = (TINY, TINY_SD2, SHAPES)
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+# the hub model of each family stc knows, and its text width: what an embedding of that width
+# that names no model is taken to be for
+FAMILY_MODELS = {DEFAULT_MODEL: 768, "stabilityai/stable-diffusion-2-1": 1024}
+DTYPES = ("fp32", "fp16", "bf16")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+PREDICTION_ENV = "STC_PREDICTION_TYPE"  # what --prediction-type sets
+
+
+@dataclass
+class BaseModel:
+    """A loaded pipeline plus what stc needs to know about it."""
+
+    spec: str  # what the concept records: builtin:tiny, a hub id, or an absolute path
+    pipeline: object  # diffusers.StableDiffusionPipeline
+    device: str
+    dtype: object  # torch.dtype of the frozen models
+
+    @property
+    def text_width(self) -> int:
+        return int(self.pipeline.text_encoder.config.hidden_size)
+
+    @property
+    def default_resolution(self) -> int:
+        unet = self.pipeline.unet
+        return int(unet.config.sample_size) * self.pipeline.vae_scale_factor
+
+    @property
+    def prediction_type(self) -> str:
+        """What the UNet predicts: "epsilon" (SD 1.x, SD 2.x-base) or "v_prediction" (SD 2.x 768 px)."""
+        return str(self.pipeline.scheduler.config.get("prediction_type", "epsilon"))
+
+
+def embedding_fingerprint(pipeline) -> str:
+    """A short fingerprint of the text encoder's token-embedding table (its first 4096 rows in
+    fp16): equal for the same base model in any precision, different for most fine-tunes."""
+    import hashlib
+
+    import torch
+
+    table = pipeline.text_encoder.get_input_embeddings().weight[:4096]
+    data = table.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def default_model() -> str:
+    """The base model when none is given: ``STC_MODEL``, else ``model:`` in ``$STC_HOME/config.yaml``,
+    else the SD 1.5 hub id."""
+    env = os.environ.get("STC_MODEL", "").strip()
+    if env:
+        return env
+    from ..store.registry import registry_root
+    from ..store.storage import yaml_load
+
+    import yaml
+
+    path = registry_root() / "config.yaml"
+    try:
+        data = yaml_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ModelError(f"cannot read {path} (it must be YAML, e.g. 'model: builtin:shapes'): {one_line(exc)}") from exc
+    if isinstance(data, dict) and data.get("model"):
+        if not isinstance(data["model"], str):
+            raise ModelError(f"{path}: 'model' must be a model name or path, not {data['model']!r}")
+        return data["model"]
+    return DEFAULT_MODEL
+
+
+def is_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def default_device() -> str:
+    """What ``--device auto`` (the default) picks: CUDA, else MPS, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if _mps_available():
+        return "mps"
+    return "cpu"
+
+
+def _mps_available() -> bool:
+    import torch
+
+    mps = getattr(torch.backends, "mps", None)
+    return bool(mps is not None and mps.is_available())
+
+
+def default_dtype(device: str) -> str:
+    """The frozen models' precision when --dtype is not given: fp32 on the CPU (fp16 is not
+    supported there), fp16 on GPUs (CUDA, MPS)."""
+    return "fp32" if device.split(":")[0] == "cpu" else "fp16"
+
+
+def torch_dtype(name: str | None, device: str):
+    """fp32/fp16/bf16 to a torch dtype for ``device``; None picks :func:`default_dtype`.
+    A precision the device cannot run is a clear error."""
+    import torch
+
+    if name is None:
+        name = default_dtype(device)
+    if name not in DTYPES:
+        raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+    kind = device.split(":")[0]
+    if kind == "cpu" and name == "fp16":
+        raise ModelError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+    if name == "bf16" and not bf16_supported(device):
+        raise ModelError(f"--dtype bf16 is not supported on this {kind.upper()} device; use fp16 or fp32")
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
+
+
+def bf16_supported(device: str) -> bool:
+    """bfloat16 runs on every CPU, on CUDA GPUs that have it (compute capability 8.0+) and on
+    MPS where this macOS has it."""
+    import torch
+
+    kind = device.split(":")[0]
+    if kind == "cuda":
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    if kind == "mps":
+        try:
+            torch.ones(1, dtype=torch.bfloat16, device="mps")
+        except (RuntimeError, TypeError):
+            return False
+        return True
+    return kind == "cpu"
+
+
+def check_device(device: str | None) -> str:
+    """The one place devices are validated: ``device`` (auto/None, cpu, cuda, cuda:N, mps) as the
+    concrete device to use; an unknown or unavailable one is a clear error."""
+    import torch
+
+    if device is None or device == "auto":
+        return default_device()
+    kind, _, index = device.partition(":")
+    if kind not in DEVICES[1:] or (index and (kind != "cuda" or not index.isdigit())):
+        raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelError(f"--device {device} was asked for, but no CUDA GPU is available; use --device cpu")
+        if index and int(index) >= torch.cuda.device_count():
+            raise ModelError(
+                f"--device {device} was asked for, but there are only {torch.cuda.device_count()} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
+            )
+    if kind == "mps" and not _mps_available():
+        raise ModelError("--device mps was asked for, but MPS is not available; use --device cpu")
+    return device
+
+
+@lru_cache(maxsize=len(BUILTINS))
+def _builtin_pipeline(spec: str):
+    if spec == SHAPES:
+        from ..worlds.shapes.model import build_shapes_pipeline
+
+        return build_shapes_pipeline()
+    from .tiny import build_tiny_pipeline, build_tiny_sd2_pipeline
+
+    return {TINY: build_tiny_pipeline, TINY_SD2: build_tiny_sd2_pipeline}[spec]()
+
+
+def canonical_spec(spec: str) -> str:
+    """What a concept records for ``spec``: local paths become absolute."""
+    if spec.startswith("builtin:"):
+        return spec
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path.resolve())
+    return spec
+
+
+def _load_folder(path: Path, dtype):
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise ModelError(
+            f"{path} is not a diffusers pipeline folder (no model_index.json); pass a folder saved "
+            "with save_pretrained, a .safetensors file with --model-config, or a hub id"
+        )
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"could not load the pipeline in {path}: {exc}") from exc
+
+
+def _load_single_file(path: Path, config: str | None, dtype, prediction_type: str | None = None):
+    """A single-file (LDM-layout) checkpoint, offline: see stc/models/ldm.py."""
+    from .ldm import load_single_file
+
+    return load_single_file(path, config, dtype, prediction_type)
+
+
+def _load_hub(model_id: str, dtype):
+    """A hub id from the local cache, or downloaded (with progress) unless offline. Offline, no
+    network request is made at all."""
+    from diffusers import StableDiffusionPipeline
+
+    offline = is_offline()
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
+            local_files_only=offline,
+        )
+    except Exception as exc:  # network, auth, missing files: all mean the same to the user
+        raise ModelError(
+            f"could not load model {model_id!r}: {_hub_failure(exc, offline)}. Download it first (hf download "
+            f"{model_id}), pass a local folder or .safetensors file, or use --model {TINY} (or {TINY_SD2})"
+        ) from exc
+
+
+def _hub_failure(exc: Exception, offline: bool) -> str:
+    """Why a hub id did not load, in words (the libraries' messages run to paragraphs)."""
+    text = " ".join(str(exc).split())
+    if offline:
+        return "it is not in the local Hugging Face cache and stc is offline (--offline or HF_HUB_OFFLINE)"
+    if "not fully cached locally" in text or "Couldn't connect" in text or "fetch metadata from the Hub" in text:
+        return "it is not in the local Hugging Face cache and the Hugging Face Hub could not be reached"
+    if type(exc).__name__ in ("RepositoryNotFoundError", "GatedRepoError") or "404" in text:
+        return "the Hugging Face Hub has no such model, or it is private or gated (log in: hf auth login)"
+    return one_line(exc, 200)
+
+
+def text_width_of(spec: str, model_config: str | None = None) -> int | None:
+    """The text encoder width of a base model from its config alone (no weights load, no
+    network); None when it cannot be known offline."""
+    import json
+
+    if spec in BUILTINS:
+        from .tiny import TINY_SD2_TEXT_WIDTH, TINY_TEXT_WIDTH
+        from ..worlds.shapes.model import TEXT_WIDTH as SHAPES_TEXT_WIDTH
+
+        return {TINY: TINY_TEXT_WIDTH, TINY_SD2: TINY_SD2_TEXT_WIDTH, SHAPES: SHAPES_TEXT_WIDTH}[spec]
+    path = Path(spec).expanduser()
+    if path.is_file():
+        from .ldm import checkpoint_text_width
+
+        width = checkpoint_text_width(path)
+        if width is not None:
+            return width
+    folder = path if path.is_dir() else Path(model_config).expanduser() if model_config else None
+    candidates = [folder / "text_encoder" / "config.json"] if folder else []
+    if not candidates and spec.count("/") == 1 and not path.exists():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(spec, "text_encoder/config.json")
+            candidates = [Path(cached)] if isinstance(cached, str) else []
+        except Exception:  # no cache, no hub library: unknown
+            candidates = []
+    for candidate in candidates:
+        try:
+            return int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return FAMILY_MODELS.get(spec)
+
+
+def prediction_type_from_env() -> str | None:
+    """``--prediction-type`` (it sets STC_PREDICTION_TYPE); None: the model's own."""
+    from .ldm import check_prediction_type
+
+    return check_prediction_type(os.environ.get(PREDICTION_ENV, "").strip() or None)
+
+
+def load_base_model(
+    spec: str, device: str | None = None, dtype: str | None = None, config: str | None = None,
+    prediction_type: str | None = None,
+) -> BaseModel:
+    """Load the pipeline named by ``spec`` onto ``device`` (None or "auto": the best available)
+    with frozen weights in ``dtype`` (None: fp16 on GPUs, fp32 on the CPU).
+
+    ``prediction_type`` ("epsilon" or "v_prediction"; default: STC_PREDICTION_TYPE, else the
+    model's scheduler config) overrides what the model is taken to predict.
+    """
+    device = check_device(device)
+    weight_dtype = torch_dtype(dtype, device)
+    from .ldm import check_prediction_type
+
+    prediction_type = check_prediction_type(prediction_type) or prediction_type_from_env()
+    if spec in BUILTINS:
+        pipeline = copy.deepcopy(_builtin_pipeline(spec))
+    elif spec.startswith("builtin:"):
+        raise ModelError(f"unknown builtin model {spec!r}; the builtin ones are {', '.join(BUILTINS)}")
+    else:
+        path = Path(spec).expanduser()
+        if path.is_dir():
+            pipeline = _load_folder(path, weight_dtype)
+        elif path.is_file():
+            pipeline = _load_single_file(path, config, weight_dtype, prediction_type)
+        elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+            pipeline = _load_hub(spec, weight_dtype)
+        else:
+            raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor {TINY}")
+    if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
+                                                                  prediction_type=prediction_type)
+    for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+        module.to(device)
+        if module.dtype != weight_dtype:
+            module.to(dtype=weight_dtype)
+        module.eval().requires_grad_(False)
+    pipeline.set_progress_bar_config(disable=True)
+    if device == "cpu":
+        from .threads import apply_threads
+
+        apply_threads(sum(p.numel() for p in pipeline.unet.parameters()))
+    return BaseModel(spec=canonical_spec(spec), pipeline=pipeline, device=device, dtype=weight_dtype)

@@ -1,0 +1,574 @@
+"""Single-file Stable Diffusion checkpoints (the original LDM layout, as A1111 and civitai ship
+them): reading one offline into a diffusers pipeline, and writing one from a pipeline.
+
+Reading never touches the network. The architecture comes from ``--model-config DIR`` (a local
+diffusers folder of the same architecture, or just a CLIP tokenizer folder), else from the
+configs stc ships for SD 1.x and SD 2.x (``stc/models/configs/sd1``, ``stc/models/configs/sd2``: model index,
+UNet, VAE, text encoder and scheduler configs of stable-diffusion-v1-5 and stable-diffusion-2-1).
+The family is told by the text encoder in the checkpoint: OpenAI CLIP ViT-L (768 wide, keys
+``cond_stage_model.transformer.…``) is SD 1.x, OpenCLIP ViT-H (1024 wide, keys
+``cond_stage_model.model.…``) is SD 2.x. stc cannot ship a CLIP tokenizer vocabulary, so
+without a tokenizer folder the tokenizer comes from the local Hugging Face cache (a model of
+that family downloaded before), or loading stops with a one-line error saying what to pass.
+
+UNet and VAE are converted by diffusers' own single-file code; the text encoder by
+:func:`_text_encoder_state_dict` (the same key mapping as diffusers', with strict checking).
+``.ckpt`` files are read with ``torch.load(weights_only=True)``: one that needs code to unpickle
+is refused. :func:`pipeline_to_ldm` is the inverse mapping (diffusers → LDM keys), used by the
+tests to write real single files from the builtin models.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import ModelError, one_line
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+VAE_PREFIXES = (VAE_PREFIX, "vae.")  # what diffusers' reader accepts
+CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP in transformers' layout
+OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP
+CLIP_TOKEN_KEY = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+OPENCLIP_TOKEN_KEY = OPENCLIP_PREFIX + "token_embedding.weight"
+CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
+CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
+V_PREDICTION_KEY = "v_pred"  # a marker some v-prediction checkpoints carry (its value is unused)
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
+CONFIGS = Path(__file__).with_name("configs")
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str  # folder under stc/models/configs
+    label: str
+    text_width: int
+    encoder: str  # "clip" or "openclip"
+    tokenizer_sources: tuple[tuple[str, str], ...]  # (hub id, subfolder) looked up in the local cache
+    example: str  # the hub id named in messages
+
+    @property
+    def config_dir(self) -> Path:
+        return CONFIGS / self.name
+
+
+FAMILIES = (
+    Family("sd1", "SD 1.x", 768, "clip", (
+        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"), ("runwayml/stable-diffusion-v1-5", "tokenizer"),
+        ("CompVis/stable-diffusion-v1-4", "tokenizer"), ("openai/clip-vit-large-patch14", ""),
+    ), "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+    Family("sd2", "SD 2.x", 1024, "openclip", (
+        ("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
+        ("stabilityai/stable-diffusion-2", "tokenizer"), ("stabilityai/stable-diffusion-2-base", "tokenizer"),
+    ), "stabilityai/stable-diffusion-2-1"),
+)
+
+
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """What the keys and shapes of a single file say about its model."""
+
+    encoder: str  # "clip" (SD 1.x layout) or "openclip" (SD 2.x layout)
+    text_width: int
+    cross_attention_width: int | None
+    v_prediction_marker: bool
+
+    @property
+    def family(self) -> Family | None:
+        for family in FAMILIES:
+            if family.encoder == self.encoder and family.text_width == self.text_width:
+                return family
+        return None
+
+    def describe(self) -> str:
+        family = self.family
+        return family.label if family else f"a {self.text_width}-wide {self.encoder} text encoder"
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def read_checkpoint(path: Path) -> dict:
+    """All tensors of a .safetensors or weights-only .ckpt file (a ``state_dict`` entry unwrapped)."""
+    import torch
+
+    suffix = path.suffix.lower()
+    if suffix not in SUFFIXES:
+        raise ModelError(
+            f"{path.name}: single-file checkpoints must be .safetensors (or a weights-only .ckpt); "
+            "for a diffusers model pass its folder"
+        )
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path))
+        except Exception as exc:  # safetensors raises its own error types
+            raise ModelError(
+                f"{path.name} is not a readable .safetensors checkpoint ({one_line(exc)}); pass an SD 1.x/2.x "
+                "single file, with --model-config DIR for other architectures"
+            ) from exc
+    else:
+        data = _read_pickled(path)
+    while isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    tensors = {key: value for key, value in data.items() if isinstance(key, str) and isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise ModelError(f"{path.name} holds no tensors; it is not a model checkpoint")
+    return tensors
+
+
+def _read_pickled(path: Path) -> dict:
+    """A .ckpt read without running code: torch.load(weights_only=True) unpickles only tensors,
+    containers and numbers; anything else (a class, a function) is refused before it runs."""
+    import pickle
+
+    import torch
+
+    try:
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        needs = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if needs is None:  # not a pickle torch can read at all
+            raise ModelError(
+                f"{path.name} is not a readable PyTorch checkpoint ({one_line(exc, 120)}); only .safetensors and "
+                "weights-only .ckpt files are loaded"
+            ) from exc
+        raise ModelError(
+            f"{path.name} pickles more than tensors (it names {needs[1]}): loading it would run code, so stc "
+            "refuses it. Convert it to .safetensors where you trust it, or use the model's .safetensors release"
+        ) from exc
+    except Exception as exc:  # not a zip, truncated
+        raise ModelError(
+            f"{path.name} is not a readable PyTorch checkpoint ({one_line(exc, 120)}); only .safetensors and "
+            "weights-only .ckpt files are loaded"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ModelError(f"{path.name} holds a {type(data).__name__}, not a state dict; it is not a model checkpoint")
+    return data
+
+
+def header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
+    """Key -> shape of a .safetensors file from its header alone (nothing loads); None for
+    other files or unreadable ones."""
+    if path.suffix.lower() != ".safetensors":
+        return None
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except Exception:  # unreadable: the loader says why
+        return None
+
+
+def inspect_checkpoint(shapes: Mapping[str, tuple[int, ...]], name: str = "the checkpoint") -> CheckpointInfo:
+    """The text encoder kind and width, the UNet's cross-attention width and the v-prediction
+    marker; unsupported kinds (SDXL, inpainting, UNet-only files) are clear errors."""
+    keys = shapes.keys()
+    if any(key.startswith("conditioner.embedders.") for key in keys):
+        raise ModelError(f"{name} is an SDXL checkpoint; neural space-time concepts need SD 1.x or 2.x")
+    if not any(key.startswith(UNET_PREFIX) for key in keys):
+        raise ModelError(f"{name} has no UNet ({UNET_PREFIX}…); it is not a Stable Diffusion 1.x/2.x checkpoint")
+    if not any(key.startswith(VAE_PREFIXES) for key in keys):
+        raise ModelError(f"{name} has no VAE ({VAE_PREFIX}…); stc needs a full checkpoint (UNet, VAE, text encoder)")
+    conv_in = shapes.get(CONV_IN_KEY)
+    if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
+        raise ModelError(f"{name} is an inpainting or other {conv_in[1]}-channel UNet; stc needs a text-to-image model")
+    if CLIP_TOKEN_KEY in shapes or any(key.startswith(CLIP_PREFIX) and key.endswith("token_embedding.weight")
+                                       for key in keys):
+        token_key = CLIP_TOKEN_KEY if CLIP_TOKEN_KEY in shapes else next(
+            key for key in keys if key.startswith(CLIP_PREFIX) and key.endswith("token_embedding.weight"))
+        encoder = "clip"
+    elif OPENCLIP_TOKEN_KEY in shapes:
+        token_key, encoder = OPENCLIP_TOKEN_KEY, "openclip"
+    else:
+        raise ModelError(f"{name} has no text encoder (cond_stage_model.…); stc needs a full checkpoint "
+                         "(UNet, VAE, text encoder)")
+    text_width = int(shapes[token_key][-1])
+    cross = shapes.get(CROSS_ATTENTION_KEY)
+    cross_width = int(cross[-1]) if cross is not None and len(cross) == 2 else None
+    if cross_width is not None and cross_width != text_width:
+        raise ModelError(
+            f"{name}: its UNet attends to {cross_width}-wide text but its text encoder is {text_width} wide"
+        )
+    return CheckpointInfo(encoder=encoder, text_width=text_width, cross_attention_width=cross_width,
+                          v_prediction_marker=V_PREDICTION_KEY in shapes)
+
+
+def checkpoint_text_width(path: Path) -> int | None:
+    """The text width of a .safetensors single file from its header; None when unknown."""
+    shapes = header_shapes(path)
+    if shapes is None:
+        return None
+    try:
+        return inspect_checkpoint(shapes).text_width
+    except ModelError:
+        return None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def check_prediction_type(value: str | None) -> str | None:
+    if value is not None and value not in PREDICTION_TYPES:
+        raise ModelError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, not {value!r}")
+    return value
+
+
+def load_single_file(path: Path, config: str | None, dtype, prediction_type: str | None = None):
+    """A StableDiffusionPipeline from the single file ``path``, entirely from local files."""
+    check_prediction_type(prediction_type)
+    checkpoint = read_checkpoint(path)
+    info = inspect_checkpoint({key: tuple(value.shape) for key, value in checkpoint.items()}, path.name)
+    folder = Path(config).expanduser() if config else None
+    if folder is not None and not folder.is_dir():
+        raise ModelError(f"--model-config {config}: no such folder")
+    if folder is not None and (folder / "model_index.json").is_file():
+        config_dir, tokenizer = folder, None  # the folder's configs and tokenizer
+        width = _config_text_width(folder)
+        if width is not None and width != info.text_width:
+            raise ModelError(
+                f"{path.name} has a {info.text_width}-wide text encoder ({info.describe()}) but --model-config "
+                f"{config} is for width {width}; pass a folder of the checkpoint's architecture"
+            )
+    else:
+        family = info.family
+        if family is None:
+            raise ModelError(
+                f"{path.name} has {info.describe()}, which is neither SD 1.x (768) nor SD 2.x (1024): pass "
+                "--model-config DIR, a local diffusers folder of its architecture"
+            )
+        config_dir = family.config_dir
+        tokenizer = _family_tokenizer(family, folder, path.name)
+    return _assemble(path, checkpoint, info, config_dir, tokenizer, dtype, prediction_type,
+                     shipped=config_dir != folder)
+
+
+def _config_text_width(folder: Path) -> int | None:
+    try:
+        return int(json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))["hidden_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _family_tokenizer(family: Family, folder: Path | None, name: str):
+    """The CLIP tokenizer for a checkpoint loaded with stc's configs: from ``folder`` (a
+    tokenizer folder, or a folder with a tokenizer/ subfolder), else from the local cache."""
+    if folder is not None:
+        for candidate in (folder / "tokenizer", folder):
+            if _has_tokenizer(candidate):
+                return _load_tokenizer(candidate)
+        raise ModelError(
+            f"--model-config {folder} has neither model_index.json nor a tokenizer (vocab.json and merges.txt, "
+            "or a tokenizer/ subfolder)"
+        )
+    from huggingface_hub import try_to_load_from_cache
+
+    cache = _hub_cache()
+    for repo, subfolder in family.tokenizer_sources:
+        for filename in ("vocab.json", "tokenizer.json"):
+            try:
+                found = try_to_load_from_cache(repo, f"{subfolder}/{filename}" if subfolder else filename,
+                                               cache_dir=cache)
+            except Exception:  # a malformed cache entry: as if absent
+                found = None
+            if isinstance(found, str) and _has_tokenizer(Path(found).parent):
+                return _load_tokenizer(Path(found).parent)
+    raise ModelError(
+        f"{name} is an {family.label} checkpoint: stc ships its configs but cannot ship the CLIP tokenizer, and none "
+        f"is in the local Hugging Face cache. Pass --model-config DIR, a local {family.label} diffusers folder or "
+        f"just its tokenizer folder (e.g. hf download {family.example} --include 'tokenizer/*' --local-dir DIR)"
+    )
+
+
+def _has_tokenizer(folder: Path) -> bool:
+    return ((folder / "vocab.json").is_file() and (folder / "merges.txt").is_file()) or (
+        folder / "tokenizer.json").is_file()
+
+
+def _load_tokenizer(folder: Path):
+    """A CLIP tokenizer from a local folder that has its files (transformers would otherwise
+    quietly build an empty one)."""
+    from transformers import CLIPTokenizer
+
+    if not _has_tokenizer(folder):
+        raise ModelError(f"{folder} has no tokenizer (vocab.json and merges.txt)")
+    try:
+        return CLIPTokenizer.from_pretrained(str(folder), local_files_only=True)
+    except Exception as exc:  # transformers raises many kinds here
+        raise ModelError(f"could not load the tokenizer in {folder}: {one_line(exc)}") from exc
+
+
+def _hub_cache() -> str:
+    import os
+
+    explicit = os.environ.get("HF_HUB_CACHE")
+    if explicit:
+        return explicit
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_CACHE
+
+
+def _assemble(path, checkpoint, info, config_dir: Path, tokenizer, dtype, prediction_type, shipped: bool):
+    import diffusers
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+
+    where = f"the {info.describe()} configs stc ships" if shipped else f"the config in {config_dir}"
+    try:
+        unet = UNet2DConditionModel.from_single_file(
+            checkpoint, config=str(config_dir), subfolder="unet", local_files_only=True, torch_dtype=dtype)
+        vae = AutoencoderKL.from_single_file(
+            checkpoint, config=str(config_dir), subfolder="vae", local_files_only=True, torch_dtype=dtype)
+        text_encoder = _load_text_encoder(checkpoint, info, config_dir, dtype, path.name)
+        if tokenizer is None:
+            tokenizer = _load_tokenizer(config_dir / "tokenizer")
+        index = json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
+        scheduler_class = getattr(diffusers, str((index.get("scheduler") or [None, "DDIMScheduler"])[1]),
+                                  diffusers.DDIMScheduler)
+        scheduler = scheduler_class.from_pretrained(str(config_dir), subfolder="scheduler", local_files_only=True)
+    except ModelError:
+        raise
+    except Exception as exc:  # diffusers and transformers raise many kinds here
+        _explain_missing(checkpoint, config_dir, where, path.name)
+        raise ModelError(f"could not load {path.name} with {where}: {one_line(exc)}") from exc
+    for module in (unet, vae):
+        if any(value.device.type == "meta" for value in module.state_dict().values()):
+            _explain_missing(checkpoint, config_dir, where, path.name)
+            raise ModelError(f"{path.name} lacks {type(module).__name__} weights that {where} expect")
+    if prediction_type is None and info.v_prediction_marker:
+        prediction_type = "v_prediction"
+    if prediction_type is not None and scheduler.config.get("prediction_type") != prediction_type:
+        scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
+    if shipped and info.encoder == "openclip" and scheduler.config.prediction_type == "epsilon":
+        unet.register_to_config(sample_size=64)  # SD 2.x-base: 512 px epsilon; 2.x: 768 px v-prediction
+    return StableDiffusionPipeline(
+        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def _explain_missing(checkpoint, config_dir: Path, where: str, name: str) -> None:
+    """Raise a ModelError naming the UNet or VAE weights ``checkpoint`` lacks (or has in another
+    shape) for the models of ``config_dir``; return when it has them all."""
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+
+    vae_prefix = next((p for p in VAE_PREFIXES if any(key.startswith(p) for key in checkpoint)), VAE_PREFIX)
+    for label, cls, to_ldm in (("UNet", UNet2DConditionModel, _unet_to_ldm), ("VAE", AutoencoderKL, _vae_to_ldm)):
+        with init_empty_weights():
+            module = cls.from_config(cls.load_config(str(config_dir), subfolder=label.lower()))
+        expected = {key.replace(VAE_PREFIX, vae_prefix, 1): value.shape for key, value in to_ldm(module).items()}
+        missing = [key for key in expected if key not in checkpoint]
+        if missing:
+            raise ModelError(
+                f"{name} lacks {len(missing)} {label} weights that {where} expect (e.g. {missing[0]}); it is "
+                "another architecture or a damaged file: pass --model-config DIR of its architecture"
+            )
+        squeeze = lambda shape: tuple(size for size in shape if size != 1)  # noqa: E731 (1x1 convs = linears)
+        wrong = [key for key in expected if squeeze(checkpoint[key].shape) != squeeze(expected[key])]
+        if wrong:
+            raise ModelError(
+                f"{name}: {label} weight {wrong[0]} is {tuple(checkpoint[wrong[0]].shape)}, {where} expect "
+                f"{tuple(expected[wrong[0]])}; pass --model-config DIR of its architecture"
+            )
+
+
+def _load_text_encoder(checkpoint, info: CheckpointInfo, config_dir: Path, dtype, name: str):
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    config = CLIPTextConfig.from_pretrained(str(config_dir), subfolder="text_encoder", local_files_only=True)
+    with torch.device("meta"):
+        model = CLIPTextModel(config)
+    expected = model.state_dict()
+    state = _text_encoder_state_dict(checkpoint, info.encoder, list(expected), config.num_hidden_layers)
+    missing = [key for key in expected if key not in state and not key.endswith("position_ids")]
+    if missing:
+        raise ModelError(
+            f"{name} lacks {len(missing)} text-encoder weights that its config expects (e.g. {missing[0]}); "
+            "pass --model-config DIR of its architecture"
+        )
+    wrong = [key for key in expected if key in state and tuple(state[key].shape) != tuple(expected[key].shape)]
+    if wrong:
+        key = wrong[0]
+        raise ModelError(
+            f"{name}: text-encoder weight {key} is {tuple(state[key].shape)}, its config expects "
+            f"{tuple(expected[key].shape)}; pass --model-config DIR of its architecture"
+        )
+    buffers = {key for key, _ in model.named_buffers()}
+    state = {key: value for key, value in state.items() if key in expected and key not in buffers}
+    model.load_state_dict(state, strict=False, assign=True)
+    for key in buffers:  # position_ids: rebuilt, never read from files (many carry broken ones)
+        module_name, _, buffer = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, buffer, torch.arange(getattr(module, buffer).shape[-1]).expand(1, -1))
+    model.to(dtype=dtype)
+    return model.eval()
+
+
+def _text_encoder_state_dict(checkpoint, encoder: str, model_keys: list[str], num_layers: int) -> dict:
+    """The checkpoint's text encoder under the keys of transformers' CLIPTextModel (with or
+    without its ``text_model.`` level, as ``model_keys`` have it)."""
+    nested = any(key.startswith("text_model.") for key in model_keys)
+    state = {}
+    if encoder == "clip":
+        for key, value in checkpoint.items():
+            if key.startswith(CLIP_PREFIX):
+                state[key[len(CLIP_PREFIX):].removeprefix("text_model.")] = value
+    else:
+        state = _from_openclip(checkpoint, num_layers)
+    return {(f"text_model.{key}" if nested else key): value for key, value in state.items()}
+
+
+def _from_openclip(checkpoint, num_layers: int) -> dict:
+    """OpenCLIP's text tower (SD 2.x) in CLIPTextModel keys; layers past ``num_layers`` (SD 2
+    drops OpenCLIP's last) and the projection are left out."""
+    layer_names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
+                   "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
+    top = {"token_embedding.weight": "embeddings.token_embedding.weight",
+           "positional_embedding": "embeddings.position_embedding.weight",
+           "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
+    state = {}
+    for key, value in checkpoint.items():
+        rest = key.removeprefix(OPENCLIP_PREFIX)
+        if rest == key:
+            continue
+        if rest in top:
+            state[top[rest]] = value
+            continue
+        match = re.fullmatch(r"transformer\.resblocks\.(\d+)\.(.+?)\.?(weight|bias)", rest)
+        if match is None or int(match[1]) >= num_layers:
+            continue
+        layer, module, part = int(match[1]), match[2], match[3]
+        if module == "attn.in_proj_":  # q, k and v stacked
+            for projection, chunk in zip(("q_proj", "k_proj", "v_proj"), value.chunk(3, dim=0)):
+                state[f"encoder.layers.{layer}.self_attn.{projection}.{part}"] = chunk
+        elif module in layer_names:
+            state[f"encoder.layers.{layer}.{layer_names[module]}.{part}"] = value
+    return state
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def pipeline_to_ldm(pipeline, encoder: str | None = None) -> dict:
+    """The pipeline's UNet, VAE and text encoder under the original LDM keys, as a single-file
+    checkpoint has them (the inverse of what diffusers' ``from_single_file`` reads).
+
+    ``encoder``: "clip" (SD 1.x layout) or "openclip" (SD 2.x layout); default: openclip for a
+    text encoder with ``gelu`` layers (SD 2.x's), else clip.
+    """
+    if encoder is None:
+        encoder = "openclip" if pipeline.text_encoder.config.hidden_act == "gelu" else "clip"
+    state = {}
+    state.update(_unet_to_ldm(pipeline.unet))
+    state.update(_vae_to_ldm(pipeline.vae))
+    text = {key.removeprefix("text_model."): value for key, value in pipeline.text_encoder.state_dict().items()}
+    text.pop("embeddings.position_ids", None)
+    if encoder == "clip":
+        state.update({f"{CLIP_PREFIX}text_model.{key}": value for key, value in text.items()})
+    else:
+        state.update(_to_openclip(text))
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+_RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
+                  ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
+
+
+def _resnet_key(rest: str) -> str:
+    head, _, tail = rest.partition(".")
+    for new, old in _RESNET_TO_LDM:
+        if head == new:
+            return f"{old}.{tail}"
+    raise ModelError(f"unexpected UNet resnet weight {rest!r}")
+
+
+def _unet_to_ldm(unet) -> dict:
+    per_block = unet.config.layers_per_block + 1  # LDM numbers the downsampler as a layer of its own
+    plain = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+    with_attention = {index for index, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)}
+    out = {}
+    for key, value in unet.state_dict().items():
+        module, _, param = key.rpartition(".")
+        if module in plain:
+            new = f"{plain[module]}.{param}"
+        elif match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+            index = per_block * block + layer + 1
+            new = f"input_blocks.{index}.0.{_resnet_key(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+        elif match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"input_blocks.{per_block * (int(match[1]) + 1)}.0.op.{match[2]}"
+        elif match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"middle_block.{2 * int(match[1])}.{_resnet_key(match[2])}"
+        elif match := re.fullmatch(r"mid_block\.attentions\.0\.(.+)", key):
+            new = f"middle_block.1.{match[1]}"
+        elif match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
+            block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
+            index = per_block * block + layer
+            new = f"output_blocks.{index}.0.{_resnet_key(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+        elif match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            block = int(match[1])
+            slot = 2 if block in with_attention else 1
+            new = f"output_blocks.{per_block * block + per_block - 1}.{slot}.conv.{match[2]}"
+        else:
+            raise ModelError(f"unexpected UNet weight {key!r}: not an SD 1.x/2.x UNet")
+        out[UNET_PREFIX + new] = value
+    return out
+
+
+def _vae_to_ldm(vae) -> dict:
+    blocks = len(vae.config.up_block_types)
+    attention = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+    out = {}
+    for key, value in vae.state_dict().items():
+        new = key.replace("conv_norm_out", "norm_out")
+        if match := re.fullmatch(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+            new = f"{match[1]}.mid.attn_1.{attention[match[2]]}.{match[3]}"
+            if match[3] == "weight" and match[2] != "group_norm":
+                value = value[:, :, None, None]  # LDM's attention projections are 1x1 convolutions
+        elif match := re.fullmatch(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{match[1]}.mid.block_{int(match[2]) + 1}.{match[3]}"
+        elif match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{match[1]}.block.{match[2]}.{match[3]}"
+        elif match := re.fullmatch(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"encoder.down.{match[1]}.downsample.conv.{match[2]}"
+        elif match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"decoder.up.{blocks - 1 - int(match[1])}.block.{match[2]}.{match[3]}"
+        elif match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            new = f"decoder.up.{blocks - 1 - int(match[1])}.upsample.conv.{match[2]}"
+        out[VAE_PREFIX + new.replace("conv_shortcut", "nin_shortcut")] = value
+    return out
+
+
+def _to_openclip(text: dict) -> dict:
+    import torch
+
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    out = {}
+    width = text["embeddings.token_embedding.weight"].shape[1]
+    out[OPENCLIP_PREFIX + "token_embedding.weight"] = text["embeddings.token_embedding.weight"]
+    out[OPENCLIP_PREFIX + "positional_embedding"] = text["embeddings.position_embedding.weight"]
+    for part in ("weight", "bias"):
+        out[f"{OPENCLIP_PREFIX}ln_final.{part}"] = text[f"final_layer_norm.{part}"]
+    out[OPENCLIP_PREFIX + "text_projection"] = torch.eye(width)  # OpenCLIP's; no reader uses it
+    layers = sorted({int(m[1]) for key in text if (m := re.match(r"encoder\.layers\.(\d+)\.", key))})
+    for layer in layers:
+        source, target = f"encoder.layers.{layer}.", f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+        for part in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{part}"] = torch.cat(
+                [text[f"{source}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")])
+            for new, old in names.items():
+                out[f"{target}{old}.{part}"] = text[f"{source}{new}.{part}"]
+    return out

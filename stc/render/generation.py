@@ -1,0 +1,395 @@
+"""Rendering images with concepts: the Renderer and its denoising loop.
+
+CFG halves run as one UNet batch, and images that need different conditionings (other ranks,
+other prompts) still share a batch: the per-layer key/value sequences are per sample. The
+text side is ``conditioning.py``; the prompt grammar ``prompts.py``; PNG files ``pngmeta.py``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+from .. import __version__
+from ..store.concept import Concept
+from ..method.conditioning import Conditioning, TextConditioner
+from ..errors import BadInput, ModelError
+from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
+from ..models.schedulers import check_scheduler, make_scheduler
+from ..settings import MAX_SEED
+
+# progress(done, total): denoising steps summed over images
+ProgressCallback = Callable[[int, int], None]
+
+
+@dataclass
+class RenderSettings:
+    steps: int = 50
+    cfg: float = 7.5
+    width: int | None = None  # None: the model's native resolution
+    height: int | None = None
+    scheduler: str = "dpm"
+    negative: str = ""
+    rank: int | None = None  # default rank of concepts without an inline rank (None: full)
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise BadInput(f"--steps must be at least 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise BadInput(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not math.isfinite(self.cfg):
+            raise BadInput(f"--cfg must be a finite number, got {self.cfg}")
+        if self.rank is not None and self.rank < 1:
+            raise BadInput(f"--rank must be at least 1, got {self.rank}")
+        for flag, value in (("--width", self.width), ("--height", self.height)):
+            if value is not None and (value < 8 or value % 8):
+                raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
+        check_scheduler(self.scheduler)
+        if CONCEPT_REF.search(self.negative):
+            raise BadInput("--negative cannot use concepts (<name>); write the negative prompt in plain words")
+
+
+@dataclass
+class RenderRequest:
+    """One image to render: a prompt, a seed, and the default rank for its concepts."""
+
+    prompt: str
+    seed: int
+    rank: int | None = None  # None: RenderSettings.rank
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise BadInput(f"seeds must lie between 0 and {MAX_SEED}, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A request resolved: which conditioning it needs and which image it is."""
+
+    prompt: str  # as given (inline ranks included): what the metadata records
+    seed: int
+    text: str  # the prompt with inline ranks stripped: what the text encoder reads
+    ranks: tuple[tuple[str, int], ...]  # resolved rank per concept
+
+    @property
+    def conditioning_key(self) -> tuple:
+        return (self.text, self.ranks)
+
+    @property
+    def image_key(self) -> tuple:
+        return (self.prompt, self.ranks, self.seed)
+
+
+@dataclass
+class RenderedImage:
+    image: object  # PIL.Image.Image
+    prompt: str
+    seed: int
+    ranks: dict[str, int | None]  # None: a concept without ranks
+    metadata: dict = field(default_factory=dict)
+    key: tuple = ()  # which distinct image of a render this is
+
+
+def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: dict[str, Concept]) -> _Job:
+    """The concepts and ranks ``request`` needs; unknown concepts and bad ranks fail here."""
+    parsed = parse_prompt(request.prompt)
+    unknown = [name for name in parsed.ranks if name not in concepts]
+    if unknown:
+        raise BadInput(f"concept(s) {', '.join(unknown)} are not loaded for this render")
+    rank_max = {name: concepts[name].rank_max for name in parsed.ranks}
+    default, flag = (settings.rank, "--rank") if request.rank is None else (request.rank, "rank")
+    ranks = resolve_ranks(parsed, rank_max, default, flag)
+    return _Job(prompt=request.prompt, seed=request.seed, text=parsed.text, ranks=tuple(ranks.items()))
+
+
+class Renderer:
+    """A base model with concepts attached; renders prompts that reference them."""
+
+    def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
+        from ..method.placeholders import add_placeholder_tokens, placeholder_tokens
+        from ..method.spacetime import ConceptSlot, install_processors
+
+        self.base = base
+        pipe = base.pipeline
+        self.layer_names = install_processors(pipe.unet)
+        self.concepts = {name: concept for name, (concept, _) in concepts.items()}
+        self.notes = compatibility_notes(list(self.concepts.values()), base) if self.concepts else []
+        slots, tokens = {}, {}
+        for name, (concept, mapper) in concepts.items():
+            check_compatible(concept, base, self.layer_names)
+            tokens[name] = placeholder_tokens(concept.token, mapper.config.num_vectors)
+            token_id, *extra = add_placeholder_tokens(pipe.tokenizer, tokens[name])
+            slots[name] = ConceptSlot(token_id=token_id, mapper=mapper.to(base.device), extra_token_ids=tuple(extra))
+        self.text = TextConditioner(pipe, base.device, slots, len(self.layer_names), tokens)
+
+    @classmethod
+    def from_registry(
+        cls, requests: list[RenderRequest], settings: RenderSettings, registry=None, model: str | None = None,
+        model_config: str | None = None, device: str | None = None, dtype: str | None = None,
+        on_status: Callable[[str], None] | None = None,
+    ) -> "Renderer":
+        """Load the concepts ``requests`` use and their base model (or ``model``).
+
+        Every request is resolved (concepts exist, ranks fit) before any weights load.
+        """
+        from ..store.conceptio import load_mapper
+        from ..models.base import load_base_model
+        from ..store.registry import Registry
+
+        registry = registry or Registry()
+        names = dict.fromkeys(name for request in requests for name in parse_prompt(request.prompt).ranks)
+        concepts = {name: registry.load(name) for name in names}
+        for request in requests:
+            resolve_request(request, settings, concepts)
+        spec = choose_model(list(concepts.values()), model)
+        loaded = {name: (concept, load_mapper(concept)) for name, concept in concepts.items()}
+        if on_status is not None:
+            on_status(f"loading {spec}")
+        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config), loaded)
+
+    # ------------------------------------------------------------------ text
+
+    def condition(self, prompt: str, settings: RenderSettings, rank: int | None = None, negative=None) -> Conditioning:
+        """The conditioning of ``prompt`` for the whole schedule of ``settings``.
+
+        ``rank`` (default: settings.rank) applies to concepts without an inline rank;
+        ``negative``: a precomputed plain encoding of settings.negative, to share it.
+        """
+        job = resolve_request(RenderRequest(prompt, seed=0, rank=rank), settings, self.concepts)
+        if negative is None:
+            negative = self.text.plain(settings.negative)
+        return self.text.condition(job.text, dict(job.ranks), self.timesteps(settings), negative)
+
+    def timesteps(self, settings: RenderSettings):
+        """The scheduler's timesteps for ``settings`` (what the mapper receives at each step)."""
+        return self._scheduler(settings).timesteps
+
+    def _scheduler(self, settings: RenderSettings):
+        scheduler = make_scheduler(settings.scheduler, self.base.pipeline.scheduler.config)
+        scheduler.set_timesteps(settings.steps, device=self.base.device)
+        return scheduler
+
+    # ------------------------------------------------------------------ images
+
+    def render(
+        self, prompt: str, seeds: list[int], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> list[RenderedImage]:
+        """Render one image per seed; the text conditioning is computed once for all of them."""
+        return self.render_requests([RenderRequest(prompt, seed) for seed in seeds], settings, progress)
+
+    def latents(self, prompt: str, seeds: list[int], settings: RenderSettings):
+        """The final latents (N x 4 x h x w) instead of images."""
+        import torch
+
+        requests = [RenderRequest(prompt, seed) for seed in seeds]
+        return torch.cat([latents for _, latents in self._denoise_requests(requests, settings)])
+
+    def render_requests(
+        self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> list[RenderedImage]:
+        """Render many (prompt, seed, rank) images, in order, sharing conditionings and batches.
+
+        Each distinct (prompt, resolved ranks) is encoded once, just before its first batch,
+        and dropped after its last; identical requests (e.g. a prompt without concepts at
+        several ranks) are rendered once.
+        """
+        images = {rendered.key: rendered for rendered in self.iter_render(requests, settings, progress)}
+        return [images[resolve_request(request, settings, self.concepts).image_key] for request in requests]
+
+    def iter_render(
+        self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> Iterator[RenderedImage]:
+        """Like :meth:`render_requests`, but yields each distinct image as soon as its batch is
+        decoded (in first-request order) and keeps none: a caller that writes each one loses
+        nothing finished when the render stops, and ``-n 10000`` holds one batch at a time."""
+        width, height = self.size(settings)
+        for jobs, latents in self._denoise_requests(requests, settings, progress):
+            for job, image in zip(jobs, self.decode(latents)):
+                ranks = dict(job.ranks)
+                metadata = self.metadata(job.prompt, job.seed, width, height, settings, ranks)
+                yield RenderedImage(image=image, prompt=job.prompt, seed=job.seed, ranks=ranks, metadata=metadata,
+                                    key=job.image_key)
+
+    def size(self, settings: RenderSettings) -> tuple[int, int]:
+        native = self.base.default_resolution
+        return settings.width or native, settings.height or native
+
+    def size_warnings(self, settings: RenderSettings) -> list[str]:
+        """A note when the size is far from the model's own (more than 2x, or under half, on a
+        side): such images come out broken, and a large one costs many times a native render."""
+        native = self.base.default_resolution
+        width, height = self.size(settings)
+        if all(native / 2 <= side <= 2 * native for side in (width, height)):
+            return []
+        cost = width * height / native**2
+        slower = f"; it costs about {cost:.0f}x the time and memory of a native one" if cost >= 2 else ""
+        return [f"{width}x{height} px is far from {self.base.spec}'s {native} px (it was trained at that size), so "
+                f"expect broken images{slower}"]
+
+    def _denoise_requests(
+        self, requests: list[RenderRequest], settings: RenderSettings, progress: ProgressCallback | None = None
+    ) -> Iterable[tuple[list[_Job], object]]:
+        """Yield (jobs, latents) per batch of distinct jobs, in first-request order."""
+        distinct: dict[tuple, _Job] = {}
+        for request in requests:
+            job = resolve_request(request, settings, self.concepts)
+            distinct.setdefault(job.image_key, job)  # first occurrence order, duplicates dropped
+        jobs = list(distinct.values())
+        last_use = {job.conditioning_key: index for index, job in enumerate(jobs)}
+        scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
+        steps_per_image = len(scheduler.timesteps)
+        total, done = len(jobs) * steps_per_image, 0
+        negative = self.text.plain(settings.negative)
+        conditionings: dict[tuple, Conditioning] = {}
+        for start in range(0, len(jobs), settings.batch_size):
+            batch = jobs[start : start + settings.batch_size]
+            for job in batch:
+                if job.conditioning_key not in conditionings:
+                    conditionings[job.conditioning_key] = self.text.condition(
+                        job.text, dict(job.ranks), scheduler.timesteps, negative
+                    )
+            on_step = None
+            if progress is not None:
+                on_step = functools.partial(_report_progress, progress, done, len(batch), total)
+            per_sample = [conditionings[job.conditioning_key] for job in batch]
+            latents = self._denoise(scheduler, settings, [job.seed for job in batch], per_sample, on_step)
+            done += steps_per_image * len(batch)
+            stop = start + len(batch)
+            for key in [key for key in conditionings if last_use[key] < stop]:
+                del conditionings[key]
+            yield batch, latents
+
+    def _denoise(self, scheduler, settings: RenderSettings, seeds, conditionings: list[Conditioning], on_step=None):
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from ..method.spacetime import SpaceTimeConditioning
+
+        pipe, device = self.base.pipeline, self.base.device
+        unet = pipe.unet
+        scheduler.set_timesteps(settings.steps, device=device)  # resets the multistep history
+        width, height = self.size(settings)
+        shape = (len(seeds), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
+        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        negative = torch.cat([c.negative for c in conditionings])  # B, S, D
+        use_spacetime = any(c.keys is not None for c in conditionings)
+        hidden = None
+        if not use_spacetime:
+            hidden = torch.cat([negative, torch.cat([c.positive for c in conditionings])])  # 2B, S, D
+        num_layers = len(self.layer_names)
+        with torch.no_grad():
+            for step_index, timestep in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
+                kwargs = None
+                if use_spacetime:
+                    keys, values = _stack_step(conditionings, step_index, num_layers)  # L, B, S, D
+                    kwargs = {"spacetime": SpaceTimeConditioning(
+                        keys=_with_uncond(negative, keys), values=_with_uncond(negative, values)
+                    )}
+                    hidden = kwargs["spacetime"].keys[0]  # read by no layer; sets the batch shape
+                noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs).sample
+                uncond, cond = noise.chunk(2)
+                noise = uncond + settings.cfg * (cond - uncond)
+                latents = scheduler.step(noise, timestep, latents).prev_sample
+                if on_step is not None:
+                    on_step(step_index + 1)
+        return latents
+
+    def decode(self, latents) -> list:
+        import torch
+
+        pipe = self.base.pipeline
+        with torch.no_grad():
+            decoded = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+        return pipe.image_processor.postprocess(decoded, output_type="pil")
+
+    def metadata(self, prompt, seed, width, height, settings: RenderSettings, ranks) -> dict:
+        concepts = {name: {"rank": ranks[name], "sha256": self.concepts[name].weights_sha256} for name in ranks}
+        return {
+            "prompt": prompt,
+            "negative": settings.negative,
+            "seed": seed,
+            "steps": settings.steps,
+            "cfg": settings.cfg,
+            "scheduler": settings.scheduler,
+            "width": width,
+            "height": height,
+            "base_model": self.base.spec,
+            "dtype": str(self.base.dtype).removeprefix("torch."),
+            "concepts": concepts,
+            "stc_version": __version__,
+        }
+
+
+def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps_done: int) -> None:
+    progress(done_before + steps_done * batch, total)
+
+
+def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
+    """Per-sample keys and values of one step: L x B x S x D each (a view when all samples share one)."""
+    import torch
+
+    batch = len(conditionings)
+    first = conditionings[0]
+    if all(c is first for c in conditionings):
+        keys, values = first.at_step(step_index, num_layers)
+        return keys.unsqueeze(1).expand(-1, batch, -1, -1), values.unsqueeze(1).expand(-1, batch, -1, -1)
+    pairs = [c.at_step(step_index, num_layers) for c in conditionings]
+    return torch.stack([k for k, _ in pairs], dim=1), torch.stack([v for _, v in pairs], dim=1)
+
+
+def _with_uncond(negative, conditional):
+    """L x B x S x D conditional sequences -> L x 2B x S x D with the plain negative first (CFG)."""
+    import torch
+
+    layers = conditional.shape[0]
+    uncond = negative.unsqueeze(0).expand(layers, -1, -1, -1).to(conditional.dtype)
+    return torch.cat([uncond, conditional], dim=1)
+
+
+def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
+    if concept.text_width != base.text_width:
+        raise ModelError(
+            f"concept {concept.name!r} was trained for a text encoder of width {concept.text_width} "
+            f"({concept.base_model}); {base.spec} has width {base.text_width}. Use --model {concept.base_model}"
+        )
+    if list(concept.layer_names) != list(layer_names):
+        raise ModelError(
+            f"concept {concept.name!r} was trained on a UNet with other cross-attention layers "
+            f"({len(concept.layer_names)} in {concept.base_model}; {base.spec} has {len(layer_names)} others); "
+            f"use --model {concept.base_model}"
+        )
+
+
+def compatibility_notes(concepts: list[Concept], base) -> list[str]:
+    """One line per concept trained on another (but compatible) base model than ``base``."""
+    from ..models.base import embedding_fingerprint
+
+    fingerprint = embedding_fingerprint(base.pipeline)
+    return [
+        f"{concept.name} was trained on {concept.base_model}; {base.spec} has the same layout but other token "
+        "embeddings (a fine-tune?), so it renders, possibly less faithfully"
+        for concept in concepts if concept.base_fingerprint and concept.base_fingerprint != fingerprint
+    ]
+
+
+def choose_model(concepts: list[Concept], model: str | None) -> str:
+    """``model`` if given, else the one base model all concepts share."""
+    if model:
+        return model
+    bases = {concept.base_model for concept in concepts}
+    if len(bases) > 1:
+        raise ModelError(
+            f"the concepts in this prompt were trained on different base models ({', '.join(sorted(bases))}); "
+            "pass --model to choose one"
+        )
+    if bases:
+        return bases.pop()
+    from ..models.base import default_model
+
+    return default_model()

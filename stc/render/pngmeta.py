@@ -1,0 +1,124 @@
+"""PNG files with their parameters: A1111-style ``parameters`` text, an ``stc`` JSON chunk.
+
+Used by ``stc gen``, grids, training previews and exports alike. Files are never overwritten:
+:func:`stc.outputs.free_path` finds the next free name.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from ..outputs import free_path, staged
+from .prompts import parse_prompt
+from ..models.schedulers import SCHEDULERS
+
+_A1111_FIELD = re.compile(r'\s*(\w[\w \-/.]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+_CONCEPT_FIELD = re.compile(r"stc concept ([a-z0-9][a-z0-9_-]*)")
+_CONCEPT_VALUE = re.compile(r"(?:rank (\d+))? ?(?:sha256 ([0-9a-f]*))?|full")
+
+
+def _quote(value: object) -> str:
+    """A1111's quoting: values with commas, colons or newlines become JSON strings."""
+    text = str(value)
+    if any(char in text for char in ',:\n"'):
+        return json.dumps(text)
+    return text
+
+
+def a1111_parameters(metadata: dict) -> str:
+    """The ``parameters`` text chunk in the layout A1111-style tools read.
+
+    ``prompt``, ``Negative prompt: ...``, then one line of ``Key: value`` fields.
+    """
+    sampler = SCHEDULERS[metadata["scheduler"]][1]
+    fields = [
+        ("Steps", metadata["steps"]), ("Sampler", sampler), ("CFG scale", metadata["cfg"]),
+        ("Seed", metadata["seed"]), ("Size", f"{metadata['width']}x{metadata['height']}"),
+        ("Model", metadata["base_model"]),
+    ]
+    for name, info in metadata["concepts"].items():
+        parts = ([f"rank {info['rank']}"] if info.get("rank") is not None else []) + (
+            [f"sha256 {info['sha256']}"] if info.get("sha256") else [])
+        fields.append((f"stc concept {name}", " ".join(parts) or "full"))
+    fields.append(("stc scheduler", metadata["scheduler"]))
+    fields.append(("stc version", metadata["stc_version"]))
+    lines = [metadata["prompt"]]
+    if metadata["negative"]:
+        lines.append(f"Negative prompt: {metadata['negative']}")
+    lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def parse_parameters(text: str) -> dict:
+    """Read a ``parameters`` chunk back into stc's metadata keys (what A1111 layouts hold).
+
+    Returns prompt, negative, steps, cfg, seed, width, height, scheduler, base_model,
+    concepts ({name: {rank, sha256}}), stc_version, plus ``extra`` for unknown fields.
+    """
+    *prompt_lines, field_line = text.split("\n")
+    prompt, negative, in_negative = [], [], False
+    for line in prompt_lines:
+        if line.startswith("Negative prompt:"):
+            in_negative, line = True, line[len("Negative prompt:"):].strip()
+        (negative if in_negative else prompt).append(line)
+    fields = {}
+    for key, value in _A1111_FIELD.findall(field_line):
+        fields[key.strip()] = json.loads(value) if value.startswith('"') else value.strip()
+    samplers = {sampler: name for name, (_, sampler) in SCHEDULERS.items()}
+    width, _, height = fields.pop("Size", "x").partition("x")
+    result = {
+        "prompt": "\n".join(prompt),
+        "negative": "\n".join(negative),
+        "steps": int(fields.pop("Steps")),
+        "cfg": float(fields.pop("CFG scale")),
+        "seed": int(fields.pop("Seed")),
+        "width": int(width),
+        "height": int(height),
+        "base_model": fields.pop("Model", ""),
+        "concepts": {},
+        "stc_version": fields.pop("stc version", ""),
+    }
+    sampler = fields.pop("Sampler", "")
+    result["scheduler"] = fields.pop("stc scheduler", samplers.get(sampler, sampler))
+    for key in list(fields):
+        name, value = _CONCEPT_FIELD.fullmatch(key), _CONCEPT_VALUE.fullmatch(fields[key])
+        if name and value:
+            rank = value.group(1)
+            result["concepts"][name.group(1)] = {"rank": int(rank) if rank else None, "sha256": value.group(2) or ""}
+            del fields[key]
+    result["extra"] = fields
+    return result
+
+
+def slug(text: str, limit: int = 40) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return (words[:limit].rstrip("-")) or "image"
+
+
+def png_info(metadata: dict, extra: dict[str, str] | None = None):
+    """PNG text chunks: ``parameters`` (A1111 layout) and ``stc`` (the full record as JSON)."""
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", a1111_parameters(metadata))
+    info.add_text("stc", json.dumps(metadata, sort_keys=True))
+    for key, value in (extra or {}).items():
+        info.add_text(key, value)
+    return info
+
+
+def default_stem(rendered) -> str:
+    rank_part = "-".join(f"r{rank}" for rank in rendered.ranks.values() if rank is not None)  # None: no ranks
+    parts = (slug(parse_prompt(rendered.prompt).text), f"s{rendered.seed}", rank_part)
+    return "-".join(part for part in parts if part)
+
+
+def save_png(rendered, folder: Path, stem: str | None = None) -> Path:
+    """Save a RenderedImage with its metadata as ``folder/stem.png``, at a free name (never overwrites)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    path = free_path(folder, stem or default_stem(rendered))
+    with staged(path) as temporary:  # a PNG is there whole or not at all (Ctrl-C, a full disk)
+        rendered.image.save(temporary, format="PNG", pnginfo=png_info(rendered.metadata))
+    return path
