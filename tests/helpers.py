@@ -40,6 +40,16 @@ def assert_close_in_scale(actual, expected, rel: float) -> None:
     assert difference <= rel * scale, f"max difference {difference:.3g} exceeds {rel:g} x scale {scale:.3g}"
 
 
+def assert_same_render(actual, expected) -> None:
+    """Two renders of one image along two code paths (another process, an unfrozen pipeline,
+    another batch): latents that agree to rounding decode to the same 8-bit pixels except where
+    a value sits on a rounding boundary, so at most one level off, and almost nowhere."""
+    import numpy as np
+
+    difference = np.abs(np.asarray(actual, dtype=np.int16) - np.asarray(expected, dtype=np.int16))
+    assert difference.max() <= 1 and (difference > 0).mean() < 1e-3, (difference.max(), (difference > 0).mean())
+
+
 def make_mapper(seed: int = 0) -> NeTIMapper:
     """A random mapper for builtin:tiny's text width (32), in eval mode."""
     mapper = NeTIMapper(MapperConfig(text_width=32, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))

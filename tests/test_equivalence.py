@@ -3,6 +3,7 @@
 import copy
 
 import torch
+from helpers import assert_close_in_scale
 
 from stc.render.generation import Renderer, RenderSettings
 from stc.method.mapper import MapperConfig, NeTIMapper
@@ -43,7 +44,10 @@ def test_constant_mapper_reproduces_textual_inversion(tiny):
     renderer = Renderer(tiny, {"ti": (concept, constant_mapper(vector))})
     ours = renderer.latents("a photo of <ti> on the moon", [11, 12], RenderSettings(steps=6, cfg=7.5))
     assert ours.shape == expected.shape
-    assert (ours - expected).abs().max() < 1e-4
+    # diffusers encodes the prompt once, stc the schedule's 96 (step, layer) rows in one batch:
+    # other GEMM shapes, so rounding relative to the latents' scale (~50; measured up to 1e-6 of
+    # it); another vector moves them by a sizeable fraction of it
+    assert_close_in_scale(ours, expected, 1e-4)
     # and the comparison is sensitive: another vector gives other latents
     other = Renderer(tiny, {"ti": (concept, constant_mapper(vector.flip(0)))})
     different = other.latents("a photo of <ti> on the moon", [11, 12], RenderSettings(steps=6, cfg=7.5))

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load
 
-from helpers import invoke, save_concept
+from helpers import assert_same_render, invoke, save_concept
 from stc import __version__
 from stc.errors import BadInput
 from stc.exchange.export_diffusers import (
@@ -127,8 +127,9 @@ def test_the_export_renders_in_plain_diffusers_exactly_as_stc_gen(tmp_path, mode
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report == {"stc_blocked": True, "scheduler": SCHEDULERS["dpm"][0], "token": "<cat>"}
 
-    assert np.array_equal(pixels(out / "cat.png"), pixels(stc_cat))  # pixel-exact
-    assert np.array_equal(pixels(out / "cat-dog.png"), pixels(stc_cat_dog))  # two concepts in one prompt
+    # the same image: plain diffusers (its pipeline not frozen: other GEMM paths on some CPUs) vs stc gen
+    assert_same_render(pixels(out / "cat.png"), pixels(stc_cat))
+    assert_same_render(pixels(out / "cat-dog.png"), pixels(stc_cat_dog))  # two concepts in one prompt
     assert np.array_equal(pixels(out / "plain-hooked.png"), pixels(out / "plain-untouched.png"))
     # the comparison can fail: another rank, or no concept, gives another image
     assert not np.array_equal(pixels(out / "cat-rank4.png"), pixels(stc_cat))

@@ -44,7 +44,9 @@ def test_input_layer_is_initialised_to_time_major_anchors():
     # row 16 * i + j is (t = 100 i, l = j)
     for row, (t, l) in {0: (0, 0), 15: (0, 15), 16: (100, 0), 159: (900, 15), 37: (200, 5)}.items():
         expected = mapper.encoding(torch.tensor([float(t)]), torch.tensor([float(l)]))[0]
-        assert torch.allclose(weight[row], expected, atol=1e-6)
+        # the anchors are encoded as one 160-row batch, here as one row: rounding of the projection
+        # (~1 ulp of values up to ~190) over the norm 32, at most ~5e-7 of these ~0.03 values
+        assert torch.allclose(weight[row], expected, atol=5e-6)
 
 
 def test_output_is_normalised_to_the_initializer_norm():

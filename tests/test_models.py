@@ -1,5 +1,5 @@
 import pytest
-import torch
+from helpers import assert_close_in_scale
 
 from stc.errors import ModelError
 from stc.render.generation import Renderer, RenderSettings
@@ -15,7 +15,9 @@ def test_local_diffusers_folder_loads_the_same_pipeline(tiny, tmp_path):
     settings = RenderSettings(steps=3)
     a = Renderer(tiny, {}).latents("a cat", [0], settings)
     b = Renderer(local, {}).latents("a cat", [0], settings)
-    assert torch.allclose(a, b, atol=1e-6)
+    # the folder's weights sit where the loader put them (other alignment: other kernels), so the
+    # renders agree to rounding relative to the latents' scale (~50), not to an absolute amount
+    assert_close_in_scale(b, a, 1e-4)
     assert local.pipeline.tokenizer("a photo of a cat").input_ids == tiny.pipeline.tokenizer("a photo of a cat").input_ids
 
 

@@ -35,9 +35,12 @@ ENCODER_MAPPER = DATA / "neti-sample-encoder-mapper.pt"
 NUM_LAYERS = 16
 
 # Largest error seen against the reference: mapper outputs ~1e-7 (norms) and ~3e-8 (vectors);
-# text-encoder sequences ~1.7e-6 (values of order 1 after the final LayerNorm).
+# text-encoder sequences ~1.7e-6, up to 2.2e-6 with other CPU kernels (values of order 1-3 after
+# the final LayerNorm). The reference ran on another machine and torch: its numbers are another
+# code path, so the sequences get ~3e-6 of their scale (4x the worst seen); a wrong bypass rule
+# or layer moves them by more than 1e-2.
 MAPPER_ATOL = 1e-6
-ENCODER_ATOL = 3e-6
+ENCODER_ATOL = 1e-5
 
 
 def _close(actual: torch.Tensor, expected: np.ndarray, atol: float) -> None:

@@ -114,7 +114,7 @@ def test_plain_encoding_matches_the_text_encoder(tiny):
     with torch.no_grad():
         stock = pipe.text_encoder(ids)[0]
         plain, bypassed = encode_spacetime(pipe.text_encoder, ids, torch.zeros(2), torch.zeros(2))
-    assert torch.allclose(stock, plain, atol=1e-6)
+    assert torch.allclose(stock, plain, atol=1e-5)  # transformers' forward vs stc's: values ~3
     assert torch.equal(plain, bypassed)
 
 

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from helpers import assert_close_in_scale
 
 from stc.errors import BadInput, ConceptExists, InvalidName
 from stc.store.conceptio import load_mapper
@@ -73,7 +74,7 @@ def test_errors_before_any_training(photos, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "notes.txt").write_text("no photos here")
-    with pytest.raises(BadInput, match="no images"):
+    with pytest.raises(BadInput, match="no usable images"):
         train_concept(empty, "x", "builtin:tiny", TrainConfig(**FAST), device="cpu")
     with pytest.raises(BadInput, match="single token"):
         train_concept(photos, "x", "builtin:tiny", TrainConfig(**{**FAST, "initializer": "hippopotamus"}), device="cpu")
@@ -120,8 +121,10 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
                 {trainer.token_id: slot},
             )
         assert not torch.allclose(plain, bypassed)  # the bypass changes the placeholder position
-        assert torch.allclose(seen[(layer, "to_k")], plain, atol=1e-6), f"layer {layer}: keys"
-        assert torch.allclose(seen[(layer, "to_v")], bypassed, atol=1e-6), f"layer {layer}: values"
+        # training encodes 32 rows (batch x layers) in one call, this 2: other GEMM shapes, so
+        # rounding of ~1e-6 on values of ~3 (measured); a wrong layer or rule differs by far more
+        assert_close_in_scale(seen[(layer, "to_k")], plain, 1e-5)
+        assert_close_in_scale(seen[(layer, "to_v")], bypassed, 1e-5)
 
 
 def test_text_layers_are_recomputed_in_the_backward_with_identical_gradients(tiny, photos, monkeypatch):
