@@ -180,7 +180,7 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
     import torch
 
     from stc.exchange.distill import distil, mean_token
-    from stc.exchange.export import write_ti
+    from stc.exchange.ti import write_ti
     from stc.models.base import load_base_model
 
     candidates, results = {}, {}
@@ -240,7 +240,7 @@ def run(args) -> dict:
             log(f"  rank {rank}: {_brief(per_rank[str(rank)])}")
         results["variants"][variant] = {"training": record, "ranks": per_rank}
         if variant == "neti" and args.exports:
-            from stc.exchange.export import FAST, THOROUGH
+            from stc.exchange.formats import FAST, THOROUGH
 
             log("exports: ti, loaded into plain diffusers")
             with tempfile.TemporaryDirectory(prefix="stc-quality-exports-") as folder:

@@ -213,7 +213,7 @@ def test_a_multi_vector_concept_puts_each_vector_in_its_own_token(tiny):
     import copy
 
     from stc.render.generation import Renderer, RenderSettings
-    from stc.exchange.imports import constant_mapper
+    from stc.exchange.ti import constant_mapper
     from stc.method.spacetime import cross_attention_layer_names
 
     vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))

@@ -16,7 +16,7 @@ from safetensors.torch import load
 from helpers import assert_same_render, invoke, save_concept
 from stc import __version__
 from stc.errors import BadInput
-from stc.exchange.export_diffusers import (
+from stc.exchange.diffusers_folder import (
     EXPORT_FORMAT,
     module_source,
     read_diffusers_export,
@@ -276,7 +276,7 @@ def test_write_refuses_a_bad_rank_other_weights_and_a_missing_preview(tmp_path, 
 
 
 def test_stitching_fails_loudly_when_the_module_would_lack_a_name(monkeypatch):
-    import stc.exchange.export_diffusers as export_diffusers
+    import stc.exchange.diffusers_folder as export_diffusers
 
     stitched = tuple(
         (module, tuple(name for name in names if name != "split_outputs"))

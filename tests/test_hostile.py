@@ -209,7 +209,7 @@ def _read_each(root: str, cases: dict) -> dict:
     import resource
 
     from stc.store.conceptio import read_state_dict
-    from stc.exchange.imports import read_embedding
+    from stc.exchange.ti import read_embedding
 
     registry = Registry(Path(root))
     results = {}
@@ -597,10 +597,10 @@ def test_a_damaged_or_edited_listing_cache_costs_time_not_correctness(stc_home):
 # A .pt whose tensor claims a huge size: the archive member is a 128 MiB deflated stream of
 # zeros (a 130 KB file), or a 1-element storage viewed with stride 0 as a [1, 2_000_000] vector
 # (1.5 KB) whose mapper needs a [2_000_000, 128] output layer (1 GiB). Both are read by
-# stc/exchange/reference.py and stc/exchange/imports.py, which this change does not touch.
+# stc/exchange/torchfiles.py, stc/exchange/neti.py and stc/exchange/ti.py.
 def _import_one(root: str, source: str) -> str:
     """In the capped child: ``stc import`` of one file, as a one-word outcome and its message."""
-    from stc.exchange.imports import import_concept
+    from stc.exchange.formats import import_concept
 
     try:
         import_concept(Registry(Path(root)), Path(source), name="big", model="builtin:tiny")
@@ -630,7 +630,8 @@ def _zip_bomb(path: Path) -> Path:
 
 
 def test_pickled_tensors_claiming_huge_sizes_are_refused_without_allocating(tmp_path, stc_home):
-    import stc.exchange.imports  # noqa: F401  (imported before the fork: each child would import them again)
+    import stc.exchange.formats  # noqa: F401  (imported before the fork: each child would import them again)
+    import stc.exchange.ti  # noqa: F401
     import stc.models.tiny  # noqa: F401
 
     wide = tmp_path / "wide.pt"

@@ -15,17 +15,15 @@ import pytest
 import torch
 
 from stc.errors import BadInput, StcError
-from stc.exchange.reference import (
-    BadCheckpoint,
+from stc.exchange.neti import (
     ReferenceCheckpoint,
-    UnsafeCheckpoint,
     UnsupportedReference,
     mapper_from_reference,
     read_learned_embeds,
     read_reference_mapper,
-    read_torch_checkpoint,
     reference_mapper_config,
 )
+from stc.exchange.torchfiles import BadCheckpoint, UnsafeCheckpoint, read_torch_file
 from stc.method.mapper import truncate
 from stc.method.spacetime import ConceptSlot, encode_spacetime
 
@@ -186,7 +184,7 @@ def test_code_in_a_checkpoint_is_refused_before_it_runs(tmp_path, module, name, 
     args = (str(target), "w") if name == "open" else (f"touch {target}",)
     members = {"data.pkl": _call_pickle(module, name, *args), "byteorder": "little"}
     path = _write_archive(tmp_path / "evil-mapper.pt", members)
-    for read in (read_torch_checkpoint, read_reference_mapper, read_learned_embeds):
+    for read in (read_torch_file, read_reference_mapper, read_learned_embeds):
         with pytest.raises(UnsafeCheckpoint, match=f"wants to run {shown} when loaded.*refused") as caught:
             read(path)
         assert str(path) in str(caught.value)
@@ -233,14 +231,14 @@ def test_damaged_archives_get_clear_errors(tmp_path):
     flipped = tmp_path / "flipped.pt"
     flipped.write_bytes(bytes(raw))
     with pytest.raises(BadCheckpoint, match="damaged"):
-        read_torch_checkpoint(flipped)
+        read_torch_file(flipped)
     short = {name.split("/", 1)[1]: data for name, data in members.items()}
     short["data/0"] = b"\0" * 8  # 2 floats where the record says 4
     with pytest.raises(BadCheckpoint, match="damaged.*holds 8 bytes"):
-        read_torch_checkpoint(_write_archive(tmp_path / "short.pt", short, prefix))
+        read_torch_file(_write_archive(tmp_path / "short.pt", short, prefix))
     del short["data/0"]
     with pytest.raises(BadCheckpoint, match="damaged.*no .*data/0"):
-        read_torch_checkpoint(_write_archive(tmp_path / "gone.pt", short, prefix))
+        read_torch_file(_write_archive(tmp_path / "gone.pt", short, prefix))
 
 
 def test_tensors_round_trip_in_every_layout(tmp_path):
@@ -252,7 +250,7 @@ def test_tensors_round_trip_in_every_layout(tmp_path):
     }
     path = tmp_path / "tensors.pt"
     torch.save({**tensors, "shared": tensors["view"]}, path)
-    loaded = read_torch_checkpoint(path)
+    loaded = read_torch_file(path)
     for key, expected in tensors.items():
         assert type(loaded[key]) is torch.Tensor and loaded[key].dtype == expected.dtype, key
         assert torch.equal(loaded[key], expected.detach()), key
@@ -270,7 +268,7 @@ def test_legacy_and_zip_files_are_read_without_running_them(tmp_path, zip_format
     path = tmp_path / "file.pt"
     torch.save(saved, path, _use_new_zipfile_serialization=zip_format)
     assert zipfile.is_zipfile(path) == zip_format
-    loaded = read_torch_checkpoint(path)
+    loaded = read_torch_file(path)
     for key in ("half", "long", "view", "base"):
         assert loaded[key].dtype == saved[key].dtype and torch.equal(loaded[key], saved[key]), key
     assert type(loaded["string_to_param"]) is not torch.nn.ParameterDict and isinstance(loaded["string_to_param"], dict)
@@ -287,12 +285,12 @@ def test_legacy_and_zip_files_are_read_without_running_them(tmp_path, zip_format
         evil = tmp_path / f"{name}.pt"
         torch.save({"string_to_param": {"*": payload}}, evil, _use_new_zipfile_serialization=zip_format)
         with pytest.raises(UnsafeCheckpoint, match="wants to run .* refused"):
-            read_torch_checkpoint(evil)
+            read_torch_file(evil)
     assert not target.exists()
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(path.read_bytes()[:-10])
     with pytest.raises(BadCheckpoint, match="damaged"):
-        read_torch_checkpoint(truncated)
+        read_torch_file(truncated)
 
 
 def test_big_endian_archives_are_byte_swapped(tmp_path):
@@ -309,7 +307,7 @@ def test_big_endian_archives_are_byte_swapped(tmp_path):
             itemsize = 4 if short == "data/0" else 8  # storages in save order: f (float32), l (int64)
             data = b"".join(data[i:i + itemsize][::-1] for i in range(0, len(data), itemsize))
         big[short] = b"big" if short == "byteorder" else data
-    loaded = read_torch_checkpoint(_write_archive(tmp_path / "big.pt", big, prefix))
+    loaded = read_torch_file(_write_archive(tmp_path / "big.pt", big, prefix))
     assert torch.equal(loaded["f"], expected["f"]) and torch.equal(loaded["l"], expected["l"])
 
 

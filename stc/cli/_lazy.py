@@ -2,7 +2,7 @@
 
 * :class:`LazyGroup` imports a command's module only when that command runs: ``stc ls`` imports
   ``store.py`` and nothing of ``render.py`` (``stc.render.generation``) or ``exchange.py``
-  (``stc.exchange.export``). ``stc --help`` imports no command module at all; it lists :data:`COMMANDS`,
+  (``stc.exchange.formats``). ``stc --help`` imports no command module at all; it lists :data:`COMMANDS`,
   whose one-line summaries tests/test_cli.py keeps equal to the commands' own help.
   ``stc CMD --help`` is the command's real help.
 * typer (0.2x) converts every parameter value, an absent one included, through a pydantic

@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from ..exchange.export import FAST, FORMATS, THOROUGH
+from ..exchange.formats import FAST, FORMATS, THOROUGH
 from ._base import (
     DeviceOpt,
     ModelConfigOpt,
@@ -57,13 +57,13 @@ def export(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
 ) -> None:
-    from ..exchange.export import check_format
+    from ..exchange.formats import check_format
 
     export_format = check_format(format_name)
     quiet_libraries()
     from contextlib import nullcontext
 
-    from ..exchange.export import export_concept
+    from ..exchange.formats import export_concept
 
     distils = format_name in ("ti", "a1111")
     with progress_bar(f"distilling {name} into {vectors} vector(s)") if distils else nullcontext() as progress:
@@ -102,7 +102,7 @@ def import_(
 ) -> None:
     """Import a concept into the registry; pickled files are read without running their code."""
     quiet_libraries()
-    from ..exchange.imports import import_concept
+    from ..exchange.formats import import_concept
 
     result = import_concept(open_registry(), path, name=name, init=init, model=model,
                             model_config=str(model_config) if model_config else None)

@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput, ModelError
-from .export import FAST
+from .formats import FAST
 from ..method.mapper import MapperConfig
 from ..method.placeholders import add_placeholder_tokens, placeholder_tokens
 from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors

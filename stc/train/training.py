@@ -344,7 +344,7 @@ class _Run:
         import tempfile
 
         from ..store.conceptio import weights_bytes
-        from ..exchange.export_diffusers import write_diffusers_export
+        from ..exchange.diffusers_folder import write_diffusers_export
         from ..outputs import free_path, staged
 
         if not self.accelerator.is_main_process:

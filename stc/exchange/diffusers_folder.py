@@ -251,7 +251,7 @@ def _check_self_contained(source: str) -> None:
     if undefined:
         raise RuntimeError(
             f"{MODULE_FILE} would use names it does not define: {', '.join(undefined)}; add them to "
-            "STITCHED or REPLACEMENTS in stc/exchange/export_diffusers.py"
+            "STITCHED or REPLACEMENTS in stc/exchange/diffusers_folder.py"
         )
 
 
@@ -438,3 +438,29 @@ def _state_dict(weights: bytes, mapper_config: dict, source: str) -> dict:
     except StcError as exc:
         raise BadInput(str(exc)) from exc
     return state
+
+
+def import_diffusers_export(folder: Path, name, model):
+    """``stc import`` of an stc diffusers export: the concept as it was exported, its mapper, notes
+    and the files (the preview) the registry keeps beside it."""
+    from ..store.concept import MetricsRecord, TrainingRecord
+    from ..store.conceptio import mapper_from_state
+    from .formats import concept_name
+
+    config, state_dict = read_diffusers_export(folder)
+    mapper = mapper_from_state(config["mapper"], state_dict, source=str(folder))
+    for key in ("training", "metrics"):
+        if not isinstance(config.get(key) or {}, dict):
+            raise BadInput(f"{folder}: '{key}' in its config.json is not a mapping")
+    training = TrainingRecord.from_dict(config.get("training") or {}, folder)
+    training.extra = {**training.extra, "imported_from": str(folder.resolve()), "source_format": "stc-diffusers"}
+    concept = Concept(
+        name=concept_name(name, config["name"]), base_model=model or config["base_model"],
+        initializer=config["initializer"], text_width=int(config["text_width"]),
+        layer_names=list(config["layer_names"]), mapper=dict(config["mapper"]), training=training,
+        metrics=MetricsRecord.from_dict(config.get("metrics") or {}), created=str(config.get("created") or ""),
+        base_fingerprint=str(config.get("base_fingerprint") or ""),
+    )
+    preview = folder / PREVIEW_FILE
+    files = {PREVIEW_FILE: preview} if preview.is_file() and not preview.is_symlink() else {}
+    return concept, mapper, "stc-diffusers", [], files
