@@ -30,7 +30,7 @@ from stc.store import registry as registry_module
 from stc.store import storage
 from stc.store.concept import Concept, MetricsRecord, TrainingRecord
 from stc.errors import ConceptExists, ConceptNotFound, StcError
-from stc.store.registry import Registry
+from stc.store.registry import Registry, check_weights
 
 SPEC: dict = {}
 WEIGHTS: dict[str, bytes] = {}
@@ -196,7 +196,7 @@ def stress(args: dict) -> None:
     from stc.store.listing import listing
 
     registry = Registry(Path(args["root"]))
-    worker, workers = args["worker"], args["workers"]
+    worker = args["worker"]
     rng = random.Random(args["seed"])
     counts: dict[str, int] = {}
     violations: list[str] = []
@@ -215,7 +215,7 @@ def stress(args: dict) -> None:
         except StcError as exc:
             violations.append(f"load {name}: {type(exc).__name__}: {exc}")
             return
-        check = registry.verify(loaded)
+        check = check_weights(loaded)
         if check.ok and check.problem is None:
             count("read_verified")
             if loaded.extra.get("fault_version") not in ("A", "B"):

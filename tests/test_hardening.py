@@ -8,7 +8,7 @@ from helpers import assert_one_line_error, invoke, save_concept
 
 from stc.errors import BadInput
 from stc.render.prompts import parse_prompt
-from stc.store.registry import Registry
+from stc.store.registry import Registry, check_weights
 
 
 @pytest.mark.parametrize("prompt", ["<cat on the moon", "<cat> on the <moon", "<cat on <moon>"])
@@ -107,7 +107,7 @@ def test_leftovers_of_killed_writers_are_reported_then_swept_and_an_interrupted_
     assert result.stderr.count("interrupted write") == 2 and "busy" not in result.stderr
     save_concept("other")  # any write sweeps
     assert sorted(p.name for p in concepts.iterdir()) == [alive.name, "kept", "other"]
-    assert registry.verify(registry.load("kept")).ok  # the previous entry is back, whole
+    assert check_weights(registry.load("kept")).ok  # the previous entry is back, whole
 
 
 def test_os_errors_outside_the_registry_are_one_line(monkeypatch, tmp_path):

@@ -25,7 +25,7 @@ from stc.errors import (
 from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.store.concept import CONCEPT_FILE, SCHEMA_VERSION, Concept
 from stc.names import suggest_name, validate_name
-from stc.store.registry import Registry
+from stc.store.registry import Registry, check_weights
 from stc.store.storage import sha256_file
 
 
@@ -119,7 +119,7 @@ def test_save_load_round_trip(stc_home):
     assert loaded.weights_sha256 == sha256_file(loaded.weights_path) == saved.weights_sha256
     assert read_yaml(registry, "blob")["schema_version"] == SCHEMA_VERSION
     assert loaded.complete and loaded.steps_done == 10 and loaded.rank_max == 128
-    assert registry.verify(loaded).ok
+    assert check_weights(loaded).ok
     mapper = load_mapper(loaded)
     assert mapper.config.text_width == 32
 
@@ -173,7 +173,7 @@ def test_schema_0_is_migrated_and_rewritten_as_current():
     rewritten = read_yaml(registry, "renewed")
     assert rewritten["schema_version"] == SCHEMA_VERSION and "sha256" not in rewritten
     assert rewritten["weights_sha256"] == sha256_file(registry.path_of("renewed") / "mapper.safetensors")
-    assert registry.verify(registry.load("renewed")).ok
+    assert check_weights(registry.load("renewed")).ok
 
 
 def test_newer_schema_is_a_clear_error():
@@ -245,7 +245,7 @@ def test_sha_mismatch_is_a_clear_error_naming_the_file():
     with pytest.raises(DamagedWeights, match="sha256") as caught:
         load_mapper(registry.load("blob"))
     assert str(concept.weights_path) in str(caught.value)
-    assert not registry.verify(registry.load("blob")).ok
+    assert not check_weights(registry.load("blob")).ok
 
 
 def test_truncated_weights_are_a_clear_error_even_with_a_matching_sha():
@@ -267,7 +267,7 @@ def test_truncated_weights_are_a_clear_error_even_with_a_matching_sha():
         read_state_dict(registry.load("blob"))
     assert "truncated" in wording(caught.value), str(caught.value)
     weights.write_bytes(b"\x01")
-    check = registry.verify(registry.load("blob"))
+    check = check_weights(registry.load("blob"))
     assert not check.ok and "truncated" in wording(check.problem), check.problem
 
 
@@ -306,7 +306,7 @@ def test_a_save_that_fails_half_way_leaves_the_previous_state(monkeypatch):
     with pytest.raises(RegistryWriteError):
         make_concept(registry, "fresh")
     assert entry_bytes(registry.path_of("blob")) == before
-    assert registry.verify(registry.load("blob")).ok
+    assert check_weights(registry.load("blob")).ok
     assert not registry.path_of("fresh").exists()
     assert hidden_leftovers(registry) == []
 
@@ -351,7 +351,7 @@ def test_rename_moves_the_entry_and_the_token_follows():
     assert renamed.token == "<cat-toy>" and not registry.path_of("blob").exists()
     loaded = registry.load("cat-toy")
     assert loaded.name == "cat-toy" and read_yaml(registry, "cat-toy")["token"] == "<cat-toy>"
-    assert registry.verify(loaded).ok and weights_header_name(loaded) == "cat-toy"  # the header follows
+    assert check_weights(loaded).ok and weights_header_name(loaded) == "cat-toy"  # the header follows
     assert tensors_equal(read_state_dict(loaded), tensors)
     assert (loaded.path / "preview.png").read_bytes() == b"png"
     assert registry.names() == ["cat-toy"] and hidden_leftovers(registry) == []
@@ -376,7 +376,7 @@ def test_copy_is_independent_and_refuses_damaged_weights():
     copy = registry.copy("blob", "blob-copy")
     assert copy.name == "blob-copy" and registry.load("blob").name == "blob"
     assert tensors_equal(read_state_dict(copy), read_state_dict(source)) and weights_header_name(copy) == "blob-copy"
-    assert registry.verify(copy).ok and not os.path.samefile(copy.weights_path, source.weights_path)
+    assert check_weights(copy).ok and not os.path.samefile(copy.weights_path, source.weights_path)
     source.weights_path.write_bytes(source.weights_path.read_bytes()[:100])
     with pytest.raises(DamagedWeights, match="cannot copy"):
         registry.copy("blob", "another")

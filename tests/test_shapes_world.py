@@ -171,7 +171,8 @@ def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(
 
     from stc.store.conceptio import load_mapper
     from stc.store.registry import Registry
-    from stc.train.training import TrainConfig, train_concept
+    from stc.train.config import TrainConfig
+    from stc.train.training import train_concept
 
     photos = Path(__file__).parent.parent / "examples" / "wedge"
     config = TrainConfig(steps=60, initializer="triangle", save_every=0, preview_steps=2, seed=0)

@@ -1,6 +1,6 @@
 """Single-file checkpoints (--model x.safetensors / weights-only .ckpt), offline.
 
-Real LDM-layout files are written from the builtin models (stc.models.ldm.pipeline_to_ldm, checked
+Real LDM-layout files are written from the builtin models (tests/ldm_writer.py, checked
 against diffusers' own single-file reader) and must load back to the same images, with no
 socket ever opened.
 """
@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close_in_scale, assert_one_line_error, assert_same_render, invoke
+from ldm_writer import _to_openclip, pipeline_to_ldm
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -35,7 +36,7 @@ def written(tmp_path_factory):
         folder = root / name
         pipeline.save_pretrained(folder)
         path = root / f"{name}.safetensors"
-        save_file(ldm.pipeline_to_ldm(pipeline), str(path))
+        save_file(pipeline_to_ldm(pipeline), str(path))
         out[spec] = (folder, path)
     return out
 
@@ -259,7 +260,7 @@ def _meta_pipeline_keys(family: str) -> dict:
     if family == "sd1":
         state.update({f"{ldm.CLIP_PREFIX}text_model.{key}": value for key, value in text_state.items()})
     else:
-        state.update(ldm._to_openclip(text_state))
+        state.update(_to_openclip(text_state))
     return {key: tuple(value.shape) for key, value in state.items()}, counts
 
 

@@ -5,7 +5,8 @@ from helpers import assert_close_in_scale
 from stc.errors import BadInput, ConceptExists, InvalidName
 from stc.store.conceptio import load_mapper
 from stc.store.registry import Registry
-from stc.train.training import OBJECT_TEMPLATES, TrainConfig, train_concept
+from stc.train.config import OBJECT_TEMPLATES, TrainConfig
+from stc.train.training import train_concept
 
 FAST = dict(steps=15, batch_size=2, grad_accum=1, seed=0, initializer="cat")
 
@@ -93,7 +94,7 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
 
     from stc.train.images import load_photos
     from stc.method.spacetime import ConceptSlot, encode_spacetime
-    from stc.train.training import Trainer
+    from stc.train.trainer import Trainer
 
     config = TrainConfig(**{**FAST, "batch_size": 2})
     trainer = Trainer(tiny, load_photos(photos, 64).images, "<kv>", config, Accelerator(cpu=True))
@@ -134,7 +135,7 @@ def test_text_layers_are_recomputed_in_the_backward_with_identical_gradients(tin
 
     import stc.train.trainer
     from stc.train.images import load_photos
-    from stc.train.training import Trainer
+    from stc.train.trainer import Trainer
 
     images = load_photos(photos, 64).images
 

@@ -15,14 +15,9 @@ from stc.cli import app
 from stc.errors import BadInput
 from stc.store.conceptio import read_state_dict
 from stc.store.registry import Registry
-from stc.train.training import (
-    TrainCallbacks,
-    TrainConfig,
-    Trainer,
-    TrainingInterrupted,
-    resume_training,
-    train_concept,
-)
+from stc.train.config import TrainConfig
+from stc.train.trainer import Trainer
+from stc.train.training import TrainCallbacks, TrainingInterrupted, resume_training, train_concept
 
 FAST = dict(steps=6, batch_size=2, grad_accum=2, seed=1, initializer="cat", save_every=0, preview_steps=2)
 
@@ -265,7 +260,7 @@ def test_a_run_owns_its_name_until_it_stops(photos):
 def test_a_killed_run_leaves_no_lock_behind(photos, stc_home, tmp_path):
     script = (
         "import os, signal, sys\n"
-        "from stc.train.training import TrainCallbacks, TrainConfig, train_concept\n"
+        "from stc.train.config import TrainConfig\nfrom stc.train.training import TrainCallbacks, train_concept\n"
         "kill = TrainCallbacks(on_step=lambda step, total, loss: os.kill(os.getpid(), signal.SIGKILL))\n"
         f"train_concept({str(photos)!r}, 'killed', 'builtin:tiny', TrainConfig(steps=3, batch_size=1, grad_accum=1,"
         " initializer='cat', save_every=0), device='cpu', callbacks=kill)\n"

@@ -31,21 +31,21 @@ from ._base import (
 _DEFAULTS = RenderSettings()
 
 
-def _opt(flag: str, help: str, default=None):
+def _render_option(flag: str, help: str, default=None):
     shown = f"  [default: {default}]" if default not in (None, "") else ""
     return typer.Option(flag, help=help + shown, show_default=False)
 
 
 BatchSizeOpt = Annotated[
-    Optional[int], _opt("--batch-size", "Images per UNet batch (CFG halves are batched on top).", _DEFAULTS.batch_size)
+    Optional[int], _render_option("--batch-size", "Images per UNet batch (CFG halves are batched on top).", _DEFAULTS.batch_size)
 ]
-StepsOpt = Annotated[Optional[int], _opt("--steps", "Denoising steps.", _DEFAULTS.steps)]
-CfgOpt = Annotated[Optional[float], _opt("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
-NegativeOpt = Annotated[Optional[str], _opt("--negative", "Negative prompt (plain words, no concepts).")]
-WidthOpt = Annotated[Optional[int], _opt("--width", "Width in px, a multiple of 8.", "the model's")]
-HeightOpt = Annotated[Optional[int], _opt("--height", "Height in px, a multiple of 8.", "the model's")]
+StepsOpt = Annotated[Optional[int], _render_option("--steps", "Denoising steps.", _DEFAULTS.steps)]
+CfgOpt = Annotated[Optional[float], _render_option("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
+NegativeOpt = Annotated[Optional[str], _render_option("--negative", "Negative prompt (plain words, no concepts).")]
+WidthOpt = Annotated[Optional[int], _render_option("--width", "Width in px, a multiple of 8.", "the model's")]
+HeightOpt = Annotated[Optional[int], _render_option("--height", "Height in px, a multiple of 8.", "the model's")]
 SchedulerOpt = Annotated[
-    Optional[str], _opt("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
+    Optional[str], _render_option("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16.  [default: fp16 on GPU, fp32 on CPU]")

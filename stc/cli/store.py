@@ -170,10 +170,10 @@ def _hint_when_empty(registry, pattern: str | None) -> None:
 
 
 def _show_record(registry, concept) -> dict:
-    from ..store.registry import preview_paths
+    from ..store.registry import check_weights, preview_paths
     from ..store.storage import folder_files
 
-    check = registry.verify(concept)
+    check = check_weights(concept)
     files = [{"path": path, "size": size} for path, size in folder_files(concept.path)]
     return {
         "name": concept.name,

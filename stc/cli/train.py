@@ -27,7 +27,7 @@ from ._base import (
 _DEFAULTS = TrainConfig()
 
 
-def _opt(flag: str, help: str, *aliases: str, field: str | None = None, default=None):
+def _hyper_parameter(flag: str, help: str, *aliases: str, field: str | None = None, default=None):
     """A hyper-parameter option; its default is shown from TrainConfig (defined there only)."""
     field = field or flag.split("/")[0].removeprefix("--").replace("-", "_")
     default = getattr(_DEFAULTS, field) if default is None else default
@@ -75,29 +75,29 @@ def train(
                                     "steps into the concept folder (0: only the final preview).  [default: "
                                     f"{_DEFAULTS.preview_every}]")
     ] = None,
-    steps: Annotated[Optional[int], _opt("--steps", "Optimizer steps")] = None,
-    seed: Annotated[Optional[int], _opt("--seed", "Random seed; same seed, same concept", "-s")] = None,
-    batch_size: Annotated[Optional[int], _opt("--batch-size", "Images per micro-batch")] = None,
-    grad_accum: Annotated[Optional[int], _opt("--grad-accum", "Micro-batches per optimizer step")] = None,
-    lr: Annotated[Optional[float], _opt("--lr", "Base learning rate")] = None,
+    steps: Annotated[Optional[int], _hyper_parameter("--steps", "Optimizer steps")] = None,
+    seed: Annotated[Optional[int], _hyper_parameter("--seed", "Random seed; same seed, same concept", "-s")] = None,
+    batch_size: Annotated[Optional[int], _hyper_parameter("--batch-size", "Images per micro-batch")] = None,
+    grad_accum: Annotated[Optional[int], _hyper_parameter("--grad-accum", "Micro-batches per optimizer step")] = None,
+    lr: Annotated[Optional[float], _hyper_parameter("--lr", "Base learning rate")] = None,
     scale_lr: Annotated[
-        Optional[bool], _opt("--scale-lr/--no-scale-lr", "Scale the LR by batch x accumulation x processes")
+        Optional[bool], _hyper_parameter("--scale-lr/--no-scale-lr", "Scale the LR by batch x accumulation x processes")
     ] = None,
-    adam_beta1: Annotated[Optional[float], _opt("--adam-beta1", "AdamW beta1")] = None,
-    adam_beta2: Annotated[Optional[float], _opt("--adam-beta2", "AdamW beta2")] = None,
-    adam_weight_decay: Annotated[Optional[float], _opt("--weight-decay", "AdamW weight decay", field="adam_weight_decay")] = None,
-    adam_epsilon: Annotated[Optional[float], _opt("--adam-epsilon", "AdamW epsilon")] = None,
-    resolution: Annotated[Optional[int], _opt("--resolution", "Training image size", default="the model's, 512 for SD")] = None,
-    bypass: Annotated[Optional[bool], _opt("--bypass/--no-bypass", "Textual bypass; off for ablations")] = None,
+    adam_beta1: Annotated[Optional[float], _hyper_parameter("--adam-beta1", "AdamW beta1")] = None,
+    adam_beta2: Annotated[Optional[float], _hyper_parameter("--adam-beta2", "AdamW beta2")] = None,
+    adam_weight_decay: Annotated[Optional[float], _hyper_parameter("--weight-decay", "AdamW weight decay", field="adam_weight_decay")] = None,
+    adam_epsilon: Annotated[Optional[float], _hyper_parameter("--adam-epsilon", "AdamW epsilon")] = None,
+    resolution: Annotated[Optional[int], _hyper_parameter("--resolution", "Training image size", default="the model's, 512 for SD")] = None,
+    bypass: Annotated[Optional[bool], _hyper_parameter("--bypass/--no-bypass", "Textual bypass; off for ablations")] = None,
     nested_dropout: Annotated[
-        Optional[bool], _opt("--nested-dropout/--no-nested-dropout", "Nested dropout; off for ablations")
+        Optional[bool], _hyper_parameter("--nested-dropout/--no-nested-dropout", "Nested dropout; off for ablations")
     ] = None,
-    nested_dropout_prob: Annotated[Optional[float], _opt("--nested-dropout-prob", "Probability per mapper call")] = None,
+    nested_dropout_prob: Annotated[Optional[float], _hyper_parameter("--nested-dropout-prob", "Probability per mapper call")] = None,
     mixed_precision: Annotated[
-        Optional[str], _opt("--mixed-precision", "no, fp16 or bf16 for the frozen models; the mapper stays fp32")
+        Optional[str], _hyper_parameter("--mixed-precision", "no, fp16 or bf16 for the frozen models; the mapper stays fp32")
     ] = None,
     gradient_checkpointing: Annotated[
-        Optional[bool], _opt("--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for memory")
+        Optional[bool], _hyper_parameter("--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for memory")
     ] = None,
 ) -> None:
     """Train a concept from a folder of photos and save it in the registry.

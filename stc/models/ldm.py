@@ -14,8 +14,8 @@ that family downloaded before), or loading stops with a one-line error saying wh
 UNet and VAE are converted by diffusers' own single-file code; the text encoder by
 :func:`_text_encoder_state_dict` (the same key mapping as diffusers', with strict checking).
 ``.ckpt`` files are read with ``torch.load(weights_only=True)``: one that needs code to unpickle
-is refused. :func:`pipeline_to_ldm` is the inverse mapping (diffusers → LDM keys), used by the
-tests to write real single files from the builtin models.
+is refused. ``_unet_to_ldm`` and ``_vae_to_ldm`` are the inverse mappings (diffusers → LDM keys): they name
+what a file lacks, and the tests write real single files with them (``tests/ldm_writer.py``).
 """
 
 from __future__ import annotations
@@ -246,7 +246,7 @@ def load_single_file(path: Path, config: str | None, dtype, prediction_type: str
             )
         config_dir = family.config_dir
         tokenizer = _family_tokenizer(family, folder, path.name)
-    return _assemble(path, checkpoint, info, config_dir, tokenizer, dtype, prediction_type,
+    return _pipeline_from_checkpoint(path, checkpoint, info, config_dir, tokenizer, dtype, prediction_type,
                      shipped=config_dir != folder)
 
 
@@ -318,7 +318,7 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _assemble(path, checkpoint, info, config_dir: Path, tokenizer, dtype, prediction_type, shipped: bool):
+def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenizer, dtype, prediction_type, shipped: bool):
     import diffusers
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
 
@@ -460,27 +460,6 @@ def _from_openclip(checkpoint, num_layers: int) -> dict:
 # --------------------------------------------------------------------------- writing
 
 
-def pipeline_to_ldm(pipeline, encoder: str | None = None) -> dict:
-    """The pipeline's UNet, VAE and text encoder under the original LDM keys, as a single-file
-    checkpoint has them (the inverse of what diffusers' ``from_single_file`` reads).
-
-    ``encoder``: "clip" (SD 1.x layout) or "openclip" (SD 2.x layout); default: openclip for a
-    text encoder with ``gelu`` layers (SD 2.x's), else clip.
-    """
-    if encoder is None:
-        encoder = "openclip" if pipeline.text_encoder.config.hidden_act == "gelu" else "clip"
-    state = {}
-    state.update(_unet_to_ldm(pipeline.unet))
-    state.update(_vae_to_ldm(pipeline.vae))
-    text = {key.removeprefix("text_model."): value for key, value in pipeline.text_encoder.state_dict().items()}
-    text.pop("embeddings.position_ids", None)
-    if encoder == "clip":
-        state.update({f"{CLIP_PREFIX}text_model.{key}": value for key, value in text.items()})
-    else:
-        state.update(_to_openclip(text))
-    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
-
-
 _RESNET_TO_LDM = (("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"),
                   ("conv2", "out_layers.3"), ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection"))
 
@@ -548,27 +527,4 @@ def _vae_to_ldm(vae) -> dict:
         elif match := re.fullmatch(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             new = f"decoder.up.{blocks - 1 - int(match[1])}.upsample.conv.{match[2]}"
         out[VAE_PREFIX + new.replace("conv_shortcut", "nin_shortcut")] = value
-    return out
-
-
-def _to_openclip(text: dict) -> dict:
-    import torch
-
-    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
-             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
-    out = {}
-    width = text["embeddings.token_embedding.weight"].shape[1]
-    out[OPENCLIP_PREFIX + "token_embedding.weight"] = text["embeddings.token_embedding.weight"]
-    out[OPENCLIP_PREFIX + "positional_embedding"] = text["embeddings.position_embedding.weight"]
-    for part in ("weight", "bias"):
-        out[f"{OPENCLIP_PREFIX}ln_final.{part}"] = text[f"final_layer_norm.{part}"]
-    out[OPENCLIP_PREFIX + "text_projection"] = torch.eye(width)  # OpenCLIP's; no reader uses it
-    layers = sorted({int(m[1]) for key in text if (m := re.match(r"encoder\.layers\.(\d+)\.", key))})
-    for layer in layers:
-        source, target = f"encoder.layers.{layer}.", f"{OPENCLIP_PREFIX}transformer.resblocks.{layer}."
-        for part in ("weight", "bias"):
-            out[f"{target}attn.in_proj_{part}"] = torch.cat(
-                [text[f"{source}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")])
-            for new, old in names.items():
-                out[f"{target}{old}.{part}"] = text[f"{source}{new}.{part}"]
     return out

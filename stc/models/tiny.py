@@ -129,7 +129,7 @@ def build_tiny_pipeline():
     tokenizer = build_tiny_tokenizer()
     text = dict(hidden_size=TINY_TEXT_WIDTH, intermediate_size=64, num_hidden_layers=2)
     unet = dict(block_out_channels=(16, 32, 32, 32), attention_head_dim=4)
-    return _assemble(tokenizer, TINY_SEED, TINY_RESOLUTION, text, unet)
+    return _random_pipeline(tokenizer, TINY_SEED, TINY_RESOLUTION, text, unet)
 
 
 def build_tiny_sd2_pipeline():
@@ -147,10 +147,10 @@ def build_tiny_sd2_pipeline():
         use_linear_projection=True,
         upcast_attention=True,
     )
-    return _assemble(tokenizer, TINY_SD2_SEED, TINY_SD2_RESOLUTION, text, unet, prediction_type="v_prediction")
+    return _random_pipeline(tokenizer, TINY_SD2_SEED, TINY_SD2_RESOLUTION, text, unet, prediction_type="v_prediction")
 
 
-def _assemble(tokenizer, seed: int, resolution: int, text: dict, unet: dict, prediction_type: str = "epsilon"):
+def _random_pipeline(tokenizer, seed: int, resolution: int, text: dict, unet: dict, prediction_type: str = "epsilon"):
     """Text encoder, UNet (the 16 cross-attention layers of SD) and VAE drawn from ``seed``, in that order."""
     import torch
     from diffusers import (

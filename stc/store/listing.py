@@ -23,7 +23,7 @@ CACHE_FILE = ".listing.json"
 CACHE_FORMAT = 1
 
 
-def _stamp(folder: Path) -> list[int] | None:
+def _folder_stamp(folder: Path) -> list[int] | None:
     """What must not change for a cached record to hold (None: the entry cannot be stamped)."""
     stamp = []
     base = os.fspath(folder)  # plain strings: pathlib costs more than the stat for thousands of entries
@@ -94,7 +94,7 @@ def listing(registry) -> Iterator[tuple[str, dict | None, StcError | None]]:
     cached, fresh, changed = _read_cache(cache_path), {}, False
     for name in registry.names():
         folder = registry.concepts_dir / name
-        stamp = _stamp(folder)
+        stamp = _folder_stamp(folder)
         entry = cached.get(name)
         if stamp is not None and isinstance(entry, dict) and entry.get("stamp") == stamp and _usable(entry, name):
             fresh[name] = entry

@@ -133,14 +133,14 @@ def _changed_meanwhile(concept: Concept) -> str | None:
     if concept.weights_sha256 and recorded and recorded != concept.weights_sha256:
         return resaved
     try:  # saved again with the same content meanwhile (A, then B, then A again): a new file
-        if concept.source_stamp is not None and _stamp(os.stat(meta)) != concept.source_stamp:
+        if concept.source_stamp is not None and _file_stamp(os.stat(meta)) != concept.source_stamp:
             return resaved
     except OSError:
         return None
     return None
 
 
-def _stamp(info: os.stat_result) -> tuple:
+def _file_stamp(info: os.stat_result) -> tuple:
     return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
 
 
@@ -230,7 +230,7 @@ class Registry:
             if not meta.is_file():
                 raise FileNotFoundError(meta)
             with open(meta, "rb") as handle:  # the stamp of the very file that is read
-                stamp = _stamp(os.fstat(handle.fileno()))
+                stamp = _file_stamp(os.fstat(handle.fileno()))
                 data = yaml_load(handle.read().decode("utf-8"))
         except (yaml.YAMLError, UnicodeDecodeError) as exc:
             raise CorruptConcept(f"{meta} is not valid YAML: {one_line(exc)}") from exc
@@ -284,9 +284,6 @@ class Registry:
     def size(self, name: str) -> int:
         """Bytes on disk of the entry ``name`` (weights, metadata, previews, checkpoint, ...)."""
         return folder_size(self.folder_of(name))
-
-    def verify(self, concept: Concept) -> WeightsCheck:
-        return check_weights(concept)
 
     # ----------------------------------------------------------------- locking
 

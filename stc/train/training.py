@@ -20,8 +20,8 @@ from ..store.concept import Concept, MetricsRecord, TrainingRecord
 from ..errors import BadInput, ConceptExists, Interrupted, RegistryWriteError, StcError
 from ..names import validate_name
 from ..store.registry import PREVIEW_FILE, PREVIEWS_DIR, Registry, preview_paths
-from .config import OBJECT_TEMPLATES, STYLE_TEMPLATES, TrainConfig  # noqa: F401  (re-exported)
-from .trainer import Trainer  # noqa: F401  (re-exported)
+from .config import TrainConfig
+from .trainer import Trainer
 
 PREVIEW_PROMPTS = {
     "object": ["a photo of a {}", "a {} on the beach", "an oil painting of a {}"],

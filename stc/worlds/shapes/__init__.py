@@ -8,7 +8,7 @@ tests measure with; on the world's own images it is exact (tested).
 
 One combination is **held out** of the world's training data: a yellow triangle. No caption
 the models were trained on ever names it and no training image shows it, which makes it the
-example concept (``examples/shapes/``): something the world can draw but has no words for.
+example concept (``examples/wedge/``): something the world can draw but has no words for.
 """
 
 from __future__ import annotations

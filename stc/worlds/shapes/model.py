@@ -17,7 +17,6 @@ from pathlib import Path
 from . import RESOLUTION, WORLD_WORDS
 
 WEIGHTS = Path(__file__).with_name("shapes.safetensors")
-RECORD = Path(__file__).with_name("training.json")
 TEXT_WIDTH = 64
 LATENT_CHANNELS = 4
 VAE_FACTOR = 4

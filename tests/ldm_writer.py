@@ -1,0 +1,50 @@
+"""Writing single-file (LDM-layout) checkpoints from diffusers pipelines: what the tests use to
+make real single files from the builtin models. stc only reads such files (``stc.models.ldm``)."""
+
+import re
+
+import torch
+
+from stc.models import ldm
+
+
+def pipeline_to_ldm(pipeline, encoder: str | None = None) -> dict:
+    """The pipeline's UNet, VAE and text encoder under the original LDM keys, as a single-file
+    checkpoint has them (the inverse of what diffusers' ``from_single_file`` reads).
+
+    ``encoder``: "clip" (SD 1.x layout) or "openclip" (SD 2.x layout); default: openclip for a
+    text encoder with ``gelu`` layers (SD 2.x's), else clip.
+    """
+    if encoder is None:
+        encoder = "openclip" if pipeline.text_encoder.config.hidden_act == "gelu" else "clip"
+    state = {}
+    state.update(ldm._unet_to_ldm(pipeline.unet))
+    state.update(ldm._vae_to_ldm(pipeline.vae))
+    text = {key.removeprefix("text_model."): value for key, value in pipeline.text_encoder.state_dict().items()}
+    text.pop("embeddings.position_ids", None)
+    if encoder == "clip":
+        state.update({f"{ldm.CLIP_PREFIX}text_model.{key}": value for key, value in text.items()})
+    else:
+        state.update(_to_openclip(text))
+    return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
+
+
+def _to_openclip(text: dict) -> dict:
+    names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+             "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+    out = {}
+    width = text["embeddings.token_embedding.weight"].shape[1]
+    out[ldm.OPENCLIP_PREFIX + "token_embedding.weight"] = text["embeddings.token_embedding.weight"]
+    out[ldm.OPENCLIP_PREFIX + "positional_embedding"] = text["embeddings.position_embedding.weight"]
+    for part in ("weight", "bias"):
+        out[f"{ldm.OPENCLIP_PREFIX}ln_final.{part}"] = text[f"final_layer_norm.{part}"]
+    out[ldm.OPENCLIP_PREFIX + "text_projection"] = torch.eye(width)  # OpenCLIP's; no reader uses it
+    layers = sorted({int(m[1]) for key in text if (m := re.match(r"encoder\.layers\.(\d+)\.", key))})
+    for layer in layers:
+        source, target = f"encoder.layers.{layer}.", f"{ldm.OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+        for part in ("weight", "bias"):
+            out[f"{target}attn.in_proj_{part}"] = torch.cat(
+                [text[f"{source}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")])
+            for new, old in names.items():
+                out[f"{target}{old}.{part}"] = text[f"{source}{new}.{part}"]
+    return out
