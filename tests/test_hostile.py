@@ -32,7 +32,7 @@ from stc.store.listing import listing
 from stc.errors import BadInput, CorruptConcept, InvalidName, RegistryWriteError, StcError
 from stc.names import is_valid_name, validate_name
 from stc.render.prompts import parse_prompt
-from stc.store.registry import Registry
+from stc.store.registry import Registry, check_weights
 
 
 from reliability_counts import cli_built_once, collector  # noqa: E402,F401  (autouse fixtures)
@@ -217,7 +217,7 @@ def _read_each(root: str, cases: dict) -> dict:
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         result = {}
         concept = registry.load(name)
-        check = registry.verify(concept)
+        check = check_weights(concept)
         result["verify"] = [check.ok, check.problem]
         for key, read in (("load", lambda: read_state_dict(concept)),
                           ("import", lambda: read_embedding(Path(embedding)))):
@@ -378,7 +378,7 @@ def test_a_concept_folder_linked_outside_is_never_written_through(outside, stc_h
     # Overwriting replaces the link with a real folder; the outside copy is untouched, no leftover.
     registry.save(make_concept("linked"), weights_bytes(make_mapper(3), "linked"), overwrite=True)
     tried += 1
-    assert not (registry.concepts_dir / "linked").is_symlink() and registry.verify(registry.load("linked")).ok
+    assert not (registry.concepts_dir / "linked").is_symlink() and check_weights(registry.load("linked")).ok
     assert snapshot(outside) == before
     assert [p.name for p in registry.concepts_dir.iterdir()] == ["linked"]
     assert "interrupted write" not in invoke("ls").stderr
@@ -407,7 +407,7 @@ def test_files_linked_outside_are_not_copied_moved_or_deleted(outside, stc_home)
     for command in (("cp", "pup", "copy"), ("mv", "pup", "moved")):
         assert_one_line_error(invoke(*command), "symbolic link")
         tried += 1
-    assert registry.names() == ["pup"] and registry.verify(registry.load("pup")).ok
+    assert registry.names() == ["pup"] and check_weights(registry.load("pup")).ok
     # A linked folder inside an ordinary entry: cp copies the entry, not what the link points to.
     other = save_concept("kit")
     os.symlink(outside / "previews", other.path / "previews")

@@ -19,7 +19,7 @@ from stc.store.concept import KNOWN_KEYS, Concept, MetricsRecord, TrainingRecord
 from stc.errors import BadInput, InvalidName
 from stc.names import NAME_PATTERN, is_valid_name, suggest_name, validate_name
 from stc.render.prompts import parse_prompt
-from stc.store.registry import Registry, _yaml_text
+from stc.store.registry import Registry, _yaml_text, check_weights
 from stc.store.storage import yaml_load
 from stc.train.config import TrainConfig
 
@@ -163,8 +163,8 @@ def concepts(name_strategy=names):
         lambda name, base, init, width, final, seconds, extra, training_extra, metrics_extra, created: Concept(
             name=name, base_model=base, initializer=init, text_width=width, layer_names=[f"l{i}" for i in range(16)],
             mapper={"text_width": width, "hidden_dim": 128, "norm_scale": 0.5},
-            training=TrainingRecord(config=TrainConfig(steps=10, initializer="cat"), steps_done=4,
-                                    extra=training_extra),
+            training=TrainingRecord(settings=TrainConfig(steps=10, initializer="cat").record_settings(training_extra),
+                                    steps_done=4),
             metrics=MetricsRecord(final_loss=final, seconds=seconds, extra=metrics_extra),
             weights_sha256="ab" * 32, created=created, extra=extra,
         ),
@@ -185,7 +185,7 @@ def test_concept_yaml_round_trips_with_arbitrary_extra_keys(concept):
     loaded = Concept.from_yaml_dict(yaml_load(_yaml_text(concept)), Path("/registry/concepts") / concept.name)
     assert loaded.to_yaml_dict() == data
     assert loaded.extra == concept.extra
-    assert loaded.training.extra == concept.training.extra and loaded.metrics.extra == concept.metrics.extra
+    assert loaded.training.settings == concept.training.settings and loaded.metrics.extra == concept.metrics.extra
 
 
 _WEIGHTS = None
@@ -216,7 +216,7 @@ def test_registry_save_load_round_trips_names_and_metadata(batch):
         for name, data in written.items():
             loaded = registry.load(name)
             assert loaded.to_yaml_dict() == data
-            assert registry.verify(loaded).ok and registry.verify(loaded).problem is None
+            assert check_weights(loaded).ok and check_weights(loaded).problem is None
         from stc.store.listing import listing
 
         records = {name: record for name, record, problem in listing(registry) if problem is None}

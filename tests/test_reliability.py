@@ -39,7 +39,7 @@ import fault_worker
 from stc.store.conceptio import read_state_dict, weights_bytes
 from stc.errors import ConceptNotFound, StcError
 from stc.store.listing import listing
-from stc.store.registry import Registry
+from stc.store.registry import Registry, check_weights
 from stc.store.storage import WORK_FOLDER, leftovers
 
 WORKER = Path(__file__).with_name("fault_worker.py")
@@ -101,7 +101,7 @@ def template(spec, tmp_path_factory):
 def entry_version(registry: Registry, name: str, tensors: dict) -> str:
     """The version ("A", "B", "C") of a complete entry; raises AssertionError for anything less."""
     concept = registry.load(name)
-    check = registry.verify(concept)
+    check = check_weights(concept)
     assert check.ok and check.problem is None, f"{name}: {check.problem}"
     version = concept.extra.get("fault_version")
     assert version in tensors, f"{name}: concept.yaml names version {version!r}"
@@ -387,7 +387,7 @@ def test_concurrent_writers_readers_and_create_races(spec, template, tmp_path):
         stored = registry.load(f"race-{race}")
         if len(winners) != 1 or others:
             race_violations.append(f"race {race}: {attempts}")
-        elif stored.extra.get("race_tag", "seed") != winners[0]["tag"] or not registry.verify(stored).ok:
+        elif stored.extra.get("race_tag", "seed") != winners[0]["tag"] or not check_weights(stored).ok:
             race_violations.append(f"race {race}: the entry is {stored.extra.get('race_tag')!r}, the winner "
                                    f"{winners[0]['tag']!r} (silently overwritten)")
         tally["race_contenders"] += len(attempts)
@@ -430,12 +430,12 @@ def test_a_reader_racing_a_save_is_told_so_not_that_the_concept_is_damaged(spec,
     registry.save(fault_worker.concept("hot", "A"), fault_worker.WEIGHTS["A"])
     loaded = registry.load("hot")
     registry.save(fault_worker.concept("hot", "B"), fault_worker.WEIGHTS["B"], overwrite=True)
-    check = registry.verify(loaded)
+    check = check_weights(loaded)
     assert not check.ok and "saved again by another process" in check.problem
     registry.rename("hot", "cold")
-    assert "renamed or removed by another process" in registry.verify(loaded).problem
+    assert "renamed or removed by another process" in check_weights(loaded).problem
     fresh = registry.load("cold")
-    assert registry.verify(fresh).ok and entry_version(registry, "cold", spec["tensors"]) == "B"
+    assert check_weights(fresh).ok and entry_version(registry, "cold", spec["tensors"]) == "B"
     with pytest.raises(ConceptNotFound):
         registry.load("hot")
 
@@ -458,11 +458,11 @@ def test_a_reader_racing_two_saves_that_restore_the_same_content_is_told_so(spec
         return digest
 
     monkeypatch.setattr(registry_module, "sha256_file", hash_then_restore_a)
-    check = registry.verify(loaded)
+    check = check_weights(loaded)
     monkeypatch.undo()
     assert registry.load("hot").weights_sha256 == loaded.weights_sha256  # the same content again
     assert not check.ok and "saved again by another process" in check.problem, check.problem
-    assert registry.verify(registry.load("hot")).ok
+    assert check_weights(registry.load("hot")).ok
 
 
 def test_a_load_racing_a_removal_is_not_found_not_damaged(stc_home, monkeypatch):

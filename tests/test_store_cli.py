@@ -19,7 +19,7 @@ def make_concept(name: str, steps_done: int = 10, seed: int = 0) -> Concept:
     return save_concept(
         name, seed=seed,
         layer_names=[f"down_blocks.{i // 4}.attentions.{i % 4}.transformer_blocks.0.attn2" for i in range(16)],
-        training=TrainingRecord(config=TrainConfig(steps=10, lr=0.008), steps_done=steps_done),
+        training=TrainingRecord(settings=TrainConfig(steps=10, lr=0.008).record_settings(), steps_done=steps_done),
         metrics={"final_loss": 0.125},
     )
 

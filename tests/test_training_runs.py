@@ -151,8 +151,9 @@ def test_config_file_and_flag_precedence(photos, tmp_path):
     ])
     assert result.exit_code == 0, result.output
     stored = Registry().load("fromfile")
-    assert stored.training.config.lr == 0.005 and stored.training.config.batch_size == 1
-    assert stored.training.config.kind == "style" and stored.training.config.bypass is False
+    recorded = TrainConfig.of(stored.training)
+    assert recorded.lr == 0.005 and recorded.batch_size == 1
+    assert recorded.kind == "style" and recorded.bypass is False
     assert stored.mapper["bypass"] is False and stored.training.effective_lr == pytest.approx(0.005)
 
 
@@ -343,5 +344,5 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
     result = CliRunner().invoke(app, ["import", str(rescued), "--name", "spacey-back"])
     assert result.exit_code == 0, result.output
     back = Registry().load("spacey-back")
-    assert back.training.steps_done == 4 and back.training.config.steps == 4
+    assert back.training.steps_done == 4 and TrainConfig.of(back.training).steps == 4
     assert back.metrics.eval_loss_after is not None

@@ -453,7 +453,7 @@ def import_diffusers_export(folder: Path, name, model):
         if not isinstance(config.get(key) or {}, dict):
             raise BadInput(f"{folder}: '{key}' in its config.json is not a mapping")
     training = TrainingRecord.from_dict(config.get("training") or {}, folder)
-    training.extra = {**training.extra, "imported_from": str(folder.resolve()), "source_format": "stc-diffusers"}
+    training.imported_from, training.source_format = str(folder.resolve()), "stc-diffusers"
     concept = Concept(
         name=concept_name(name, config["name"]), base_model=model or config["base_model"],
         initializer=config["initializer"], text_width=int(config["text_width"]),

@@ -52,7 +52,7 @@ from .formats import FAST
 from ..method.mapper import MapperConfig
 from ..method.placeholders import add_placeholder_tokens, placeholder_tokens
 from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors
-from ..train.config import OBJECT_TEMPLATES
+from ..train.config import OBJECT_TEMPLATES, TrainConfig
 from ..train.trainer import single_token_id
 
 QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
@@ -155,7 +155,7 @@ def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
     single_token_id(tokenizer, concept.initializer)  # a BadInput with suggestions otherwise
     vector_tokens = placeholder_tokens(concept.token, vectors)
     add_placeholder_tokens(tokenizer, vector_tokens)
-    config = concept.training.config if concept.training is not None else None
+    config = TrainConfig.of(concept.training)
     templates = list(config.templates) if config is not None else list(OBJECT_TEMPLATES)
     private = copy.deepcopy(mapper).to(base.device).eval().requires_grad_(False)
     return _Context(

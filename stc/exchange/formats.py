@@ -261,14 +261,16 @@ def _check_width(concept: Concept, spec: str, model_config: str | None) -> list[
     return []
 
 
-def new_concept(name: str, base_model: str, initializer: str, mapper, extra: dict, steps: int | None = None) -> Concept:
-    """A concept for an imported mapper; its layers are the 16 of SD 1.x/2.x (the formats name none)."""
+def new_concept(name: str, base_model: str, initializer: str, mapper, source: Path, source_format: str,
+                steps: int | None = None) -> Concept:
+    """A concept for a mapper imported from ``source``; its layers are the 16 of SD 1.x/2.x (the
+    formats name none)."""
     from ..method.spacetime import SD_LAYER_NAMES
 
+    record = TrainingRecord(steps_done=steps, imported_from=str(source.resolve()), source_format=source_format)
     return Concept(
         name=name, base_model=base_model, initializer=initializer, text_width=mapper.config.text_width,
-        layer_names=list(SD_LAYER_NAMES), mapper=mapper.config.to_dict(),
-        training=TrainingRecord(steps_done=steps, extra=extra), metrics=MetricsRecord(),
+        layer_names=list(SD_LAYER_NAMES), mapper=mapper.config.to_dict(), training=record, metrics=MetricsRecord(),
     )
 
 

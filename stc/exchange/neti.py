@@ -288,7 +288,7 @@ def import_reference(path: Path, name, init, model, model_config):
     concept = new_concept(
         concept_name(name, checkpoint.placeholder_token or path.name.removesuffix("-mapper.pt")), base,
         init or checkpoint.super_category_token or "object", mapper,
-        {"imported_from": str(path.resolve()), "source_format": "neti"},
+        path, "neti",
         steps=int(steps) if isinstance(steps, int) else None,
     )
     return concept, mapper, "neti", notes
@@ -310,7 +310,9 @@ def state_dict_for_reference(state_dict: dict) -> dict:
 def reference_cfg(concept) -> dict:
     """``pyrallis.encode(RunConfig)`` of the reference for ``concept``: a plain dict."""
     mapper, record = concept.mapper, concept.training
-    config = record.config
+    from ..train.config import TrainConfig
+
+    config = TrainConfig.of(record)
     return {
         "log": {"exp_name": concept.name, "exp_dir": "outputs", "save_steps": 250, "logging_dir": "logs",
                 "report_to": "tensorboard", "checkpoints_total_limit": None},

@@ -110,7 +110,7 @@ def import_embedding(path: Path, name, init, model, model_config):
     count, width = embedding.vectors.shape
     base, notes = base_model_for(width, model, embedding.base_model, model_config, path.name)
     concept = new_concept(concept_name(name, embedding.token or stem), base, init or "object", mapper,
-                           {"imported_from": str(path.resolve()), "source_format": embedding.source})
+                           path, embedding.source)
     vectors = "the same vector" if count == 1 else f"the same {count} vectors (<name> is {count} tokens)"
     notes.append(f"a textual-inversion embedding: {vectors} at every timestep and layer, no bypass, no ranks")
     return concept, mapper, embedding.source, notes

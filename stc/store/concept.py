@@ -8,12 +8,11 @@ Keys this version does not know are kept (``extra``) and written back unchanged.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import __version__
-from ..errors import BadInput, CorruptConcept, UnsupportedSchema
-from ..train.config import TrainConfig
+from ..errors import CorruptConcept, UnsupportedSchema
 
 SCHEMA_VERSION = 1
 CONCEPT_FILE = "concept.yaml"
@@ -68,46 +67,47 @@ def _optional(kind: type, value):
 
 @dataclass
 class TrainingRecord:
-    """``training``: the run's settings (every :class:`TrainConfig` field) and what it resolved."""
+    """``training``: the run's settings and what it resolved.
 
-    config: TrainConfig | None = None  # None for concepts that stc did not train (imports)
+    ``settings`` is the plain mapping ``concept.yaml`` holds: the fields of
+    :class:`stc.train.config.TrainConfig` (which turns it into one) and any key a newer stc wrote.
+    The registry keeps it as it is and reads one thing from it, the planned ``steps``; empty for
+    concepts stc did not train (imports, which record where they came from instead).
+    """
+
+    settings: dict = field(default_factory=dict)
     steps_done: int | None = None
     resolution: int | None = None
     effective_lr: float | None = None
     num_processes: int | None = None
     photos: list[str] = field(default_factory=list)
     photos_dir: str | None = None
-    extra: dict = field(default_factory=dict)
+    imported_from: str | None = None  # the file or folder an imported concept was read from
+    source_format: str | None = None  # its format ("neti", "ti", "a1111", "diffusers-ti", "stc-diffusers")
 
-    RUN_KEYS = ("steps_done", "resolution", "effective_lr", "num_processes", "photos", "photos_dir")
+    RUN_KEYS = ("steps_done", "resolution", "effective_lr", "num_processes", "photos", "photos_dir", "imported_from",
+                "source_format")
 
     @property
     def steps_planned(self) -> int | None:
-        return self.config.steps if self.config is not None else None
+        return _optional(int, self.settings.get("steps"))
 
     def to_dict(self) -> dict:
-        data = self.config.to_dict() if self.config is not None else {}
+        data = {key: value for key, value in self.settings.items() if key not in self.RUN_KEYS}  # the run's own
         data.update({key: getattr(self, key) for key in self.RUN_KEYS if getattr(self, key) not in (None, [])})
-        data.update({key: value for key, value in self.extra.items() if key not in data})
         return data
 
     @classmethod
     def from_dict(cls, data: dict, source: Path) -> "TrainingRecord":
-        config_keys = {f.name for f in fields(TrainConfig)}
-        settings = {key: value for key, value in data.items() if key in config_keys}
-        try:
-            config = TrainConfig(**settings) if settings else None
-        except (BadInput, TypeError, ValueError) as exc:
-            raise CorruptConcept(f"{source}: its training settings are not valid: {exc}") from exc
+        text = lambda key: str(data[key]) if data.get(key) else None  # noqa: E731
         return cls(
-            config=config,
+            settings={key: value for key, value in data.items() if key not in cls.RUN_KEYS},
             steps_done=_optional(int, data.get("steps_done")),
             resolution=_optional(int, data.get("resolution")),
             effective_lr=_optional(float, data.get("effective_lr")),
             num_processes=_optional(int, data.get("num_processes")),
             photos=[str(photo) for photo in data.get("photos") or []],
-            photos_dir=str(data["photos_dir"]) if data.get("photos_dir") else None,
-            extra={k: v for k, v in data.items() if k not in config_keys and k not in cls.RUN_KEYS},
+            photos_dir=text("photos_dir"), imported_from=text("imported_from"), source_format=text("source_format"),
         )
 
 

@@ -121,6 +121,32 @@ class TrainConfig:
         return cls(**{k: v for k, v in data.items() if k in known})
 
     @classmethod
+    def of(cls, record) -> "TrainConfig | None":
+        """The settings a concept's training record holds (``TrainingRecord.settings``), or None
+        for a concept stc did not train; settings that are not valid make a damaged concept."""
+        known = {f.name for f in fields(cls)}
+        values = {key: value for key, value in record.settings.items() if key in known}
+        if not values:
+            return None
+        if values.get("resolution") is None and record.resolution is not None:
+            values["resolution"] = record.resolution  # the run resolved it (the model's, when not given)
+        try:
+            return cls(**values)
+        except (BadInput, TypeError, ValueError) as exc:
+            from ..errors import CorruptConcept
+
+            raise CorruptConcept(f"the training settings recorded for this concept are not valid: {exc}") from exc
+
+    def record_settings(self, previous: dict | None = None) -> dict:
+        """``TrainingRecord.settings`` for these settings, keeping the keys of ``previous`` (a
+        resumed concept's) that this stc does not know."""
+        from ..store.concept import TrainingRecord
+
+        known = {f.name for f in fields(self)}
+        settings = {**{k: v for k, v in (previous or {}).items() if k not in known}, **self.to_dict()}
+        return {key: value for key, value in settings.items() if key not in TrainingRecord.RUN_KEYS}
+
+    @classmethod
     def from_file(cls, path: Path, overrides: dict) -> "TrainConfig":
         """Settings from a YAML file (keys are the option names: ``weight-decay``, ``init``,
         ``batch-size``, ...; ``_`` works for ``-``), then ``overrides`` (explicit flags) on top."""

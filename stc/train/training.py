@@ -40,7 +40,8 @@ def preview_prompts(kind: str, base_model: str) -> list[str]:
 
 def suggested_prompt(concept) -> str:
     """The prompt ``stc train`` suggests trying next (the second preview prompt)."""
-    kind = concept.training.config.kind if concept.training.config else "object"
+    config = TrainConfig.of(concept.training)
+    kind = config.kind if config else "object"
     return preview_prompts(kind, concept.base_model)[1].format(concept.token)
 
 
@@ -147,10 +148,11 @@ def resume_training(
     concept = registry.load(name)
     state = checkpoints.load(concept.path)
     record = concept.training
-    if record.config is None:
+    recorded = TrainConfig.of(record)
+    if recorded is None:
         raise BadInput(f"{name!r} was not trained by stc; there is nothing to resume")
     changes = {"steps": steps, "save_every": save_every, "preview_every": preview_every}
-    config = dataclasses.replace(record.config, **{key: value for key, value in changes.items() if value is not None})
+    config = dataclasses.replace(recorded, **{key: value for key, value in changes.items() if value is not None})
     if state.step >= config.steps:
         raise BadInput(
             f"{name!r} has already trained {state.step}/{config.steps} steps; pass --steps N (more than "
@@ -245,7 +247,7 @@ class _Run:
             self.trainer.generator.set_state(state.generator)
         torch.set_rng_state(state.global_rng)
         self.metrics = dataclasses.replace(concept.metrics)  # its unknown keys (extra) included
-        self.kept = {"training": concept.training.extra, "mapper": concept.mapper}
+        self.kept = {"training": concept.training.settings, "mapper": concept.mapper}
         self.created = concept.created
         self.previous_seconds = concept.metrics.seconds or 0.0
         for path in preview_paths(concept.path):
@@ -307,10 +309,10 @@ class _Run:
     def _concept(self, step: int) -> Concept:
         trainer, config = self.trainer, self.config
         training = TrainingRecord(
-            config=config, steps_done=step, resolution=self.resolution,
+            settings=config.record_settings(self.kept["training"]), steps_done=step, resolution=self.resolution,
             effective_lr=config.effective_lr(self.accelerator.num_processes),
             num_processes=self.accelerator.num_processes, photos=[p.name for p in self.photos.paths],
-            photos_dir=str(self.photos_dir), extra=dict(self.kept["training"]),
+            photos_dir=str(self.photos_dir),
         )
         tail = self.losses[-20:]
         metrics = dataclasses.replace(self.metrics, final_loss=sum(tail) / len(tail) if tail else None,
