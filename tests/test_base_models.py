@@ -4,8 +4,13 @@
 import pytest
 from helpers import assert_one_line_error, invoke
 
-from stc.errors import ModelError
-from stc.models.base import DEFAULT_MODEL, default_model, load_base_model
+from stc.errors import BadInput, ModelError
+from stc.models.base import load_base_model
+from stc.settings import DEFAULT_MODEL, Settings
+
+
+def default_model() -> str:
+    return Settings.from_environment().default_model()
 
 
 def test_the_default_model_comes_from_stc_model_then_the_config_file(stc_home, monkeypatch):
@@ -18,8 +23,24 @@ def test_the_default_model_comes_from_stc_model_then_the_config_file(stc_home, m
     assert default_model() == "builtin:tiny"
     monkeypatch.delenv("STC_MODEL")
     (stc_home / "config.yaml").write_text("model: [1, 2]\n")
-    with pytest.raises(ModelError, match="config.yaml"):
+    with pytest.raises(BadInput, match="config.yaml"):
         default_model()
+
+
+def test_settings_passed_win_over_the_environment_and_are_never_written_to_it(stc_home, monkeypatch):
+    """The library behaves the same when called from Python: a Settings object says it all."""
+    import os
+
+    monkeypatch.setenv("STC_MODEL", "builtin:tiny")
+    monkeypatch.delenv("STC_PREDICTION_TYPE", raising=False)
+    env = Settings.from_environment(prediction_type="v_prediction", threads=1)
+    assert (env.model, env.prediction_type, env.threads) == ("builtin:tiny", "v_prediction", 1)
+    assert env.replace(model="builtin:tiny-sd2").default_model() == "builtin:tiny-sd2"
+    base = load_base_model("builtin:tiny", device="cpu", env=env)
+    assert base.prediction_type == "v_prediction"  # from the settings passed, not the environment
+    assert "STC_PREDICTION_TYPE" not in os.environ
+    assert load_base_model("builtin:tiny", device="cpu", env=env.replace(prediction_type="epsilon")
+                           ).prediction_type == "epsilon"
 
 
 def test_stc_model_is_honoured_by_train_and_gen(photos, monkeypatch, tmp_path):

@@ -20,7 +20,7 @@ from stc.errors import BadInput, InvalidName
 from stc.names import NAME_PATTERN, is_valid_name, suggest_name, validate_name
 from stc.render.prompts import parse_prompt
 from stc.store.registry import Registry, _yaml_text, check_weights
-from stc.store.storage import yaml_load
+from stc.safe_yaml import yaml_load
 from stc.train.config import TrainConfig
 
 EXAMPLES = Counter()

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stc.models import ldm
-from stc.errors import ModelError
+from stc.errors import ModelError, StcError
 from stc.render.generation import Renderer, RenderSettings
 from stc.models.base import load_base_model, text_width_of
 
@@ -227,7 +227,7 @@ def test_prediction_type_comes_from_the_option_then_the_file_then_the_config(wri
     assert load_base_model(str(marked), device="cpu", config=str(folder)).prediction_type == "v_prediction"
     assert load_base_model(str(marked), device="cpu", config=str(folder),
                            prediction_type="epsilon").prediction_type == "epsilon"
-    with pytest.raises(ModelError, match="--prediction-type must be one of epsilon, v_prediction"):
+    with pytest.raises(StcError, match="--prediction-type must be one of epsilon, v_prediction"):
         load_base_model(str(path), device="cpu", config=str(folder), prediction_type="sample")
 
     monkeypatch.setenv("STC_PREDICTION_TYPE", "epsilon")  # restored (unset) after the test
@@ -235,7 +235,7 @@ def test_prediction_type_comes_from_the_option_then_the_file_then_the_config(wri
                     "--out", tmp_path / "eps", "--json")
     assert result.exit_code == 0, result.output
     result = invoke("gen", "a cat", "--model", "builtin:tiny", "--prediction-type", "x0", "--steps", 1)
-    assert result.exit_code == 2 and "epsilon or v_prediction" in result.output
+    assert result.exit_code == 2 and "epsilon, v_prediction" in result.output
 
 
 # --------------------------------------------------------------------------- real SD layouts

@@ -46,11 +46,15 @@ def test_loading_a_model_sets_the_threads(monkeypatch):
         torch.set_num_threads(1)
 
 
-def test_the_threads_flag(monkeypatch):
+def test_the_threads_flag_reaches_the_model_load_not_the_environment(monkeypatch, tmp_path):
+    import os
+
     monkeypatch.delenv("STC_THREADS", raising=False)
     result = invoke("--threads", 0, "ls")
     assert result.exit_code == 2
-    assert invoke("--threads", 3, "ls").exit_code == 0
-    import os
-
-    assert os.environ["STC_THREADS"] == "3"
+    try:
+        result = invoke("--threads", 3, "gen", "a cat", "--model", "builtin:tiny", "--steps", 1, "--out", tmp_path)
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 3 and "STC_THREADS" not in os.environ  # passed as a setting
+    finally:
+        torch.set_num_threads(1)

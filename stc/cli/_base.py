@@ -18,9 +18,10 @@ from rich.markup import escape
 
 from .. import __version__
 from ..errors import StcError
-from ._lazy import LazyGroup, QuickTyper
+from ..settings import Settings
+from ._lazy import LazyGroup
 
-app = QuickTyper(
+app = typer.Typer(
     cls=LazyGroup,
     name="stc",
     help="Personalize Stable Diffusion with neural space-time concepts (NeTI): train a concept "
@@ -55,25 +56,13 @@ ModelConfigOpt = Annotated[
 ]
 
 
-def _prediction_type_callback(value: Optional[str]) -> Optional[str]:
-    """--prediction-type (or STC_PREDICTION_TYPE) travels to stc.models.base.load_base_model as
-    STC_PREDICTION_TYPE; every command that has the option sets or clears it, so one in-process
-    command's choice never leaks into the next."""
-    if value is None:
-        os.environ.pop("STC_PREDICTION_TYPE", None)
-        return None
-    if value not in ("epsilon", "v_prediction"):
-        raise typer.BadParameter(f"must be epsilon or v_prediction, not {value!r}")
-    os.environ["STC_PREDICTION_TYPE"] = value
-    return value
-
-
 PredictionTypeOpt = Annotated[
     Optional[str],
     typer.Option(
-        "--prediction-type", callback=_prediction_type_callback, show_default=False, envvar="STC_PREDICTION_TYPE",
-        help="epsilon or v_prediction: what the base model predicts; pass epsilon for 512-px SD 2.x-base single "
-        "files.  [default: its scheduler config; for an SD 2.x single file v_prediction, as 768-px SD 2.x]",
+        "--prediction-type", show_default=False,
+        help="epsilon or v_prediction: what the base model predicts (also STC_PREDICTION_TYPE); pass epsilon for "
+        "512-px SD 2.x-base single files.  [default: its scheduler config; for an SD 2.x single file "
+        "v_prediction, as 768-px SD 2.x]",
     ),
 ]
 SeedOpt = Annotated[
@@ -216,10 +205,21 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def open_registry():
+def command_env(ctx: typer.Context, **given) -> Settings:
+    """The settings a command passes to the library: the environment's, read once when ``stc``
+    starts, with the global flags (``--threads``, ``--offline``) and the command's own ``given``
+    ones (``prediction_type=``; None: not given) on top."""
+    root = ctx.find_root().obj
+    try:
+        return (root if isinstance(root, Settings) else Settings.from_environment()).replace(**given)
+    except StcError as exc:  # a bad value of the command's own option: a usage error
+        raise typer.BadParameter(str(exc)) from None
+
+
+def open_registry(env: Settings | None = None):
     from ..store.registry import Registry
 
-    return Registry()
+    return Registry((env or Settings.from_environment()).home)
 
 
 def _version_callback(value: bool) -> None:
@@ -228,32 +228,19 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
-def _threads_callback(value: Optional[int]) -> Optional[int]:
-    if value is not None:
-        if value < 1:
-            raise typer.BadParameter("must be at least 1")
-        os.environ["STC_THREADS"] = str(value)  # read where a model is loaded (stc.models.threads)
-    return value
-
-
-def _offline_callback(value: bool) -> bool:
-    if value:
-        os.environ["HF_HUB_OFFLINE"] = "1"  # diffusers and huggingface_hub make no request then
-    return value
-
-
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: Annotated[
         bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version.")
     ] = False,
     threads: Annotated[
-        Optional[int], typer.Option("--threads", callback=_threads_callback, help="CPU threads for torch (also "
-                                    "STC_THREADS).  [default: 1 for small models, else the free cores]")
+        Optional[int], typer.Option("--threads", help="CPU threads for torch (also STC_THREADS).  [default: "
+                                    "1 for small models, else the free cores]")
     ] = None,
     offline: Annotated[
-        bool, typer.Option("--offline", callback=_offline_callback, help="Use only models already on disk; never "
-                           "touch the network (also HF_HUB_OFFLINE=1).")
+        bool, typer.Option("--offline", help="Use only models already on disk; never touch the network (also "
+                           "HF_HUB_OFFLINE=1).")
     ] = False,
 ) -> None:
     """Personalize Stable Diffusion with neural space-time concepts.
@@ -261,10 +248,10 @@ def _root(
     The default base model is STC_MODEL, else 'model:' in $STC_HOME/config.yaml, else
     stable-diffusion-v1-5/stable-diffusion-v1-5.
     """
-    from ..settings import requested_threads
-
-    try:
-        requested_threads()  # STC_THREADS is checked before any command starts its work
+    if threads is not None and threads < 1:
+        raise typer.BadParameter("must be at least 1", param_hint="--threads")
+    try:  # the environment is read and checked here, once, before any command starts its work
+        ctx.obj = Settings.from_environment(threads=threads, offline=True if offline else None)
     except StcError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None

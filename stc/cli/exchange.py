@@ -15,6 +15,7 @@ from ._base import (
     ModelOpt,
     PredictionTypeOpt,
     app,
+    command_env,
     err,
     handle_errors,
     open_registry,
@@ -30,6 +31,7 @@ from ._base import (
 ))
 @handle_errors
 def export(
+    ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Concept to export.", metavar="NAME", show_default=False)],
     format_name: Annotated[
         str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.", show_default=False)
@@ -60,6 +62,7 @@ def export(
     from ..exchange.formats import check_format
 
     export_format = check_format(format_name)
+    env = command_env(ctx, prediction_type=prediction_type)
     quiet_libraries()
     from contextlib import nullcontext
 
@@ -68,10 +71,10 @@ def export(
     distils = format_name in ("ti", "a1111")
     with progress_bar(f"distilling {name} into {vectors} vector(s)") if distils else nullcontext() as progress:
         result = export_concept(
-            open_registry(), name, format_name, out=out_dir, rank=rank, vectors=vectors, force=force, model=model,
+            open_registry(env), name, format_name, out=out_dir, rank=rank, vectors=vectors, force=force, model=model,
             model_config=str(model_config) if model_config else None, device=device, progress=progress,
             on_status=lambda message: err.print(Text(message, style="dim")), samples=samples, fit_steps=fit_steps,
-            thorough=thorough,
+            thorough=thorough, env=env,
         )
     err.print(Text(f"Exported <{name}> as {export_format.name}: keeps {export_format.keeps}; "
                    f"loses {export_format.loses}."), soft_wrap=True)
@@ -91,6 +94,7 @@ def export(
 @app.command("import")
 @handle_errors
 def import_(
+    ctx: typer.Context,
     path: Annotated[Path, typer.Argument(
         help="A reference NeTI *-mapper.pt, a textual-inversion embedding (.safetensors, .pt, .bin) or a folder "
         "written by 'stc export --format diffusers'.", show_default=False)],
@@ -104,7 +108,8 @@ def import_(
     quiet_libraries()
     from ..exchange.formats import import_concept
 
-    result = import_concept(open_registry(), path, name=name, init=init, model=model,
+    env = command_env(ctx)
+    result = import_concept(open_registry(env), path, name=name, init=init, model=model, env=env,
                             model_config=str(model_config) if model_config else None)
     concept = result.concept
     for note in result.notes:

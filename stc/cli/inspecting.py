@@ -13,7 +13,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from ._base import JsonOpt, app, err, handle_errors, open_registry, out, print_json
+from ._base import JsonOpt, app, command_env, err, handle_errors, open_registry, out, print_json
 from .store import NameArg
 
 def _cell_style(fraction: float) -> str:
@@ -102,6 +102,7 @@ def _print_inspection(report) -> None:
 @app.command("inspect")
 @handle_errors
 def inspect_concept(
+    ctx: typer.Context,
     name: NameArg,
     rank: Annotated[
         Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, from 1 to the concept's maximum.  [default: full]")
@@ -118,7 +119,7 @@ def inspect_concept(
     """Show the token and bypass norms per (timestep, layer) and how outputs change with rank."""
     from ..render import inspection
 
-    registry = open_registry()
+    registry = open_registry(command_env(ctx))
     concept = registry.load(name)
     if plot is not None:
         inspection.check_plot_path(plot, force)

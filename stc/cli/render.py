@@ -18,6 +18,7 @@ from ._base import (
     PredictionTypeOpt,
     SeedOpt,
     app,
+    command_env,
     err,
     handle_errors,
     open_registry,
@@ -57,15 +58,15 @@ def _settings(**given) -> RenderSettings:
     return RenderSettings(**{key: value for key, value in given.items() if value is not None})
 
 
-def _load_renderer(requests, settings, model, model_config, device, dtype):
+def _load_renderer(requests, settings, model, model_config, device, dtype, env):
     quiet_libraries()
     from ..render.generation import Renderer
 
     with err.status("loading concepts") as status:
         renderer = Renderer.from_registry(
-            requests, settings, registry=open_registry(), model=model,
+            requests, settings, registry=open_registry(env), model=model,
             model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
-            on_status=lambda message: status.update(message),
+            on_status=lambda message: status.update(message), env=env,
         )
     if not renderer.concepts:
         err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
@@ -77,6 +78,7 @@ def _load_renderer(requests, settings, model, model_config, device, dtype):
 @app.command()
 @handle_errors
 def gen(
+    ctx: typer.Context,
     prompt: Annotated[
         str,
         typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank."),
@@ -126,7 +128,8 @@ def gen(
     )
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
     check_folder(out_dir)  # before anything loads
-    renderer = _load_renderer(requests, settings, model, model_config, device, dtype)
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
+                              command_env(ctx, prediction_type=prediction_type))
     saved = 0
     try:
         with progress_bar(f"rendering {num_images} image(s)", "denoising steps") as progress:
@@ -145,6 +148,7 @@ def gen(
 @app.command()
 @handle_errors
 def grid(
+    ctx: typer.Context,
     prompt: Annotated[
         Optional[str],
         typer.Argument(help="Prompt with one or more <concept>s (or use --prompts FILE)."),
@@ -216,7 +220,8 @@ def grid(
     )
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
-    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device, dtype)
+    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device, dtype,
+                              command_env(ctx, prediction_type=prediction_type))
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)

@@ -20,6 +20,7 @@ from ..errors import ConceptNotFound, ConfirmationRequired
 from ._base import (
     JsonOpt,
     app,
+    command_env,
     err,
     handle_errors,
     open_registry,
@@ -118,6 +119,7 @@ def _print_ls_table(records: list[dict]) -> None:
 @app.command("ls")
 @handle_errors
 def ls(
+    ctx: typer.Context,
     pattern: Annotated[
         Optional[str],
         typer.Argument(help="Only names matching this glob (e.g. 'dog*'); plain text matches anywhere in the name.",
@@ -131,7 +133,7 @@ def ls(
     """List the concepts in the registry (damaged or foreign entries are reported on stderr)."""
     from ..store.listing import listing
 
-    registry = open_registry()
+    registry = open_registry(command_env(ctx))
     records = []
     for name, record, problem in listing(registry):
         if not _matches(name, pattern):
@@ -286,9 +288,9 @@ def _print_show(record: dict) -> None:
 
 @app.command("show")
 @handle_errors
-def show(name: NameArg, as_json: JsonOpt = False) -> None:
+def show(ctx: typer.Context, name: NameArg, as_json: JsonOpt = False) -> None:
     """Show a concept's metadata: base model, layers, training, weights check, files, previews."""
-    registry = open_registry()
+    registry = open_registry(command_env(ctx))
     concept = registry.load(name)
     record = _show_record(registry, concept)
     if not record["weights"]["verified"] and record["weights"]["problem"]:
@@ -335,6 +337,7 @@ def _removal_plan(registry, names: list[str]) -> list[dict]:
 @app.command("rm")
 @handle_errors
 def rm(
+    ctx: typer.Context,
     names: Annotated[list[str], typer.Argument(help="Concept names to delete.", metavar="NAME", show_default=False)],
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Delete without asking.")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Only show what would be deleted.")] = False,
@@ -342,7 +345,7 @@ def rm(
     """Delete concepts (shows what goes and its size, then asks unless --yes)."""
     from rich.table import Table
 
-    registry = open_registry()
+    registry = open_registry(command_env(ctx))
     plan = _removal_plan(registry, names)
     total = sum(entry["size"] for entry in plan)
     table = Table(box=None, header_style="bold", pad_edge=False)
@@ -375,17 +378,19 @@ def _confirm_removal(count: int, total: int) -> None:
 
 @app.command("mv")
 @handle_errors
-def mv(old: NameArg, new: Annotated[str, typer.Argument(help="New name (the token becomes <new>).", metavar="NEW")]) -> None:
+def mv(ctx: typer.Context, old: NameArg,
+       new: Annotated[str, typer.Argument(help="New name (the token becomes <new>).", metavar="NEW")]) -> None:
     """Rename a concept; its token follows the name (<old> becomes <new>)."""
-    concept = open_registry().rename(old, new)
+    concept = open_registry(command_env(ctx)).rename(old, new)
     err.print(f"Renamed <{old}> to {concept.token}; use {concept.token} in prompts now.", highlight=False)
     out.print(Text(str(concept.path)), soft_wrap=True)
 
 
 @app.command("cp")
 @handle_errors
-def cp(source: NameArg, target: Annotated[str, typer.Argument(help="Name of the copy.", metavar="DST")]) -> None:
+def cp(ctx: typer.Context, source: NameArg,
+       target: Annotated[str, typer.Argument(help="Name of the copy.", metavar="DST")]) -> None:
     """Copy a concept under a new name (its weights are verified first)."""
-    concept = open_registry().copy(source, target)
+    concept = open_registry(command_env(ctx)).copy(source, target)
     err.print(f"Copied <{source}> to {concept.token}.", highlight=False)
     out.print(Text(str(concept.path)), soft_wrap=True)

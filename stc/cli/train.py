@@ -15,6 +15,7 @@ from ._base import (
     ModelOpt,
     PredictionTypeOpt,
     app,
+    command_env,
     err,
     handle_errors,
     open_registry,
@@ -41,6 +42,7 @@ def _hyper_parameter(flag: str, help: str, *aliases: str, field: str | None = No
 @app.command()
 @handle_errors
 def train(
+    ctx: typer.Context,
     photos: Annotated[
         Optional[Path], typer.Argument(help="Folder with 3-6 photos of the subject (only read, never modified).")
     ] = None,
@@ -106,17 +108,10 @@ def train(
     """
     from ..names import validate_name
 
-    settings = {
-        "steps": steps, "seed": seed, "batch_size": batch_size, "grad_accum": grad_accum, "lr": lr,
-        "scale_lr": scale_lr, "adam_beta1": adam_beta1, "adam_beta2": adam_beta2,
-        "adam_weight_decay": adam_weight_decay, "adam_epsilon": adam_epsilon, "resolution": resolution,
-        "bypass": bypass, "nested_dropout": nested_dropout, "nested_dropout_prob": nested_dropout_prob,
-        "mixed_precision": mixed_precision, "gradient_checkpointing": gradient_checkpointing,
-        "kind": kind, "initializer": init, "save_every": save_every, "preview_every": preview_every,
-    }
-    given = {key: value for key, value in settings.items() if value is not None}
+    given = _given_settings(ctx.params)
+    env = command_env(ctx, prediction_type=prediction_type)
     if resume is not None:
-        _resume(resume, photos, given, config_file, model, device, model_config)
+        _resume(resume, photos, given, config_file, model, device, model_config, env)
         return
     if name is None or photos is None:
         raise typer.BadParameter("give the photos folder and --name (or --resume NAME)", param_hint="PHOTOS/--name")
@@ -125,18 +120,31 @@ def train(
     quiet_libraries()
     from ..train.training import train_concept
 
-    with _training_progress() as callbacks:
+    with _training_progress(env) as callbacks:
         result = train_concept(
-            photos, name, model, config, registry=open_registry(), device=device,
-            model_config=str(model_config) if model_config else None, callbacks=callbacks,
+            photos, name, model, config, registry=open_registry(env), device=device,
+            model_config=str(model_config) if model_config else None, callbacks=callbacks, env=env,
         )
-    _summary(result.concept)
+    _summary(result.concept, env)
 
 
 RESUMABLE = {"steps", "save_every", "preview_every"}
 
 
-def _resume(name, photos, given, config_file, model, device, model_config) -> None:
+def _given_settings(params: dict) -> dict:
+    """The TrainConfig fields the command line set: every option named as a field (``--init`` for
+    ``initializer``), when given."""
+    from dataclasses import fields
+
+    from ..train.config import ALIASES
+
+    option_of = {field: option.replace("-", "_") for option, field in ALIASES.items()}
+    values = {item.name: params[item.name] if item.name in params else params.get(option_of.get(item.name))
+              for item in fields(TrainConfig)}
+    return {name: value for name, value in values.items() if value is not None}
+
+
+def _resume(name, photos, given, config_file, model, device, model_config, env) -> None:
     changed = sorted(set(given) - RESUMABLE) + (["--config"] if config_file else []) + (["--model"] if model else [])
     if changed:
         raise typer.BadParameter(
@@ -146,24 +154,17 @@ def _resume(name, photos, given, config_file, model, device, model_config) -> No
     quiet_libraries()
     from ..train.training import resume_training
 
-    with _training_progress() as callbacks:
+    with _training_progress(env) as callbacks:
         result = resume_training(
             name, steps=given.get("steps"), photos_dir=photos, save_every=given.get("save_every"),
-            preview_every=given.get("preview_every"), registry=open_registry(), device=device,
-            model_config=str(model_config) if model_config else None, callbacks=callbacks,
+            preview_every=given.get("preview_every"), registry=open_registry(env), device=device,
+            model_config=str(model_config) if model_config else None, callbacks=callbacks, env=env,
         )
-    _summary(result.concept)
+    _summary(result.concept, env)
 
 
-def _is_main_process() -> bool:
-    """Under torchrun / accelerate launch only rank 0 talks."""
-    import os
-
-    return os.environ.get("RANK", "0") == "0"
-
-
-def _summary(concept) -> None:
-    if not _is_main_process():
+def _summary(concept, env) -> None:
+    if not env.is_main_process:  # under torchrun / accelerate launch only rank 0 talks
         return
     metrics = concept.metrics
     before = f"{metrics.eval_loss_before:.4f} -> " if metrics.eval_loss_before is not None else ""
@@ -182,12 +183,14 @@ class _training_progress:
     """Training progress on stderr (step, smoothed loss, elapsed, ETA; see ``progress_bar``);
     yields TrainCallbacks. Under torchrun / accelerate launch only rank 0 talks."""
 
+    def __init__(self, env):
+        self.main = env.is_main_process
+
     def __enter__(self):
         from ..train.training import TrainCallbacks
 
         self.smoothed = None
         self.bar = progress_bar("training", "steps", fields=lambda done, total: f"loss {self.smoothed:.4f}")
-        self.main = _is_main_process()
         self.report = self.bar.__enter__() if self.main else None
         say = err.print if self.main else (lambda *args, **kwargs: None)
         return TrainCallbacks(

@@ -440,13 +440,14 @@ def _state_dict(weights: bytes, mapper_config: dict, source: str) -> dict:
     return state
 
 
-def import_diffusers_export(folder: Path, name, model):
-    """``stc import`` of an stc diffusers export: the concept as it was exported, its mapper, notes
-    and the files (the preview) the registry keeps beside it."""
+def import_diffusers_export(request):
+    """``stc import`` of an stc diffusers export (a :class:`~stc.exchange.formats.ImportRequest`):
+    the concept as it was exported, with its preview."""
     from ..store.concept import MetricsRecord, TrainingRecord
     from ..store.conceptio import mapper_from_state
-    from .formats import concept_name
+    from .formats import Imported, concept_name
 
+    folder, name, model = request.path, request.name, request.model
     config, state_dict = read_diffusers_export(folder)
     mapper = mapper_from_state(config["mapper"], state_dict, source=str(folder))
     for key in ("training", "metrics"):
@@ -463,4 +464,4 @@ def import_diffusers_export(folder: Path, name, model):
     )
     preview = folder / PREVIEW_FILE
     files = {PREVIEW_FILE: preview} if preview.is_file() and not preview.is_symlink() else {}
-    return concept, mapper, "stc-diffusers", [], files
+    return Imported(concept, mapper, "stc-diffusers", files=files)

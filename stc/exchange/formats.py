@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import BadInput, ModelError, StcError
 from ..names import is_valid_name, suggest_name, validate_name
 from ..outputs import check_folder, refuse_existing, staged
+from ..settings import Settings
 from ..store.concept import Concept, MetricsRecord, TrainingRecord
 
 # (samples, fit steps) of the ti/a1111 distillation: the default fit and the thorough one
@@ -130,7 +131,7 @@ def export_concept(
     registry, name: str, format_name: str, out: Path | None = None, rank: int | None = None, vectors: int = 1,
     force: bool = False, model: str | None = None, model_config: str | None = None, device: str | None = None,
     progress: Callable[[int, int], None] | None = None, on_status: Callable[[str], None] | None = None,
-    samples: int | None = None, fit_steps: int | None = None, thorough: bool = False,
+    samples: int | None = None, fit_steps: int | None = None, thorough: bool = False, env: Settings | None = None,
 ) -> ExportResult:
     """Export concept ``name`` as ``format_name`` into the folder ``out`` (default: the current one).
 
@@ -176,7 +177,7 @@ def export_concept(
                 fitted, spec = exact, concept.base_model
             else:
                 fitted, spec, result.fidelity = _distil(concept, mapper, rank, vectors, model, model_config,
-                                                        device, progress, on_status, samples, fit_steps)
+                                                        device, progress, on_status, samples, fit_steps, env)
             if format_name == "ti":
                 write_ti(fitted, paths[0], spec)
             else:
@@ -184,14 +185,14 @@ def export_concept(
     return result
 
 
-def _distil(concept, mapper, rank, vectors, model, model_config, device, progress, on_status, samples, fit_steps):
+def _distil(concept, mapper, rank, vectors, model, model_config, device, progress, on_status, samples, fit_steps, env):
     from ..models.base import load_base_model
     from .distill import distil
 
     spec = model or concept.base_model
     if on_status:
         on_status(f"loading {spec}")
-    base = load_base_model(spec, device=device, config=model_config)
+    base = load_base_model(spec, device=device, config=model_config, env=env)
     distilled = distil(base, concept, mapper, vectors=vectors, rank=rank, samples=samples, steps=fit_steps,
                        progress=progress)
     return distilled.vectors, base.spec, distilled.fidelity
@@ -201,41 +202,62 @@ def _distil(concept, mapper, rank, vectors, model, model_config, device, progres
 
 
 @dataclass
-class ImportResult:
+class ImportRequest:
+    """What ``stc import`` was asked: the file or folder and the choices the user made."""
+
+    path: Path
+    name: str | None = None  # None: from the file
+    init: str | None = None  # None: from the file, else "object"
+    model: str | None = None  # None: from the file, the default model or the width (base_model_for)
+    model_config: str | None = None
+    env: Settings | None = None
+
+
+@dataclass
+class Imported:
+    """What a format's reader made of a file: the concept, its mapper, and what to tell the user."""
+
     concept: Concept
+    mapper: object  # NeTIMapper
     source_format: str  # "neti", "ti", "a1111", "diffusers-ti", "stc-diffusers"
+    notes: list[str] = field(default_factory=list)
+    files: dict = field(default_factory=dict)  # kept beside the concept (a diffusers export's preview)
+
+
+@dataclass
+class ImportResult:
+    concept: Concept  # as stored
+    source_format: str
     notes: list[str]
 
 
 def import_concept(registry, path: Path, name: str | None = None, init: str | None = None, model: str | None = None,
-                   model_config: str | None = None) -> ImportResult:
+                   model_config: str | None = None, env: Settings | None = None) -> ImportResult:
     """Read ``path`` and store it as a concept in ``registry``."""
     from ..store.conceptio import weights_bytes
 
     path = Path(path).expanduser()
     if not path.exists():
         raise BadInput(f"{path} does not exist")
-    files = {}
+    if init is not None and not init.strip():
+        raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out to take the file's")
+    request = ImportRequest(path, name, init, model, model_config, env or Settings.from_environment())
     if path.is_dir():
-        from .diffusers_folder import import_diffusers_export
-
-        concept, mapper, source, notes, files = import_diffusers_export(path, name, model)
+        from .diffusers_folder import import_diffusers_export as reader
     elif path.name.endswith("-mapper.pt"):
-        from .neti import import_reference
-
-        concept, mapper, source, notes = import_reference(path, name, init, model, model_config)
+        from .neti import import_reference as reader
     elif path.suffix in EMBEDDING_SUFFIXES:
-        from .ti import import_embedding
-
-        concept, mapper, source, notes = import_embedding(path, name, init, model, model_config)
+        from .ti import import_embedding as reader
     else:
         raise BadInput(
             f"{path.name}: stc imports reference NeTI checkpoints (*-mapper.pt), textual-inversion embeddings "
             "(.safetensors, .pt, .bin) and folders written by 'stc export --format diffusers'"
         )
-    notes += _check_width(concept, model or concept.base_model, model_config)
-    registry.save(concept, weights_bytes(mapper, concept.name), extra_files=files)
-    return ImportResult(concept=registry.load(concept.name), source_format=source, notes=notes)
+    imported = reader(request)
+    concept = imported.concept
+    notes = imported.notes + _check_width(concept, model or concept.base_model, model_config)
+    registry.save(concept, weights_bytes(imported.mapper, concept.name), extra_files=imported.files)
+    return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes)
 
 
 def concept_name(name: str | None, fallback: str) -> str:
@@ -283,28 +305,29 @@ def _model_width(spec: str, model_config: str | None) -> int | None:
         return None
 
 
-def base_model_for(width: int, model: str | None, recorded: str | None, model_config: str | None,
-                   source: str) -> tuple[str, list[str]]:
-    """The base model of an imported embedding of text width ``width``: ``--model``; else the one the
-    file records (a builtin, a local path or a hub id of that width); else the default model when
-    it has that width; else the one builtin or model family of that width. Returns it and notes."""
-    from ..models.base import BUILTINS, FAMILY_MODELS, canonical_spec, default_model
+def base_model_for(request: ImportRequest, width: int, recorded: str | None) -> str:
+    """The base model of a concept imported from ``request.path`` with text width ``width``:
+    ``--model``; else the one the file records (a builtin, a local path or a hub id of that
+    width); else the default model when it has that width; else the one builtin or model family
+    of that width; else an error asking for ``--model``."""
+    from ..models.base import BUILTINS, FAMILY_MODELS, canonical_spec
 
-    if model:
-        return model, []
+    model_config, source = request.model_config, request.path.name
+    if request.model:
+        return request.model
     if recorded:
         recorded_width = _model_width(recorded, model_config)
         if recorded_width == width:
-            return canonical_spec(recorded), []
+            return canonical_spec(recorded)
         if recorded_width is None and recorded.count("/") == 1 and not Path(recorded).expanduser().exists():
-            return recorded, []  # a hub id not on disk: its width is checked when the concept renders
-    default = default_model()
+            return recorded  # a hub id not on disk: its width is checked when the concept renders
+    default = (request.env or Settings.from_environment()).default_model()
     if _model_width(default, model_config) == width:
-        return default, []
+        return default
     fitting = [spec for spec in BUILTINS if _model_width(spec, None) == width]
     fitting += [spec for spec, family_width in FAMILY_MODELS.items() if family_width == width]
     if len(fitting) == 1:
-        return fitting[0], []
+        return fitting[0]
     known = ", ".join(f"{spec} ({_model_width(spec, None) or FAMILY_MODELS[spec]})" for spec in
                       [*BUILTINS, *FAMILY_MODELS])
     raise BadInput(

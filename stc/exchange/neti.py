@@ -274,24 +274,24 @@ def mapper_from_reference(ckpt: ReferenceCheckpoint) -> NeTIMapper:
     return mapper_from_state(config, state_dict_from_reference(ckpt), source=str(ckpt.path))
 
 
-def import_reference(path: Path, name, init, model, model_config):
-    """``stc import`` of a reference ``*-mapper.pt``: the concept, its mapper, the format's name, notes."""
-    from .formats import base_model_for, concept_name, new_concept
+def import_reference(request):
+    """``stc import`` of a reference ``*-mapper.pt`` (a :class:`~stc.exchange.formats.ImportRequest`)."""
+    from .formats import Imported, base_model_for, concept_name, new_concept
 
+    path = request.path
     checkpoint = read_reference_mapper(path)
     mapper = mapper_from_reference(checkpoint)
     model_cfg = checkpoint.cfg.get("model") if isinstance(checkpoint.cfg.get("model"), dict) else {}
     recorded = model_cfg.get("pretrained_model_name_or_path")
-    base, notes = base_model_for(mapper.config.text_width, model, recorded if isinstance(recorded, str) else None,
-                                 model_config, path.name)
-    steps = (checkpoint.cfg.get("optim") or {}).get("max_train_steps") if isinstance(checkpoint.cfg.get("optim"), dict) else None
+    base = base_model_for(request, mapper.config.text_width, recorded if isinstance(recorded, str) else None)
+    optim = checkpoint.cfg.get("optim") if isinstance(checkpoint.cfg.get("optim"), dict) else {}
+    steps = optim.get("max_train_steps")
     concept = new_concept(
-        concept_name(name, checkpoint.placeholder_token or path.name.removesuffix("-mapper.pt")), base,
-        init or checkpoint.super_category_token or "object", mapper,
-        path, "neti",
-        steps=int(steps) if isinstance(steps, int) else None,
+        concept_name(request.name, checkpoint.placeholder_token or path.name.removesuffix("-mapper.pt")), base,
+        request.init or checkpoint.super_category_token or "object", mapper, path, "neti",
+        steps=steps if isinstance(steps, int) and not isinstance(steps, bool) else None,
     )
-    return concept, mapper, "neti", notes
+    return Imported(concept, mapper, "neti")
 
 
 # --------------------------------------------------------------------------- writing

@@ -100,20 +100,20 @@ def constant_mapper(vectors):
     return mapper.eval().requires_grad_(False)
 
 
-def import_embedding(path: Path, name, init, model, model_config):
-    """``stc import`` of a textual-inversion file: the concept, its mapper, the layout's name, notes."""
-    from .formats import base_model_for, concept_name, new_concept
+def import_embedding(request):
+    """``stc import`` of a textual-inversion file (a :class:`~stc.exchange.formats.ImportRequest`)."""
+    from .formats import Imported, base_model_for, concept_name, new_concept
 
+    path = request.path
     embedding = read_embedding(path)
     mapper = constant_mapper(embedding.vectors)
-    stem = path.name.removesuffix(path.suffix)
     count, width = embedding.vectors.shape
-    base, notes = base_model_for(width, model, embedding.base_model, model_config, path.name)
-    concept = new_concept(concept_name(name, embedding.token or stem), base, init or "object", mapper,
-                           path, embedding.source)
+    base = base_model_for(request, width, embedding.base_model)
+    name = concept_name(request.name, embedding.token or path.name.removesuffix(path.suffix))
+    concept = new_concept(name, base, request.init or "object", mapper, path, embedding.source)
     vectors = "the same vector" if count == 1 else f"the same {count} vectors (<name> is {count} tokens)"
-    notes.append(f"a textual-inversion embedding: {vectors} at every timestep and layer, no bypass, no ranks")
-    return concept, mapper, embedding.source, notes
+    note = f"a textual-inversion embedding: {vectors} at every timestep and layer, no bypass, no ranks"
+    return Imported(concept, mapper, embedding.source, [note])
 
 
 # --------------------------------------------------------------------------- writing

@@ -4,12 +4,12 @@ file, a hub id), the device and the precision it runs in."""
 from __future__ import annotations
 
 import copy
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ModelError, one_line
+from ..settings import DEFAULT_MODEL, Settings, check_prediction_type
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
@@ -17,13 +17,11 @@ SHAPES = "builtin:shapes"
 # random-weight test models in the SD 1.x and SD 2.x layouts (stc/models/tiny.py), and the trained
 # shapes world (stc/worlds/shapes)
 BUILTINS = (TINY, TINY_SD2, SHAPES)
-DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 # the hub model of each family stc knows, and its text width: what an embedding of that width
 # that names no model is taken to be for
 FAMILY_MODELS = {DEFAULT_MODEL: 768, "stabilityai/stable-diffusion-2-1": 1024}
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
-PREDICTION_ENV = "STC_PREDICTION_TYPE"  # what --prediction-type sets
 
 
 @dataclass
@@ -60,33 +58,6 @@ def embedding_fingerprint(pipeline) -> str:
     table = pipeline.text_encoder.get_input_embeddings().weight[:4096]
     data = table.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
     return hashlib.sha256(data).hexdigest()[:16]
-
-
-def default_model() -> str:
-    """The base model when none is given: ``STC_MODEL``, else ``model:`` in ``$STC_HOME/config.yaml``,
-    else the SD 1.5 hub id."""
-    env = os.environ.get("STC_MODEL", "").strip()
-    if env:
-        return env
-    from ..store.registry import registry_root
-    from ..store.storage import yaml_load
-
-    import yaml
-
-    path = registry_root() / "config.yaml"
-    try:
-        data = yaml_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, ValueError, UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ModelError(f"cannot read {path} (it must be YAML, e.g. 'model: builtin:shapes'): {one_line(exc)}") from exc
-    if isinstance(data, dict) and data.get("model"):
-        if not isinstance(data["model"], str):
-            raise ModelError(f"{path}: 'model' must be a model name or path, not {data['model']!r}")
-        return data["model"]
-    return DEFAULT_MODEL
-
-
-def is_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def default_device() -> str:
@@ -214,12 +185,11 @@ def _load_single_file(path: Path, config: str | None, dtype, prediction_type: st
     return load_single_file(path, config, dtype, prediction_type)
 
 
-def _load_hub(model_id: str, dtype):
-    """A hub id from the local cache, or downloaded (with progress) unless offline. Offline, no
+def _load_hub(model_id: str, dtype, offline: bool):
+    """A hub id from the local cache, or downloaded (with progress) unless ``offline``. Offline, no
     network request is made at all."""
     from diffusers import StableDiffusionPipeline
 
-    offline = is_offline()
     try:
         return StableDiffusionPipeline.from_pretrained(
             model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
@@ -279,28 +249,21 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
     return FAMILY_MODELS.get(spec)
 
 
-def prediction_type_from_env() -> str | None:
-    """``--prediction-type`` (it sets STC_PREDICTION_TYPE); None: the model's own."""
-    from .ldm import check_prediction_type
-
-    return check_prediction_type(os.environ.get(PREDICTION_ENV, "").strip() or None)
-
-
 def load_base_model(
     spec: str, device: str | None = None, dtype: str | None = None, config: str | None = None,
-    prediction_type: str | None = None,
+    prediction_type: str | None = None, env: Settings | None = None,
 ) -> BaseModel:
     """Load the pipeline named by ``spec`` onto ``device`` (None or "auto": the best available)
     with frozen weights in ``dtype`` (None: fp16 on GPUs, fp32 on the CPU).
 
-    ``prediction_type`` ("epsilon" or "v_prediction"; default: STC_PREDICTION_TYPE, else the
-    model's scheduler config) overrides what the model is taken to predict.
+    ``prediction_type`` ("epsilon" or "v_prediction"; default: ``env``'s, else the model's
+    scheduler config) overrides what the model is taken to predict. ``env`` (default: the
+    environment's settings) says whether to stay offline and how many CPU threads to use.
     """
+    env = env or Settings.from_environment()
     device = check_device(device)
     weight_dtype = torch_dtype(dtype, device)
-    from .ldm import check_prediction_type
-
-    prediction_type = check_prediction_type(prediction_type) or prediction_type_from_env()
+    prediction_type = check_prediction_type(prediction_type) or env.prediction_type
     if spec in BUILTINS:
         pipeline = copy.deepcopy(_builtin_pipeline(spec))
     elif spec.startswith("builtin:"):
@@ -312,7 +275,7 @@ def load_base_model(
         elif path.is_file():
             pipeline = _load_single_file(path, config, weight_dtype, prediction_type)
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-            pipeline = _load_hub(spec, weight_dtype)
+            pipeline = _load_hub(spec, weight_dtype, env.offline)
         else:
             raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor {TINY}")
     if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
@@ -327,5 +290,5 @@ def load_base_model(
     if device == "cpu":
         from .threads import apply_threads
 
-        apply_threads(sum(p.numel() for p in pipeline.unet.parameters()))
+        apply_threads(sum(p.numel() for p in pipeline.unet.parameters()), env.threads)
     return BaseModel(spec=canonical_spec(spec), pipeline=pipeline, device=device, dtype=weight_dtype)

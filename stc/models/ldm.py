@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import ModelError, one_line
+from ..settings import check_prediction_type
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -38,7 +39,6 @@ OPENCLIP_TOKEN_KEY = OPENCLIP_PREFIX + "token_embedding.weight"
 CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 V_PREDICTION_KEY = "v_pred"  # a marker some v-prediction checkpoints carry (its value is unused)
-PREDICTION_TYPES = ("epsilon", "v_prediction")
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 CONFIGS = Path(__file__).with_name("configs")
 
@@ -213,12 +213,6 @@ def checkpoint_text_width(path: Path) -> int | None:
 
 
 # --------------------------------------------------------------------------- loading
-
-
-def check_prediction_type(value: str | None) -> str | None:
-    if value is not None and value not in PREDICTION_TYPES:
-        raise ModelError(f"--prediction-type must be one of {', '.join(PREDICTION_TYPES)}, not {value!r}")
-    return value
 
 
 def load_single_file(path: Path, config: str | None, dtype, prediction_type: str | None = None):

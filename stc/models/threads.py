@@ -42,11 +42,11 @@ def choose_threads(parameters: int, requested: int | None = None) -> int:
 
 
 def apply_threads(parameters: int, requested: int | None = None) -> int:
+    """Set torch's CPU threads for a model of ``parameters`` weights (``requested``: the
+    settings' ``threads``, when given)."""
     import torch
 
-    from ..settings import requested_threads
-
-    threads = choose_threads(parameters, requested_threads(requested))
+    threads = choose_threads(parameters, requested)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
     return threads

@@ -18,7 +18,7 @@ from ..method.conditioning import Conditioning, TextConditioner
 from ..errors import BadInput, ModelError
 from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
 from ..models.schedulers import check_scheduler, make_scheduler
-from ..settings import MAX_SEED
+from ..settings import MAX_SEED, Settings
 
 # progress(done, total): denoising steps summed over images
 ProgressCallback = Callable[[int, int], None]
@@ -129,26 +129,28 @@ class Renderer:
     def from_registry(
         cls, requests: list[RenderRequest], settings: RenderSettings, registry=None, model: str | None = None,
         model_config: str | None = None, device: str | None = None, dtype: str | None = None,
-        on_status: Callable[[str], None] | None = None,
+        on_status: Callable[[str], None] | None = None, env: Settings | None = None,
     ) -> "Renderer":
-        """Load the concepts ``requests`` use and their base model (or ``model``).
+        """Load the concepts ``requests`` use and their base model (or ``model``; ``env``: the
+        environment's settings, e.g. the default model).
 
         Every request is resolved (concepts exist, ranks fit) before any weights load.
         """
-        from ..store.conceptio import load_mapper
         from ..models.base import load_base_model
+        from ..store.conceptio import load_mapper
         from ..store.registry import Registry
 
-        registry = registry or Registry()
+        env = env or Settings.from_environment()
+        registry = registry or Registry(env.home)
         names = dict.fromkeys(name for request in requests for name in parse_prompt(request.prompt).ranks)
         concepts = {name: registry.load(name) for name in names}
         for request in requests:
             resolve_request(request, settings, concepts)
-        spec = choose_model(list(concepts.values()), model)
+        spec = choose_model(list(concepts.values()), model, env)
         loaded = {name: (concept, load_mapper(concept)) for name, concept in concepts.items()}
         if on_status is not None:
             on_status(f"loading {spec}")
-        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config), loaded)
+        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config, env=env), loaded)
 
     # ------------------------------------------------------------------ text
 
@@ -378,8 +380,8 @@ def compatibility_notes(concepts: list[Concept], base) -> list[str]:
     ]
 
 
-def choose_model(concepts: list[Concept], model: str | None) -> str:
-    """``model`` if given, else the one base model all concepts share."""
+def choose_model(concepts: list[Concept], model: str | None, env: Settings | None = None) -> str:
+    """``model`` if given, else the one base model all concepts share, else the default model."""
     if model:
         return model
     bases = {concept.base_model for concept in concepts}
@@ -390,6 +392,4 @@ def choose_model(concepts: list[Concept], model: str | None) -> str:
         )
     if bases:
         return bases.pop()
-    from ..models.base import default_model
-
-    return default_model()
+    return (env or Settings.from_environment()).default_model()

@@ -34,6 +34,8 @@ from ..errors import (
     StcError,
     one_line,
 )
+from ..safe_yaml import yaml_load
+from ..settings import registry_root
 from ..names import is_valid_name, suggest_name, validate_name
 from .storage import (
     clone_tree,
@@ -49,22 +51,11 @@ from .storage import (
     staging_folder,
     sweep,
     write_file,
-    yaml_load,
 )
 
 PREVIEW_FILE = "preview.png"
 PREVIEWS_DIR = "previews"
 RENAMES_LOCK = "_renames"  # cannot clash with a concept name (those never start with '_')
-
-
-def registry_root() -> Path:
-    """``$STC_HOME`` if set, else the platform's user data folder for stc."""
-    env = os.environ.get("STC_HOME")
-    if env:
-        return Path(env).expanduser()
-    import platformdirs
-
-    return Path(platformdirs.user_data_dir("stc"))
 
 
 def _now() -> str:

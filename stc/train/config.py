@@ -152,8 +152,10 @@ class TrainConfig:
         ``batch-size``, ...; ``_`` works for ``-``), then ``overrides`` (explicit flags) on top."""
         import yaml
 
+        from ..safe_yaml import yaml_load
+
         try:
-            data = yaml.safe_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
+            data = yaml_load(Path(path).expanduser().read_text(encoding="utf-8")) or {}
         except (OSError, yaml.YAMLError, UnicodeDecodeError) as exc:
             raise BadInput(f"cannot read the config file {path}: {one_line(exc)}") from exc
         if not isinstance(data, dict):

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..store.concept import Concept, MetricsRecord, TrainingRecord
 from ..errors import BadInput, ConceptExists, Interrupted, RegistryWriteError, StcError
 from ..names import validate_name
+from ..settings import Settings
 from ..store.registry import PREVIEW_FILE, PREVIEWS_DIR, Registry, preview_paths
 from .config import TrainConfig
 from .trainer import Trainer
@@ -78,9 +79,12 @@ def train_concept(
     device: str | None = None,
     model_config: str | None = None,
     callbacks: TrainCallbacks | None = None,
+    env: Settings | None = None,
 ) -> TrainResult:
-    """Train a new concept on the photos in ``photos_dir`` and save it in the registry."""
-    registry = registry or Registry()
+    """Train a new concept on the photos in ``photos_dir`` and save it in the registry (``env``:
+    the environment's settings, by default read from it)."""
+    env = env or Settings.from_environment()
+    registry = registry or Registry(env.home)
     validate_name(name)
     registry.refuse_if_training(name, "train")
     if registry.path_of(name).exists():
@@ -90,10 +94,8 @@ def train_concept(
         )
     if photos_dir is None:
         raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
-    from ..models.base import default_model
-
-    run = _Run(registry, name, _photos_folder(photos_dir), model or default_model(), config, callbacks)
-    with _owning(registry, name, device):
+    run = _Run(registry, name, _photos_folder(photos_dir), model or env.default_model(), config, callbacks, env)
+    with _owning(registry, name, device, env):
         if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
             raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")
         return run.execute(device, model_config, previous=None)
@@ -112,18 +114,17 @@ def _photos_folder(folder) -> Path:
     return path
 
 
-def _owning(registry: Registry, name: str, device: str | None):
+def _owning(registry: Registry, name: str, device: str | None, env: Settings):
     """Everything a run needs before it loads a model: a usable device, a writable registry, and
     the name to itself for the whole run (only the main process of a multi-process run holds it)."""
     import contextlib
-    import os
 
     if device is not None:
         from ..models.base import check_device
 
         check_device(device)
     registry.check_writable()
-    if os.environ.get("RANK", "0") != "0":
+    if not env.is_main_process:
         return contextlib.nullcontext()
     return registry.training_lock(name)
 
@@ -139,12 +140,14 @@ def resume_training(
     device: str | None = None,
     model_config: str | None = None,
     callbacks: TrainCallbacks | None = None,
+    env: Settings | None = None,
 ) -> TrainResult:
     """Continue an interrupted concept to ``steps`` (default: the planned total); only the
     step count and the checkpoint/preview intervals may change."""
     from ..store import checkpoints
 
-    registry = registry or Registry()
+    env = env or Settings.from_environment()
+    registry = registry or Registry(env.home)
     concept = registry.load(name)
     state = checkpoints.load(concept.path)
     record = concept.training
@@ -161,8 +164,8 @@ def resume_training(
     folder = photos_dir or record.photos_dir
     if folder is None:
         raise BadInput(f"{name!r} does not record its photos folder; pass it: stc train PHOTOS --resume {name}")
-    run = _Run(registry, name, _photos_folder(folder), concept.base_model, config, callbacks)
-    with _owning(registry, name, device):
+    run = _Run(registry, name, _photos_folder(folder), concept.base_model, config, callbacks, env)
+    with _owning(registry, name, device, env):
         return run.execute(device, model_config, previous=(concept, state))
 
 
@@ -184,8 +187,8 @@ def render_preview(base, concept: Concept, mapper, kind: str, resolution: int, s
 class _Run:
     """One training session of a concept: new, or resumed from a checkpoint."""
 
-    def __init__(self, registry, name, photos_dir, model, config, callbacks):
-        self.registry, self.name, self.photos_dir, self.model = registry, name, photos_dir, model
+    def __init__(self, registry, name, photos_dir, model, config, callbacks, env: Settings):
+        self.registry, self.name, self.photos_dir, self.model, self.env = registry, name, photos_dir, model, env
         self.config = dataclasses.replace(config, initializer=config.initializer_word)
         self.callbacks = callbacks or TrainCallbacks()
         self.metrics_lines: list[str] = []
@@ -232,7 +235,7 @@ class _Run:
         weight_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
         self.callbacks.status(f"loading {self.model}")
         self.base = load_base_model(
-            self.model, device=str(self.accelerator.device.type), dtype=weight_dtype, config=model_config
+            self.model, device=str(self.accelerator.device.type), dtype=weight_dtype, config=model_config, env=self.env
         )
 
     def _restore(self, previous) -> int:
