@@ -71,6 +71,46 @@ def test_listing_the_registry_imports_no_yaml_up_front(module):
     assert matching(imported_modules(PACKAGE / module, top_level=True), SLOW_TO_IMPORT) == [], f"stc/{module}"
 
 
+# The layers of stc, bottom up: each package may import the ones listed (and itself), never one
+# above it. Foundation is stc/*.py (errors, names, settings, outputs, safe_yaml); the shapes world
+# is a builtin model (stc/worlds beside stc/models); ``python -m stc`` is the command line.
+LAYERS = {
+    "foundation": set(),
+    "method": {"foundation"},
+    "store": {"foundation", "method"},
+    "models": {"foundation", "method"},
+    "render": {"foundation", "method", "store", "models"},
+    "train": {"foundation", "method", "store", "models", "render"},
+    "exchange": {"foundation", "method", "store", "models", "render", "train"},
+    "cli": {"foundation", "method", "store", "models", "render", "train", "exchange"},
+}
+
+
+def layer_of(module: str) -> str | None:
+    """The layer of an absolute module name inside stc (None: not stc's)."""
+    parts = module.split(".")
+    if parts[0] != "stc":
+        return None
+    if len(parts) == 1 or parts[1] in ("__main__",):
+        return "foundation" if len(parts) == 1 else "cli"
+    name = {"worlds": "models"}.get(parts[1], parts[1])
+    return name if name in LAYERS else "foundation"
+
+
+def test_every_import_runs_down_the_layers():
+    seen = set()
+    for path in sorted(PACKAGE.rglob("*.py")):
+        module = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+        own = layer_of(module)
+        for imported in imported_modules(path):
+            target = layer_of(imported)
+            if target is None or target == own:
+                continue
+            seen.add((own, target))
+            assert target in LAYERS[own], f"{path.relative_to(PACKAGE.parent)} ({own}) imports {imported} ({target})"
+    assert ("cli", "exchange") in seen and ("render", "method") in seen  # the table is really applied
+
+
 def test_code_cites_only_files_of_the_project():
     for path in PACKAGE.rglob("*.py"):
         text = path.read_text(encoding="utf-8")

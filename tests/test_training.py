@@ -5,7 +5,8 @@ from helpers import assert_close_in_scale
 from stc.errors import BadInput, ConceptExists, InvalidName
 from stc.store.conceptio import load_mapper
 from stc.store.registry import Registry
-from stc.train.config import OBJECT_TEMPLATES, TrainConfig
+from stc.method.templates import OBJECT_TEMPLATES
+from stc.train.config import TrainConfig
 from stc.train.training import train_concept
 
 FAST = dict(steps=15, batch_size=2, grad_accum=1, seed=0, initializer="cat")

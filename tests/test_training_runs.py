@@ -316,17 +316,17 @@ def test_a_resumed_run_owns_its_name_until_it_stops(photos):
     assert checked == [3] and resumed.concept.complete
 
 
-def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_path, monkeypatch):
-    """The registry refuses the final save (ENOSPC): the concept goes to a rescue folder that
-    stc import reads back unchanged, the error says where and how, and the checkpoint of step 2
-    stays resumable in the registry."""
+def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_path, monkeypatch, stc_home):
+    """The registry refuses the final save (ENOSPC): the concept goes, complete, to a registry of
+    its own beside the work, whose concept folder stc import reads back unchanged; the error says
+    where and how, and the checkpoint of step 2 stays resumable in the registry."""
     from stc.errors import RegistryWriteError
     from stc.train.training import TrainingNotSaved
 
     real_save = Registry.save
 
     def full_disk(self, concept, weights, overwrite=False, extra_files=None):
-        if concept.training.steps_done == 4:  # the final save
+        if concept.training.steps_done == 4 and self.root == stc_home:  # the final save, in the full registry
             raise RegistryWriteError(f"could not write {concept.name!r} in {self.root}: No space left on device")
         return real_save(self, concept, weights, overwrite=overwrite, extra_files=extra_files)
 
@@ -336,7 +336,7 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
         train_concept(photos, "spacey", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4, "save_every": 2}),
                       device="cpu")
     message = str(caught.value)
-    rescued = tmp_path / "spacey-rescued-step4"
+    rescued = tmp_path / "stc-rescued-spacey" / "concepts" / "spacey"
     assert "No space left on device" in message and f"stc import {rescued}" in message
     assert "checkpoint at step 2 (stc train --resume spacey)" in message
     assert Registry().load("spacey").training.steps_done == 2  # the registry is as the last good save left it
@@ -345,4 +345,23 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
     assert result.exit_code == 0, result.output
     back = Registry().load("spacey-back")
     assert back.training.steps_done == 4 and TrainConfig.of(back.training).steps == 4
-    assert back.metrics.eval_loss_after is not None
+    assert back.metrics.eval_loss_after is not None and back.complete
+    assert (back.path / "preview.png").is_file() and (back.path / "metrics.jsonl").read_text().count("\n") == 4
+    assert weights_equal(read_state_dict(back), read_state_dict(Registry(rescued.parent.parent).load("spacey")))
+
+
+def test_a_concept_folder_of_another_registry_imports_whole_and_resumes(photos, tmp_path, monkeypatch):
+    """stc import of another registry's concept folder keeps every file: an interrupted concept
+    brings its training checkpoint and resumes in the new registry."""
+    other = Registry(tmp_path / "other-home")
+    with pytest.raises(TrainingInterrupted):
+        train_concept(photos, "moved", "builtin:tiny", TrainConfig(**{**FAST, "steps": 3}), device="cpu",
+                      callbacks=interrupt_at(1), registry=other)
+    source = other.path_of("moved")
+    result = CliRunner().invoke(app, ["import", str(source), "--name", "arrived"])
+    assert result.exit_code == 0, result.output
+    arrived = Registry().load("arrived")
+    assert (arrived.training.steps_done, arrived.training.steps_planned) == (1, 3) and not arrived.complete
+    assert (arrived.path / "checkpoint" / "state.safetensors").is_file()
+    assert weights_equal(read_state_dict(arrived), read_state_dict(other.load("moved")))
+    assert resume_training("arrived", device="cpu").concept.complete

@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from ..errors import BadInput, ModelError
 from .formats import FAST
 from ..method.mapper import MapperConfig
-from ..method.placeholders import add_placeholder_tokens, placeholder_tokens
+from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
 from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors
-from ..train.config import OBJECT_TEMPLATES, TrainConfig
-from ..train.trainer import single_token_id
+from ..method.templates import OBJECT_TEMPLATES
+from ..train.config import TrainConfig
 
 QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
 

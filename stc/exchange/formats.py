@@ -25,7 +25,7 @@ from ..errors import BadInput, ModelError, StcError
 from ..names import is_valid_name, suggest_name, validate_name
 from ..outputs import check_folder, refuse_existing, staged
 from ..settings import Settings
-from ..store.concept import Concept, MetricsRecord, TrainingRecord
+from ..store.concept import CONCEPT_FILE, Concept, MetricsRecord, TrainingRecord
 
 # (samples, fit steps) of the ti/a1111 distillation: the default fit and the thorough one
 # (--thorough). The fit's cost is about samples x steps; on builtin:shapes the fast fit's denoiser
@@ -242,7 +242,9 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
     if init is not None and not init.strip():
         raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out to take the file's")
     request = ImportRequest(path, name, init, model, model_config, env or Settings.from_environment())
-    if path.is_dir():
+    if path.is_dir() and (path / CONCEPT_FILE).is_file():
+        reader = import_concept_folder
+    elif path.is_dir():
         from .diffusers_folder import import_diffusers_export as reader
     elif path.name.endswith("-mapper.pt"):
         from .neti import import_reference as reader
@@ -251,13 +253,33 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
     else:
         raise BadInput(
             f"{path.name}: stc imports reference NeTI checkpoints (*-mapper.pt), textual-inversion embeddings "
-            "(.safetensors, .pt, .bin) and folders written by 'stc export --format diffusers'"
+            "(.safetensors, .pt, .bin), folders written by 'stc export --format diffusers' and concept folders of "
+            "another registry"
         )
     imported = reader(request)
     concept = imported.concept
     notes = imported.notes + _check_width(concept, model or concept.base_model, model_config)
     registry.save(concept, weights_bytes(imported.mapper, concept.name), extra_files=imported.files)
     return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes)
+
+
+def import_concept_folder(request: ImportRequest) -> Imported:
+    """A concept folder of another registry (a copy, a backup, a run rescued from a full disk): the
+    concept as it is, with every file it has (metrics, previews, a training checkpoint: an
+    incomplete concept stays resumable); ``--model`` and ``--name`` may change it."""
+    import dataclasses
+
+    from ..store.conceptio import load_mapper
+    from ..store.registry import concept_files, read_concept
+
+    concept = read_concept(request.path)
+    mapper = load_mapper(concept)  # its weights checked against concept.yaml
+    changes = {"name": concept_name(request.name, concept.name), "created": concept.created,
+               "base_model": request.model or concept.base_model}
+    if request.init:
+        changes["initializer"] = request.init
+    files = concept_files(request.path)
+    return Imported(dataclasses.replace(concept, **changes, path=None), mapper, "stc-concept", files=files)
 
 
 def concept_name(name: str | None, fallback: str) -> str:

@@ -8,6 +8,8 @@ export's module all add them through :func:`add_placeholder_tokens`.
 
 from __future__ import annotations
 
+import difflib
+
 from ..errors import BadInput
 
 
@@ -35,3 +37,19 @@ def expand_placeholders(text: str, tokens: list[str]) -> str:
     if len(tokens) < 2:
         return text
     return text.replace(tokens[0], " ".join(tokens))
+
+
+def single_token_id(tokenizer, word: str) -> int:
+    """The id of ``word`` if it is one token; otherwise a BadInput with alternatives."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) == 1:
+        return ids[0]
+    from .templates import COMMON_INITIALIZERS
+
+    singles = [w for w in COMMON_INITIALIZERS if len(tokenizer.encode(w, add_special_tokens=False)) == 1]
+    close = difflib.get_close_matches(word.lower(), singles, n=3, cutoff=0.3) or singles[:5]
+    pieces = tokenizer.convert_ids_to_tokens(ids)
+    raise BadInput(
+        f"the initializer word {word!r} is {len(ids)} tokens ({' '.join(pieces)}) for this model's "
+        f"tokenizer; it must be a single token. Try --init {close[0]} (or: {', '.join(close[1:]) or 'object'})"
+    )

@@ -135,6 +135,42 @@ def _file_stamp(info: os.stat_result) -> tuple:
     return (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_ctime_ns)
 
 
+def read_concept(path: Path) -> Concept:
+    """The concept whose folder is ``path`` (in a registry or out of one: a copy, a backup, a
+    rescued run); the stamp of its ``concept.yaml`` is kept for later checks."""
+    import yaml
+
+    meta = path / CONCEPT_FILE
+    try:
+        if not meta.is_file():
+            raise FileNotFoundError(meta)
+        with open(meta, "rb") as handle:  # the stamp of the very file that is read
+            stamp = _file_stamp(os.fstat(handle.fileno()))
+            data = yaml_load(handle.read().decode("utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CorruptConcept(f"{meta} is not valid YAML: {one_line(exc)}") from exc
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise CorruptConcept(
+                f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {path.name})"
+            ) from None
+        raise CorruptConcept(f"{meta} cannot be read: {exc.strerror or exc}") from exc
+    if not isinstance(data, dict):
+        raise CorruptConcept(f"{meta} does not hold a mapping")
+    concept = Concept.from_yaml_dict(data, path)
+    concept.source_stamp = stamp
+    return concept
+
+
+def concept_files(folder: Path) -> dict[str, Path]:
+    """The files of a concept folder beside its metadata and weights (metrics, previews, a
+    training checkpoint), by their path inside it: what a copy of the concept carries along."""
+    from .storage import folder_files
+
+    skip = {CONCEPT_FILE, WEIGHTS_FILE}
+    return {relative: folder / relative for relative, _ in folder_files(folder) if relative not in skip}
+
+
 def preview_paths(folder: Path) -> list[Path]:
     """Training previews (``previews/*.png`` in order) then the final ``preview.png``, if present."""
     paths = sorted((folder / PREVIEWS_DIR).glob("*.png")) if (folder / PREVIEWS_DIR).is_dir() else []
@@ -214,29 +250,11 @@ class Registry:
 
     def load(self, name: str) -> Concept:
         path = self.folder_of(name)
-        import yaml
-
-        meta = path / CONCEPT_FILE
         try:
-            if not meta.is_file():
-                raise FileNotFoundError(meta)
-            with open(meta, "rb") as handle:  # the stamp of the very file that is read
-                stamp = _file_stamp(os.fstat(handle.fileno()))
-                data = yaml_load(handle.read().decode("utf-8"))
-        except (yaml.YAMLError, UnicodeDecodeError) as exc:
-            raise CorruptConcept(f"{meta} is not valid YAML: {one_line(exc)}") from exc
-        except OSError as exc:
+            return read_concept(path)
+        except CorruptConcept:
             self.folder_of(name)  # ConceptNotFound when another process removed or renamed it meanwhile
-            if isinstance(exc, FileNotFoundError):
-                raise CorruptConcept(
-                    f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {name})"
-                ) from None
-            raise CorruptConcept(f"{meta} cannot be read: {exc.strerror or exc}") from exc
-        if not isinstance(data, dict):
-            raise CorruptConcept(f"{meta} does not hold a mapping")
-        concept = Concept.from_yaml_dict(data, path)
-        concept.source_stamp = stamp
-        return concept
+            raise
 
     def names(self) -> list[str]:
         """Names of the entries (folders with a valid name), loadable or not."""

@@ -7,25 +7,9 @@ Only the mapper learns; UNet, VAE and text encoder stay frozen. The loop around 
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 
-from ..errors import BadInput
-from .config import COMMON_INITIALIZERS, TrainConfig
-
-
-def single_token_id(tokenizer, word: str) -> int:
-    """The id of ``word`` if it is one token; otherwise a BadInput with alternatives."""
-    ids = tokenizer.encode(word, add_special_tokens=False)
-    if len(ids) == 1:
-        return ids[0]
-    singles = [w for w in COMMON_INITIALIZERS if len(tokenizer.encode(w, add_special_tokens=False)) == 1]
-    close = difflib.get_close_matches(word.lower(), singles, n=3, cutoff=0.3) or singles[:5]
-    pieces = tokenizer.convert_ids_to_tokens(ids)
-    raise BadInput(
-        f"the initializer word {word!r} is {len(ids)} tokens ({' '.join(pieces)}) for this model's "
-        f"tokenizer; it must be a single token. Try --init {close[0]} (or: {', '.join(close[1:]) or 'object'})"
-    )
+from .config import TrainConfig
 
 
 RECOMPUTED_TEXT_LAYERS = 2 / 3  # of the text encoder's layers, recomputed in the backward pass
@@ -63,7 +47,7 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from ..method.mapper import MapperConfig, NeTIMapper
-        from ..method.placeholders import add_placeholder_tokens
+        from ..method.placeholders import add_placeholder_tokens, single_token_id
         from ..method.spacetime import install_processors
 
         self.base, self.config, self.accelerator = base, config, accelerator

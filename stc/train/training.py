@@ -339,30 +339,28 @@ class _Run:
             if rescued is None:
                 raise TrainingNotSaved(f"{exc}; the trained weights could not be written anywhere either{kept}") from exc
             raise TrainingNotSaved(
-                f"{exc}. The trained concept (step {step}) was written to {rescued} instead: free some space, then "
-                f"bring it into the registry with: stc import {rescued}{kept}"
+                f"{exc}. The trained concept (step {step}) was written to {rescued} instead, complete: free some "
+                f"space, then bring it into the registry with: stc import {rescued}{kept}"
             ) from exc
 
     def _rescue(self, step: int) -> Path | None:
-        """The concept at ``step`` as an stc diffusers export (lossless, with its training record) in
-        the first of the working folder, the temporary folder and the home folder that takes it."""
+        """The concept at ``step``, complete (its metrics and previews too), in a registry of its own
+        in the first of the working folder, the temporary folder and the home folder that takes it;
+        the path of its concept folder, which ``stc import`` reads, or None."""
         import tempfile
 
+        from ..outputs import free_path
         from ..store.conceptio import weights_bytes
-        from ..exchange.diffusers_folder import write_diffusers_export
-        from ..outputs import free_path, staged
 
         if not self.accelerator.is_main_process:
             return None
-        concept = self._concept(step)
         weights = weights_bytes(self.trainer.unwrapped_mapper, self.name)
+        files = {**self.files, "metrics.jsonl": ("\n".join(self.metrics_lines) + "\n").encode()}
         for place in dict.fromkeys((Path.cwd(), Path(tempfile.gettempdir()), Path.home())):
-            target = free_path(place, f"{self.name}-rescued-step{step}", suffix="")
+            rescue = Registry(free_path(place, f"stc-rescued-{self.name}", suffix=""))
             try:
-                with staged(target, is_dir=True) as folder:
-                    write_diffusers_export(concept, weights, folder)
-                return target
-            except OSError:
+                return rescue.save(self._concept(step), weights, extra_files=files).path
+            except StcError:
                 continue
         return None
 

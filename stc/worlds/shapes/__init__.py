@@ -32,7 +32,7 @@ SHAPES = ("circle", "square", "triangle")
 HELD_OUT = ("yellow", "triangle")  # (colour, shape) never in the world's training data
 MIN_SIZE, MAX_SIZE = 12, 24  # side of the shape's bounding box, px at RESOLUTION
 
-# Caption words beyond the templates' (stc.train.config.OBJECT_TEMPLATES); the tokenizer knows
+# Caption words beyond the templates' (stc.method.templates.OBJECT_TEMPLATES); the tokenizer knows
 # every one as a single token.
 WORLD_WORDS = ("circle", "square", "triangle", "background", "shape") + COLOURS
 
@@ -96,7 +96,7 @@ def caption(scene: Scene, rng: random.Random, templates: list[str] | None = None
     colour or the background (so each word is learned on its own), in a plain form or one of
     the concept-training templates (so their words are not noise to the world)."""
     if templates is None:
-        from ...train.config import OBJECT_TEMPLATES as templates
+        from ...method.templates import OBJECT_TEMPLATES as templates
     draw = rng.random()
     colour = draw < 0.85  # 15 % without the colour
     background = not (0.7 <= draw < 0.85)  # 15 % without the background
