@@ -17,7 +17,7 @@ from ldm_writer import _to_openclip, pipeline_to_ldm
 from PIL import Image
 from safetensors.torch import save_file
 
-from stc.models import ldm
+from stc.models import families, ldm
 from stc.errors import ModelError, StcError
 from stc.render.generation import Renderer, RenderSettings
 from stc.models.base import load_base_model, text_width_of
@@ -171,8 +171,8 @@ def tiny_family(written, tmp_path, monkeypatch):
     folder, path = written["builtin:tiny"]
     configs = tmp_path / "configs"
     shutil.copytree(folder, configs / "tiny", ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer"))
-    family = ldm.Family("tiny", "tiny SD 1.x", 32, "clip", (("tiny-org/tiny-sd", "tokenizer"),), "tiny-org/tiny-sd")
-    monkeypatch.setattr(ldm, "CONFIGS", configs)
+    family = families.Family("tiny", "tiny SD 1.x", 32, "clip", "tiny-org/tiny-sd", (("tiny-org/tiny-sd", "tokenizer"),))
+    monkeypatch.setattr(families, "CONFIGS", configs)
     monkeypatch.setattr(ldm, "FAMILIES", ldm.FAMILIES + (family,))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     return folder, path
@@ -247,7 +247,7 @@ def _meta_pipeline_keys(family: str) -> dict:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    folder = ldm.CONFIGS / family
+    folder = families.CONFIGS / family
     with init_empty_weights():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
@@ -275,9 +275,9 @@ def test_shipped_configs_are_sd15_and_sd21_and_their_layouts_are_detected():
     assert sd2["model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"] == (320, 1024)
     info = ldm.inspect_checkpoint(sd2)
     assert (info.family.name, info.text_width) == ("sd2", 1024)
-    scheduler = json.loads((ldm.CONFIGS / "sd2" / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = json.loads((families.CONFIGS / "sd2" / "scheduler" / "scheduler_config.json").read_text())
     assert scheduler["prediction_type"] == "v_prediction"
-    assert json.loads((ldm.CONFIGS / "sd2" / "unet" / "config.json").read_text())["sample_size"] == 96  # 768 px
+    assert json.loads((families.CONFIGS / "sd2" / "unet" / "config.json").read_text())["sample_size"] == 96  # 768 px
 
 
 @pytest.mark.parametrize("change, message", [

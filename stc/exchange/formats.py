@@ -332,7 +332,8 @@ def base_model_for(request: ImportRequest, width: int, recorded: str | None) -> 
     ``--model``; else the one the file records (a builtin, a local path or a hub id of that
     width); else the default model when it has that width; else the one builtin or model family
     of that width; else an error asking for ``--model``."""
-    from ..models.base import BUILTINS, FAMILY_MODELS, canonical_spec
+    from ..models.base import BUILTINS, canonical_spec
+    from ..models.families import FAMILIES
 
     model_config, source = request.model_config, request.path.name
     if request.model:
@@ -347,11 +348,11 @@ def base_model_for(request: ImportRequest, width: int, recorded: str | None) -> 
     if _model_width(default, model_config) == width:
         return default
     fitting = [spec for spec in BUILTINS if _model_width(spec, None) == width]
-    fitting += [spec for spec, family_width in FAMILY_MODELS.items() if family_width == width]
+    fitting += [family.hub_model for family in FAMILIES if family.text_width == width]
     if len(fitting) == 1:
         return fitting[0]
-    known = ", ".join(f"{spec} ({_model_width(spec, None) or FAMILY_MODELS[spec]})" for spec in
-                      [*BUILTINS, *FAMILY_MODELS])
+    known = ", ".join([f"{spec} ({_model_width(spec, None)})" for spec in BUILTINS]
+                      + [f"{family.label} ({family.text_width})" for family in FAMILIES])
     raise BadInput(
         f"{source} holds {width}-wide vectors and names no model stc can use; "
         + ("no model stc knows has that width" if not fitting else f"{', '.join(fitting)} all have it")

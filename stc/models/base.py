@@ -9,7 +9,8 @@ from functools import lru_cache
 from pathlib import Path
 
 from ..errors import ModelError, one_line
-from ..settings import DEFAULT_MODEL, Settings, check_prediction_type
+from ..settings import Settings, check_prediction_type
+from .families import family_of_hub_model
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
@@ -17,9 +18,6 @@ SHAPES = "builtin:shapes"
 # random-weight test models in the SD 1.x and SD 2.x layouts (stc/models/tiny.py), and the trained
 # shapes world (stc/worlds/shapes)
 BUILTINS = (TINY, TINY_SD2, SHAPES)
-# the hub model of each family stc knows, and its text width: what an embedding of that width
-# that names no model is taken to be for
-FAMILY_MODELS = {DEFAULT_MODEL: 768, "stabilityai/stable-diffusion-2-1": 1024}
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
@@ -246,7 +244,8 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
             return int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"])
         except (OSError, ValueError, KeyError, TypeError):
             return None
-    return FAMILY_MODELS.get(spec)
+    family = family_of_hub_model(spec)
+    return family.text_width if family else None
 
 
 def load_base_model(

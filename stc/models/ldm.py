@@ -28,6 +28,7 @@ from pathlib import Path
 
 from ..errors import ModelError, one_line
 from ..settings import check_prediction_type
+from .families import FAMILIES, Family
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -40,33 +41,6 @@ CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 V_PREDICTION_KEY = "v_pred"  # a marker some v-prediction checkpoints carry (its value is unused)
 SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
-CONFIGS = Path(__file__).with_name("configs")
-
-
-@dataclass(frozen=True)
-class Family:
-    name: str  # folder under stc/models/configs
-    label: str
-    text_width: int
-    encoder: str  # "clip" or "openclip"
-    tokenizer_sources: tuple[tuple[str, str], ...]  # (hub id, subfolder) looked up in the local cache
-    example: str  # the hub id named in messages
-
-    @property
-    def config_dir(self) -> Path:
-        return CONFIGS / self.name
-
-
-FAMILIES = (
-    Family("sd1", "SD 1.x", 768, "clip", (
-        ("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer"), ("runwayml/stable-diffusion-v1-5", "tokenizer"),
-        ("CompVis/stable-diffusion-v1-4", "tokenizer"), ("openai/clip-vit-large-patch14", ""),
-    ), "stable-diffusion-v1-5/stable-diffusion-v1-5"),
-    Family("sd2", "SD 2.x", 1024, "openclip", (
-        ("stabilityai/stable-diffusion-2-1", "tokenizer"), ("stabilityai/stable-diffusion-2-1-base", "tokenizer"),
-        ("stabilityai/stable-diffusion-2", "tokenizer"), ("stabilityai/stable-diffusion-2-base", "tokenizer"),
-    ), "stabilityai/stable-diffusion-2-1"),
-)
 
 
 @dataclass(frozen=True)
@@ -277,7 +251,7 @@ def _family_tokenizer(family: Family, folder: Path | None, name: str):
     raise ModelError(
         f"{name} is an {family.label} checkpoint: stc ships its configs but cannot ship the CLIP tokenizer, and none "
         f"is in the local Hugging Face cache. Pass --model-config DIR, a local {family.label} diffusers folder or "
-        f"just its tokenizer folder (e.g. hf download {family.example} --include 'tokenizer/*' --local-dir DIR)"
+        f"just its tokenizer folder (e.g. hf download {family.hub_model} --include 'tokenizer/*' --local-dir DIR)"
     )
 
 
