@@ -38,8 +38,8 @@ def concept_sizes() -> SizeResults:
     import torch
     from safetensors.torch import save
 
-    from stc.store.conceptio import WEIGHTS_FORMAT, weights_bytes
     from stc.method.mapper import MapperConfig, NeTIMapper
+    from stc.store.conceptio import WEIGHTS_FORMAT, weights_bytes
 
     mapper = NeTIMapper(MapperConfig(text_width=TEXT_WIDTH_SD1, norm_scale=0.4),
                         generator=torch.Generator().manual_seed(0))
@@ -60,11 +60,11 @@ def make_registry(count: int, root: Path | None = None) -> Path:
     """A scratch STC_HOME with ``count`` concepts: one saved through the registry, copied."""
     import torch
 
+    from stc.method.mapper import MapperConfig, NeTIMapper
+    from stc.method.spacetime import SD_LAYER_NAMES
     from stc.store.concept import Concept, TrainingRecord
     from stc.store.conceptio import weights_bytes
-    from stc.method.mapper import MapperConfig, NeTIMapper
     from stc.store.registry import Registry
-    from stc.method.spacetime import SD_LAYER_NAMES
     from stc.train.config import TrainConfig
 
     home = Path(root or tempfile.mkdtemp(prefix="stc-bench-home-"))

@@ -13,8 +13,9 @@ layers checkpointed. Everything lands in ``DIR/profile.json`` too.
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
 from pathlib import Path
+
+from stc.train.trainer import recomputed
 
 from .measure import ModuleTimer, Samples, alternate, peak_memory, text_transformer_stack, timed
 
@@ -40,31 +41,6 @@ def _module_times(fn, modules: dict, device: str) -> dict:
     result["total"] = round(total, 4)
     result["rest (backward, optimizer, glue)"] = round(total - sum(totals.values()), 4)
     return result
-
-
-@contextmanager
-def checkpointed(module):
-    """Run ``module``'s forward under activation checkpointing whenever gradients are on: only its
-    inputs are kept for the backward, which recomputes the forward first."""
-    import torch
-    from torch.utils.checkpoint import checkpoint
-
-    had_own = "forward" in module.__dict__
-    original = module.forward
-
-    def forward(*args, **kwargs):
-        if torch.is_grad_enabled():
-            return checkpoint(original, *args, use_reentrant=False, **kwargs)
-        return original(*args, **kwargs)
-
-    module.forward = forward
-    try:
-        yield module
-    finally:
-        if had_own:
-            module.forward = original
-        else:
-            del module.forward
 
 
 def _retained_by_text_forward(fn, device: str) -> int:
@@ -95,8 +71,7 @@ def text_checkpoint_experiment(trainer, device: str, counts=(0, 8, 12)) -> dict:
     results, reference = {}, None
     for count in dict.fromkeys(min(count, len(layers)) for count in counts):
         with ExitStack() as stack:
-            for layer in layers[:count]:
-                stack.enter_context(checkpointed(layer))
+            stack.enter_context(recomputed(layers[:count]))
             record: dict = {}
             with peak_memory(record, device):
                 kept = trainer.conditioning(ids, t, torch.Generator().manual_seed(0))
@@ -160,7 +135,7 @@ def profile_model(base, args, dtype, resolution, stock, training, bench, log) ->
         log("profile: NeTI step with the text encoder checkpointed (the proposed fix)")
 
         def neti_checkpointed():
-            with checkpointed(stack):
+            with recomputed([stack]):
                 return steps["stc"]()
 
         memory: dict = {}

@@ -85,10 +85,10 @@ def train_variant(variant: str, steps: int, seed: int, device: str = "cpu"):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    from stc.store.concept import Concept
-    from stc.train.images import load_photos
     from stc.models.base import load_base_model
+    from stc.store.concept import Concept
     from stc.train.config import TrainConfig
+    from stc.train.images import load_photos
     from stc.train.trainer import Trainer
 
     try:
@@ -213,8 +213,8 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
 def run(args) -> dict:
     import torch
 
-    from stc.render.generation import Renderer, RenderSettings
     from stc.models.base import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
     if args.threads:
         os.environ["STC_THREADS"] = str(args.threads)  # load_base_model applies it (stc.models.threads)
     began = time.time()

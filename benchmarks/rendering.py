@@ -22,9 +22,9 @@ def random_concept(base, seed: int = 0):
     """A concept with a seeded random mapper for ``base``'s text width (nothing is trained)."""
     import torch
 
-    from stc.store.concept import Concept
     from stc.method.mapper import MapperConfig, NeTIMapper
     from stc.method.spacetime import cross_attention_layer_names
+    from stc.store.concept import Concept
 
     pipe = base.pipeline
     embedding = pipe.text_encoder.get_input_embeddings().weight

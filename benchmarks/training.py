@@ -21,7 +21,7 @@ class TextualInversionStep:
     """Textual inversion on the same frozen models: one trainable vector for the placeholder,
     the stock text encoder, the same latents, noise, timesteps and loss; AdamW on the vector."""
 
-    def __init__(self, trainer, seed: int = 0):
+    def __init__(self, trainer):
         import torch
 
         self.trainer = trainer
@@ -33,7 +33,6 @@ class TextualInversionStep:
             [self.vector], lr=config.effective_lr(1), betas=(config.adam_beta1, config.adam_beta2),
             weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
         )
-        self.generator = torch.Generator().manual_seed(seed)
 
     def encode(self, input_ids):
         """The stock CLIP text encoder with the placeholder's input embedding replaced."""
@@ -51,34 +50,17 @@ class TextualInversionStep:
         return transformer.final_layer_norm(state)
 
     def loss(self):
-        import torch
+        """The trainer's own batch, noise, timesteps and target (``Trainer.random_batch``,
+        ``Trainer.denoising_inputs``); only the conditioning differs."""
         import torch.nn.functional as F
 
-        trainer, gen = self.trainer, self.generator
+        trainer = self.trainer
+        image_index, flip, noise, timesteps, captions = trainer.random_batch()
+        noisy, target, input_ids = trainer.denoising_inputs(image_index, flip, noise, timesteps, captions,
+                                                            trainer.generator)
         device = trainer.accelerator.device
-        size = trainer.config.batch_size
-        count = trainer.latent_mean.shape[1]
-        image_index = torch.randint(0, count, (size,), generator=gen)
-        flip = (torch.rand(size, generator=gen) < 0.5).long()
-        noise = torch.randn((size, *trainer.latent_mean.shape[2:]), generator=gen).to(device)
-        timesteps = torch.randint(0, trainer.noise_scheduler.config.num_train_timesteps, (size,), generator=gen)
-        timesteps = timesteps.to(device)
-        templates = trainer.config.templates
-        captions = [templates[int(i)].format(trainer.token) for i in torch.randint(0, len(templates), (size,), generator=gen)]
-        mean, std = trainer.latent_mean[flip, image_index], trainer.latent_std[flip, image_index]
-        sample = torch.randn(mean.shape, generator=gen).to(device)
-        latents = (mean + std * sample) * trainer.vae.config.scaling_factor
-        noisy = trainer.noise_scheduler.add_noise(latents, noise, timesteps)
-        input_ids = trainer.tokenizer(
-            captions, padding="max_length", max_length=trainer.tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(device)
-        hidden = self.encode(input_ids)
-        prediction = trainer.unet(noisy.to(trainer.unet.dtype), timesteps, encoder_hidden_states=hidden).sample
-        if trainer.noise_scheduler.config.prediction_type == "v_prediction":
-            target = trainer.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        hidden = self.encode(input_ids.to(device))
+        prediction = trainer.unet(noisy.to(trainer.unet.dtype), timesteps.to(device), encoder_hidden_states=hidden).sample
         return F.mse_loss(prediction.float(), target.float())
 
     def step(self) -> float:
@@ -146,9 +128,9 @@ def run_training(base, device: str, dtype: str, resolution: int, repeats: int, l
                  stock_processors=None) -> TrainingResults:
     """Warm up both sides once (counting FLOPs, peak memory and text-encoder calls), then time
     ``repeats`` steps of each, alternating."""
+    from stc.train.config import TrainConfig
     from stc.train.images import load_photos
     from stc.train.trainer import Trainer
-    from stc.train.config import TrainConfig
 
     accelerator, precision = _accelerator(device, dtype)
     config = TrainConfig(steps=1, batch_size=1, grad_accum=1, resolution=resolution, seed=0,

@@ -4,7 +4,6 @@ the registry's ``config.yaml`` and ``stc train --config`` files."""
 
 from __future__ import annotations
 
-
 YAML_MAX_NODES = 100_000  # a concept.yaml has a few hundred; aliases count once per use
 
 

@@ -32,9 +32,9 @@ def mapper_digest(mapper) -> dict:
 def main(photos_dir: str, out_dir: str, steps: int = 2) -> None:
     from accelerate import Accelerator
 
-    from stc.train.images import load_photos
     from stc.models.base import load_base_model
     from stc.train.config import TrainConfig
+    from stc.train.images import load_photos
     from stc.train.trainer import Trainer
 
     config = TrainConfig(steps=steps, batch_size=2, grad_accum=1, seed=1, initializer="cat", save_every=0)

@@ -26,10 +26,10 @@ import sys
 import time
 from pathlib import Path
 
+from stc.errors import ConceptExists, ConceptNotFound, StcError
 from stc.store import registry as registry_module
 from stc.store import storage
 from stc.store.concept import Concept, MetricsRecord, TrainingRecord
-from stc.errors import ConceptExists, ConceptNotFound, StcError
 from stc.store.registry import Registry, check_weights
 
 SPEC: dict = {}

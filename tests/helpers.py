@@ -4,9 +4,9 @@ import torch
 from typer.testing import CliRunner
 
 from stc.cli import app
+from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.store.concept import Concept, MetricsRecord, TrainingRecord
 from stc.store.conceptio import weights_bytes
-from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.store.registry import Registry
 from stc.train.config import TrainConfig
 

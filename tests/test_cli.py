@@ -122,7 +122,6 @@ def run_fresh(*args, columns: int = 100, preload: tuple = ()) -> dict:
     import os
     import subprocess
     import sys
-
     from pathlib import Path
 
     env = {**os.environ, "COLUMNS": str(columns), "NO_COLOR": "1"}

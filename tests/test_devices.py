@@ -5,8 +5,8 @@ import pytest
 import torch
 from helpers import assert_one_line_error, invoke
 
-from stc.models import base as models
 from stc.errors import ModelError
+from stc.models import base as models
 from stc.models.base import check_device, default_device, default_dtype, load_base_model, torch_dtype
 
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from helpers import make_concept, make_mapper
 
-from stc.exchange.distill import Distilled, _attend, distil
-from stc.method.placeholders import placeholder_tokens
 from stc.errors import BadInput
+from stc.exchange.distill import Distilled, _attend, distil
 from stc.method.mapper import MapperConfig, NeTIMapper
+from stc.method.placeholders import placeholder_tokens
 from stc.method.spacetime import (
     ConceptSlot,
     SpaceTimeConditioning,

@@ -13,8 +13,8 @@ import torch
 from helpers import assert_one_line_error, invoke, save_concept
 from safetensors.torch import save_file
 
-from stc.store.registry import Registry
 from stc.method.spacetime import cross_attention_layer_names
+from stc.store.registry import Registry
 
 # --------------------------------------------------------------------------- the A1111 webui's loader
 

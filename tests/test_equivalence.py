@@ -5,10 +5,10 @@ import copy
 import torch
 from helpers import assert_close_in_scale
 
-from stc.render.generation import Renderer, RenderSettings
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.store.registry import Concept
 from stc.method.spacetime import cross_attention_layer_names
+from stc.render.generation import Renderer, RenderSettings
+from stc.store.registry import Concept
 
 
 def constant_mapper(vector: torch.Tensor) -> NeTIMapper:

@@ -12,10 +12,10 @@ import torch
 from helpers import assert_close_in_scale, assert_one_line_error, invoke, make_concept, save_concept
 from torch import nn
 
-from stc.store.conceptio import load_mapper, weights_bytes
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.store.registry import Registry
 from stc.method.spacetime import SD_LAYER_NAMES
+from stc.store.conceptio import load_mapper, weights_bytes
+from stc.store.registry import Registry
 
 DATA = Path(__file__).parent / "data"
 
@@ -212,9 +212,9 @@ def test_a_multi_vector_concept_puts_each_vector_in_its_own_token(tiny):
     own load_textual_inversion of the same vectors gives."""
     import copy
 
-    from stc.render.generation import Renderer, RenderSettings
     from stc.exchange.ti import constant_mapper
     from stc.method.spacetime import cross_attention_layer_names
+    from stc.render.generation import Renderer, RenderSettings
 
     vectors = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
     concept = make_concept("tri", cross_attention_layer_names(tiny.pipeline.unet),

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import assert_same_render, invoke, save_concept
 from PIL import Image
 from safetensors.torch import load
 
-from helpers import assert_same_render, invoke, save_concept
 from stc import __version__
 from stc.errors import BadInput
 from stc.exchange.diffusers_folder import (
@@ -22,8 +22,8 @@ from stc.exchange.diffusers_folder import (
     read_diffusers_export,
     write_diffusers_export,
 )
-from stc.models.schedulers import SCHEDULERS
 from stc.method.spacetime import cross_attention_layer_names
+from stc.models.schedulers import SCHEDULERS
 
 # Runs where stc cannot be imported: a plain diffusers pipeline, the export's module, nothing else.
 RENDER_WITHOUT_STC = r"""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from helpers import invoke, make_concept, make_mapper
 
-from stc.store.conceptio import weights_bytes
 from stc.errors import BadInput
+from stc.method.spacetime import _text_transformer, cross_attention_layer_names
 from stc.render.generation import Renderer, RenderSettings
 from stc.render.grid import (
     compose_grid,
@@ -19,8 +19,8 @@ from stc.render.grid import (
     render_grid,
     save_grid,
 )
+from stc.store.conceptio import weights_bytes
 from stc.store.registry import Registry
-from stc.method.spacetime import _text_transformer, cross_attention_layer_names
 
 CELL = 64
 

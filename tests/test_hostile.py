@@ -25,17 +25,15 @@ import reliability_counts as counts
 import torch
 import yaml
 from helpers import assert_one_line_error, invoke, make_concept, make_mapper, save_concept
+from reliability_counts import cli_built_once, collector  # noqa: E402,F401  (autouse fixtures)
 
-from stc.store.concept import CONCEPT_FILE, WEIGHTS_FILE
-from stc.store.conceptio import weights_bytes
-from stc.store.listing import listing
 from stc.errors import BadInput, CorruptConcept, InvalidName, RegistryWriteError, StcError
 from stc.names import is_valid_name, validate_name
 from stc.render.prompts import parse_prompt
+from stc.store.concept import CONCEPT_FILE, WEIGHTS_FILE
+from stc.store.conceptio import weights_bytes
+from stc.store.listing import listing
 from stc.store.registry import Registry, check_weights
-
-
-from reliability_counts import cli_built_once, collector  # noqa: E402,F401  (autouse fixtures)
 
 
 @contextlib.contextmanager
@@ -208,8 +206,8 @@ def _read_each(root: str, cases: dict) -> dict:
     """In the capped child: each hostile weights file as a concept's weights and as an import."""
     import resource
 
-    from stc.store.conceptio import read_state_dict
     from stc.exchange.ti import read_embedding
+    from stc.store.conceptio import read_state_dict
 
     registry = Registry(Path(root))
     results = {}

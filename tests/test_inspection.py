@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stc.errors import BadInput
+from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.render.inspection import (
     colormap,
     draw_norm_heatmaps,
@@ -14,7 +15,6 @@ from stc.render.inspection import (
     save_norm_heatmaps,
     short_layer_name,
 )
-from stc.method.mapper import MapperConfig, NeTIMapper
 
 LAYERS = [f"up_blocks.{i // 3}.attentions.{i % 3}.transformer_blocks.0.attn2" for i in range(16)]
 

@@ -2,8 +2,8 @@ import pytest
 from helpers import assert_close_in_scale
 
 from stc.errors import ModelError
-from stc.render.generation import Renderer, RenderSettings
 from stc.models.base import load_base_model
+from stc.render.generation import Renderer, RenderSettings
 
 
 def test_local_diffusers_folder_loads_the_same_pipeline(tiny, tmp_path):

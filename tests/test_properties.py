@@ -15,12 +15,12 @@ import reliability_counts as counts
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from stc.store.concept import KNOWN_KEYS, Concept, MetricsRecord, TrainingRecord
 from stc.errors import BadInput, InvalidName
 from stc.names import NAME_PATTERN, is_valid_name, suggest_name, validate_name
 from stc.render.prompts import parse_prompt
-from stc.store.registry import Registry, _yaml_text, check_weights
 from stc.safe_yaml import yaml_load
+from stc.store.concept import KNOWN_KEYS, Concept, MetricsRecord, TrainingRecord
+from stc.store.registry import Registry, _yaml_text, check_weights
 from stc.train.config import TrainConfig
 
 EXAMPLES = Counter()

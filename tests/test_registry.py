@@ -4,14 +4,12 @@ import os
 import threading
 import time
 
+import helpers
 import pytest
 import torch
 import yaml
-import helpers
 from helpers import make_mapper, save_concept
 
-from stc.store import registry as registry_module
-from stc.store.conceptio import load_mapper, read_state_dict, weights_bytes
 from stc.errors import (
     BadInput,
     ConceptExists,
@@ -23,8 +21,10 @@ from stc.errors import (
     UnsupportedSchema,
 )
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.store.concept import CONCEPT_FILE, SCHEMA_VERSION, Concept
 from stc.names import suggest_name, validate_name
+from stc.store import registry as registry_module
+from stc.store.concept import CONCEPT_FILE, SCHEMA_VERSION, Concept
+from stc.store.conceptio import load_mapper, read_state_dict, weights_bytes
 from stc.store.registry import Registry, check_weights
 from stc.store.storage import sha256_file
 

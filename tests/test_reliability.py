@@ -29,15 +29,15 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import fault_worker
 import pytest
 import reliability_counts as counts
 import torch
 from helpers import invoke, make_mapper
 from safetensors.torch import load as load_tensors
 
-import fault_worker
-from stc.store.conceptio import read_state_dict, weights_bytes
 from stc.errors import ConceptNotFound, StcError
+from stc.store.conceptio import read_state_dict, weights_bytes
 from stc.store.listing import listing
 from stc.store.registry import Registry, check_weights
 from stc.store.storage import WORK_FOLDER, leftovers
@@ -62,7 +62,6 @@ pytestmark = pytest.mark.reliability
 
 
 from reliability_counts import cli_built_once, collector  # noqa: E402,F401  (autouse fixtures)
-
 
 # --------------------------------------------------------------------------- fixtures
 

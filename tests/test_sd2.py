@@ -9,10 +9,10 @@ import pytest
 import torch
 from helpers import assert_one_line_error, assert_same_render, invoke, save_concept
 
-from stc.render.generation import Renderer, RenderSettings
+from stc.method.spacetime import SD_LAYER_NAMES, cross_attention_layer_names
 from stc.models.base import TINY_SD2, load_base_model
 from stc.models.schedulers import SCHEDULERS, make_scheduler
-from stc.method.spacetime import SD_LAYER_NAMES, cross_attention_layer_names
+from stc.render.generation import Renderer, RenderSettings
 from stc.train.config import TrainConfig
 
 FAST = ("--steps", 2, "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)

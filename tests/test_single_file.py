@@ -17,10 +17,10 @@ from ldm_writer import _to_openclip, pipeline_to_ldm
 from PIL import Image
 from safetensors.torch import save_file
 
-from stc.models import families, ldm
 from stc.errors import ModelError, StcError
-from stc.render.generation import Renderer, RenderSettings
+from stc.models import families, ldm
 from stc.models.base import load_base_model, text_width_of
+from stc.render.generation import Renderer, RenderSettings
 
 SETTINGS = RenderSettings(steps=3)
 

@@ -3,9 +3,9 @@ import torch
 from helpers import assert_close_in_scale
 
 from stc.errors import BadInput, ConceptExists, InvalidName
+from stc.method.templates import OBJECT_TEMPLATES
 from stc.store.conceptio import load_mapper
 from stc.store.registry import Registry
-from stc.method.templates import OBJECT_TEMPLATES
 from stc.train.config import TrainConfig
 from stc.train.training import train_concept
 
@@ -93,8 +93,8 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
     each layer at its own (t, l); checked against a direct call of the pinned text encoding."""
     from accelerate import Accelerator
 
-    from stc.train.images import load_photos
     from stc.method.spacetime import ConceptSlot, encode_spacetime
+    from stc.train.images import load_photos
     from stc.train.trainer import Trainer
 
     config = TrainConfig(**{**FAST, "batch_size": 2})

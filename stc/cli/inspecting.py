@@ -16,6 +16,7 @@ from rich.text import Text
 from ._base import JsonOpt, app, command_env, err, handle_errors, open_registry, out, print_json
 from .store import NameArg
 
+
 def _cell_style(fraction: float) -> str:
     from ..render.inspection import colormap
 
@@ -73,9 +74,7 @@ def _rank_table(report) -> Table:
 
 
 def _print_inspection(report) -> None:
-    from ..render.inspection import AGREEMENT_THRESHOLD
-
-    from ..render.inspection import rank_label
+    from ..render.inspection import AGREEMENT_THRESHOLD, rank_label
 
     grid = report.grid
     label = rank_label(grid.rank)

@@ -8,8 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
-from ..render.generation import RenderSettings
 from ..models.schedulers import SCHEDULERS
+from ..render.generation import RenderSettings
 from ._base import (
     DeviceOpt,
     JsonOpt,
@@ -116,8 +116,8 @@ def gen(
 ) -> None:
     """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
     from ..errors import Interrupted
-    from ..render.generation import RenderRequest
     from ..outputs import check_folder
+    from ..render.generation import RenderRequest
     from ..render.pngmeta import save_png
 
     if num_images < 1:
@@ -191,8 +191,8 @@ def grid(
     as_json: JsonOpt = False,
 ) -> None:
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
-    from ..errors import BadInput
-    from ..errors import Interrupted
+    from ..errors import BadInput, Interrupted
+    from ..outputs import check_folder
     from ..render.grid import (
         DEFAULT_SEEDS,
         GridOutput,
@@ -204,7 +204,6 @@ def grid(
         read_prompts,
         render_grid,
     )
-    from ..outputs import check_folder
 
     if (prompt is None) == (prompts_file is None):
         raise BadInput("give a PROMPT or --prompts FILE (one of them, not both)")

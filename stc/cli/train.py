@@ -24,7 +24,6 @@ from ._base import (
     quiet_libraries,
 )
 
-
 _DEFAULTS = TrainConfig()
 
 

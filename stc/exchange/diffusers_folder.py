@@ -35,9 +35,9 @@ import types
 from pathlib import Path
 
 from .. import __version__
-from ..store.concept import WEIGHTS_FILE, Concept
 from ..errors import BadInput, StcError
 from ..render.prompts import check_rank
+from ..store.concept import WEIGHTS_FILE, Concept
 
 EXPORT_FORMAT = "stc-diffusers/1"
 CONFIG_FILE = "config.json"

@@ -48,12 +48,12 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput, ModelError
-from .formats import FAST
 from ..method.mapper import MapperConfig
 from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
 from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors
 from ..method.templates import OBJECT_TEMPLATES
 from ..train.config import TrainConfig
+from .formats import FAST
 
 QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
 
@@ -146,8 +146,8 @@ def _resolve_rank(concept, mapper, rank: int | None) -> int | None:
 
 def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
     """Check the inputs and build the shared context (copies of tokenizer and mapper)."""
-    from ..render.generation import check_compatible
     from ..method.spacetime import cross_attention_layer_names
+    from ..render.generation import check_compatible
 
     layer_names = cross_attention_layer_names(base.pipeline.unet)
     check_compatible(concept, base, layer_names)

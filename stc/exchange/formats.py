@@ -141,8 +141,8 @@ def export_concept(
     preset = THOROUGH if thorough else FAST
     samples = preset[0] if samples is None else samples
     fit_steps = preset[1] if fit_steps is None else fit_steps
-    from ..store.conceptio import load_mapper
     from ..render.prompts import check_rank
+    from ..store.conceptio import load_mapper
 
     export_format = check_format(format_name)
     concept = registry.load(name)

@@ -218,8 +218,8 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
     import json
 
     if spec in BUILTINS:
-        from .tiny import TINY_SD2_TEXT_WIDTH, TINY_TEXT_WIDTH
         from ..worlds.shapes.model import TEXT_WIDTH as SHAPES_TEXT_WIDTH
+        from .tiny import TINY_SD2_TEXT_WIDTH, TINY_TEXT_WIDTH
 
         return {TINY: TINY_TEXT_WIDTH, TINY_SD2: TINY_SD2_TEXT_WIDTH, SHAPES: SHAPES_TEXT_WIDTH}[spec]
     path = Path(spec).expanduser()

@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from .. import __version__
-from ..store.concept import Concept
-from ..method.conditioning import Conditioning, TextConditioner
 from ..errors import BadInput, ModelError
-from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
+from ..method.conditioning import Conditioning, TextConditioner
 from ..models.schedulers import check_scheduler, make_scheduler
 from ..settings import MAX_SEED, Settings
+from ..store.concept import Concept
+from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
 
 # progress(done, total): denoising steps summed over images
 ProgressCallback = Callable[[int, int], None]

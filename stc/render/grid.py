@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import BadInput
+from ..outputs import free_path, staged
 from ..settings import MAX_SEED
 from .generation import ProgressCallback, RenderedImage, RenderRequest, RenderSettings
-from ..outputs import free_path, staged
 from .pngmeta import a1111_parameters, save_png, slug
 from .prompts import parse_prompt
 

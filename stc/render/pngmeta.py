@@ -10,9 +10,9 @@ import json
 import re
 from pathlib import Path
 
+from ..models.schedulers import SCHEDULERS
 from ..outputs import free_path, staged
 from .prompts import parse_prompt
-from ..models.schedulers import SCHEDULERS
 
 _A1111_FIELD = re.compile(r'\s*(\w[\w \-/.]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
 _CONCEPT_FIELD = re.compile(r"stc concept ([a-z0-9][a-z0-9_-]*)")

@@ -15,8 +15,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from .concept import CONCEPT_FILE, WEIGHTS_FILE
 from ..errors import ConceptNotFound, StcError
+from .concept import CONCEPT_FILE, WEIGHTS_FILE
 from .storage import folder_size, safetensors_problem
 
 CACHE_FILE = ".listing.json"

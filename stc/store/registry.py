@@ -22,7 +22,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
-from .concept import CONCEPT_FILE, KNOWN_KEYS, WEIGHTS_FILE, Concept
 from ..errors import (
     BadInput,
     ConceptBusy,
@@ -34,9 +33,10 @@ from ..errors import (
     StcError,
     one_line,
 )
+from ..names import is_valid_name, suggest_name, validate_name
 from ..safe_yaml import yaml_load
 from ..settings import registry_root
-from ..names import is_valid_name, suggest_name, validate_name
+from .concept import CONCEPT_FILE, KNOWN_KEYS, WEIGHTS_FILE, Concept
 from .storage import (
     clone_tree,
     commit_folder,
@@ -46,10 +46,10 @@ from .storage import (
     open_lock_file,
     safetensors_problem,
     sha256_file,
-    try_lock,
-    with_header_metadata,
     staging_folder,
     sweep,
+    try_lock,
+    with_header_metadata,
     write_file,
 )
 

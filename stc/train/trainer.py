@@ -11,32 +11,37 @@ import functools
 
 from .config import TrainConfig
 
-
 RECOMPUTED_TEXT_LAYERS = 2 / 3  # of the text encoder's layers, recomputed in the backward pass
 
 
 @contextlib.contextmanager
-def recomputed_text_layers(text_encoder):
-    """While gradients are on, the first two thirds of the frozen text encoder's layers keep no
-    activations for the backward pass and recompute them instead. The 16-row text batch of a
-    NeTI step otherwise holds its activations through the whole UNet forward and backward (on
-    SD 1.5 at 512 px: 652 MB against textual inversion's 40 MB, +39 % peak memory); with two
-    thirds recomputed that is 258 MB for about 2 % more compute. Gradients are unchanged."""
+def recomputed(modules):
+    """While gradients are on, ``modules`` keep no activations for the backward pass: each one's
+    forward runs under activation checkpointing (non-reentrant) and is recomputed in the
+    backward. Gradients are unchanged."""
     import torch
     from torch.utils.checkpoint import checkpoint
 
-    layers = list(getattr(getattr(text_encoder, "text_model", text_encoder).encoder, "layers", []))
-    count = int(len(layers) * RECOMPUTED_TEXT_LAYERS)
-    if not torch.is_grad_enabled() or count == 0:
+    modules = list(modules)
+    if not torch.is_grad_enabled() or not modules:
         yield
         return
-    for layer in layers[:count]:
-        layer.forward = functools.partial(checkpoint, type(layer).forward.__get__(layer), use_reentrant=False)
+    for module in modules:
+        module.forward = functools.partial(checkpoint, type(module).forward.__get__(module), use_reentrant=False)
     try:
         yield
     finally:
-        for layer in layers[:count]:
-            del layer.forward  # back to the class's forward
+        for module in modules:
+            del module.forward  # back to the class's forward
+
+
+def recomputed_text_layers(text_encoder):
+    """The first two thirds of the frozen text encoder's layers, :func:`recomputed`. The 16-row text
+    batch of a NeTI step otherwise holds its activations through the whole UNet forward and
+    backward (on SD 1.5 at 512 px: 652 MB against textual inversion's 40 MB, +39 % peak memory);
+    with two thirds recomputed that is 258 MB for about 2 % more compute."""
+    layers = list(getattr(getattr(text_encoder, "text_model", text_encoder).encoder, "layers", []))
+    return recomputed(layers[: int(len(layers) * RECOMPUTED_TEXT_LAYERS)])
 
 
 class Trainer:
@@ -117,32 +122,39 @@ class Trainer:
             )  # B, L, S, D each
         return SpaceTimeConditioning(keys=keys.transpose(0, 1), values=values.transpose(0, 1))
 
-    def denoising_loss(self, image_index, flip, noise, timesteps, captions, generator):
-        """MSE of the UNet's prediction for the given (image, noise, t, caption) samples."""
+    def denoising_inputs(self, image_index, flip, noise, timesteps, captions, generator):
+        """What the UNet reads and must predict for (image, noise, t, caption) samples: the noisy
+        latents x_t, the target (ε, or v for v-prediction models), the caption's token ids."""
         import torch
-        import torch.nn.functional as F
 
         device = self.accelerator.device
         mean = self.latent_mean[flip.long(), image_index]
         std = self.latent_std[flip.long(), image_index]
         sample = torch.randn(mean.shape, generator=generator).to(device)
-        latents = (mean + std * sample) * self.vae.config.scaling_factor
-        noise = noise.to(device)
-        timesteps = timesteps.to(device)
+        latents = (mean + std * sample) * self.vae.config.scaling_factor  # a draw from the VAE posterior
+        noise, timesteps = noise.to(device), timesteps.to(device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
         input_ids = self.tokenizer(
             captions, padding="max_length", max_length=self.tokenizer.model_max_length,
             truncation=True, return_tensors="pt",
         ).input_ids
+        return noisy, target, input_ids
+
+    def denoising_loss(self, image_index, flip, noise, timesteps, captions, generator):
+        """MSE of the UNet's prediction for the given (image, noise, t, caption) samples."""
+        import torch.nn.functional as F
+
+        noisy, target, input_ids = self.denoising_inputs(image_index, flip, noise, timesteps, captions, generator)
+        timesteps = timesteps.to(self.accelerator.device)
         conditioning = self.conditioning(input_ids, timesteps, generator)
         prediction = self.unet(
             noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=conditioning.keys[0],
             cross_attention_kwargs={"spacetime": conditioning},
         ).sample
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
         return F.mse_loss(prediction.float(), target.float())
 
     def random_batch(self):

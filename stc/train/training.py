@@ -16,10 +16,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..store.concept import Concept, MetricsRecord, TrainingRecord
 from ..errors import BadInput, ConceptExists, Interrupted, RegistryWriteError, StcError
 from ..names import validate_name
 from ..settings import Settings
+from ..store.concept import Concept, MetricsRecord, TrainingRecord
 from ..store.registry import PREVIEW_FILE, PREVIEWS_DIR, Registry, preview_paths
 from .config import TrainConfig
 from .trainer import Trainer

@@ -248,7 +248,7 @@ def train_world(out: Path, config: WorldConfig, threads: int | None = None, log=
 
     import torch
 
-    from .model import build_components, assemble, save_weights, shapes_tokenizer
+    from .model import assemble, build_components, save_weights, shapes_tokenizer
 
     if threads:
         torch.set_num_threads(threads)
