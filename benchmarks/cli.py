@@ -74,7 +74,8 @@ def make_registry(count: int, root: Path | None = None) -> Path:
     concept = Concept(
         name="c0000", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5", initializer="cat",
         text_width=TEXT_WIDTH_SD1, layer_names=list(SD_LAYER_NAMES), mapper=mapper.config.to_dict(),
-        training=TrainingRecord(settings=TrainConfig(initializer="cat").record_settings(), steps_done=1000, resolution=512),
+        training=TrainingRecord(settings=TrainConfig(initializer="cat").record_settings(), steps_done=1000,
+                                resolution=512),
     )
     saved = registry.save(concept, weights_bytes(mapper, concept.name))
     source = saved.path

@@ -160,7 +160,8 @@ def render_plain(pipe, prompt: str, seeds: list[int], settings) -> list:
     for start in range(0, len(seeds), settings.batch_size):
         batch = seeds[start : start + settings.batch_size]
         images += pipe([prompt] * len(batch), num_inference_steps=settings.steps, guidance_scale=settings.cfg,
-                       height=size, width=size, generator=[torch.Generator().manual_seed(seed) for seed in batch]).images
+                       height=size, width=size,
+                       generator=[torch.Generator().manual_seed(seed) for seed in batch]).images
     return images
 
 
@@ -221,7 +222,8 @@ def run(args) -> dict:
     seeds = list(range(args.seeds))
     settings = RenderSettings(steps=args.render_steps, cfg=args.cfg, batch_size=args.batch_size)
     results: dict = {"variants": {}, "floors": {}}
-    for word, label in ((INITIALIZER, "initializer word: triangle"), ("yellow triangle", "the world's words: yellow triangle")):
+    for word, label in ((INITIALIZER, "initializer word: triangle"),
+                        ("yellow triangle", "the world's words: yellow triangle")):
         renderer = Renderer(load_base_model(MODEL), {})
         results["floors"][label] = vars(measure(renderer, word, seeds, settings))
         log(f"floor {label}: {_brief(results['floors'][label])}")
@@ -276,7 +278,8 @@ def table(results: dict) -> str:
     for rank, scores in neti.items():
         lines.append(f"| {rank} | " + " | ".join(_cells(scores)) + " |")
     lines += ["", "**Ablation at full rank (equal steps)**", "",
-              "| variant | fidelity | editability | edit+concept | recolour | denoising loss on the photos (fixed noise) before → after |",
+              "| variant | fidelity | editability | edit+concept | recolour "
+              "| denoising loss on the photos (fixed noise) before → after |",
               "|---|---|---|---|---|---|"]
     for variant, data in results["variants"].items():
         full = data["ranks"][max(data["ranks"], key=int)]
@@ -385,7 +388,8 @@ def parse_args(argv):
     parser.add_argument("--no-exports", dest="exports", action="store_false",
                         help="skip the ti exports rendered by plain diffusers (fast and thorough distillation)")
     parser.add_argument("--quick", action="store_true", help="10 steps, 2 seeds, ranks 1 and 128: checks that it runs")
-    parser.add_argument("--json", type=Path, default=None, help="results file (default benchmarks/results/quality.json)")
+    parser.add_argument("--json", type=Path, default=None,
+                        help="results file (default benchmarks/results/quality.json)")
     parser.add_argument("--write-md", action="store_true", help="rewrite the generated part of QUALITY.md and the plot")
     args = parser.parse_args(argv)
     args.argv = list(argv)

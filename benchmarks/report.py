@@ -212,7 +212,8 @@ the machine hits both alike. *ratio* = stc ÷ baseline (medians of the wall time
 judged on it); *spread* is min–max over the repeats. *CPU-time ratio* is the same for the CPU
 time of the process (all its threads; for CLI rows, of the subprocess): on a machine shared with
 other work it moves far less than the wall time, so where the two disagree, trust it for the
-cost of the code and the wall time for what a user waits. *FLOP floor* = stc's FLOPs ÷ the baseline's FLOPs for the same configuration, counted
+cost of the code and the wall time for what a user waits. *FLOP floor* = stc's FLOPs ÷ the \
+baseline's FLOPs for the same configuration, counted
 with `torch.utils.flop_counter.FlopCounterMode` during the warm-up (matmuls, convolutions and
 attention, the CPU flash-attention kernels included): the ratio that doing the method's extra
 work at the baseline's efficiency would give. *ratio ÷ floor* near 1 means stc adds no overhead
@@ -253,7 +254,8 @@ def markdown(data: dict) -> str:
         BEGIN,
         "",
         f"Latest run: **{meta['date']}**, model `{meta['model']}` ({meta['model_note']}), device `{m['device']}`, "
-        f"dtype {', '.join(meta['dtypes'])}, {meta['resolution']} px, {meta['steps']} denoising step{'s' if meta['steps'] != 1 else ''} "
+        f"dtype {', '.join(meta['dtypes'])}, {meta['resolution']} px, "
+        f"{meta['steps']} denoising step{'s' if meta['steps'] != 1 else ''} "
         f"({'with' if meta.get('decode', True) else 'without'} the VAE decode), "
         f"repeats {meta['repeats']} (CLI {meta['cli_repeats']}), {meta['concepts']} concepts for `stc ls`.",
         "",
@@ -299,7 +301,8 @@ def write_markdown(path: Path, data: dict) -> None:
         else:
             new = text.rstrip() + "\n\n" + generated + "\n"
     else:
-        new = "# Benchmarks\n\n`python -m benchmarks` measures stc against its baselines in one run.\n\n" + generated + "\n"
+        new = ("# Benchmarks\n\n`python -m benchmarks` measures stc against its baselines in one run.\n\n"
+               + generated + "\n")
     temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(new, encoding="utf-8")
     os.replace(temporary, path)

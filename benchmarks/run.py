@@ -215,7 +215,8 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
             flop_ratio = r.stc_flops.total / r.base_flops.total if r.base_flops.total else None
             what = "without the VAE decode" if args.no_decode else "with the VAE decode"
             figures.append(report.figure(
-                f"render_bs{batch}", 4, f"render time per image, batch {batch}, {args.steps} step{'s' if args.steps != 1 else ''}, {resolution} px, "
+                f"render_bs{batch}", 4, f"render time per image, batch {batch}, "
+                f"{args.steps} step{'s' if args.steps != 1 else ''}, {resolution} px, "
                 f"{what}", "s", r.stc_time, r.base_time, GOALS[f"render_bs{batch}"], dtype=dtype,
                 flop_ratio=flop_ratio,
                 stc_label="stc gen path: Renderer." + ("latents" if args.no_decode else "render_requests")
@@ -232,7 +233,8 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
             stc_loop = r.stc_flops.total - r.stc_flops.by_module.get(decoder, 0)
             base_loop = r.base_flops.total - r.base_flops.by_module.get(decoder, 0)
             figures.append(report.figure(
-                f"render_bs{batch}_denoise", 4, f"render time per image, batch {batch}, minus the time in the VAE decoder",
+                f"render_bs{batch}_denoise", 4,
+                f"render time per image, batch {batch}, minus the time in the VAE decoder",
                 "s", r.stc_denoise, r.base_denoise, GOALS[f"render_bs{batch}_denoise"], dtype=dtype,
                 flop_ratio=stc_loop / base_loop if base_loop else None,
                 stc_label="the same runs, minus the time inside vae.decoder (forward hooks)",
@@ -276,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore")
     started = time.monotonic()
     load_before = report.load_average()
-    command = "python -m benchmarks" + "".join(" " + shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m benchmarks" + "".join(" " + shlex.quote(a)
+                                               for a in (argv if argv is not None else sys.argv[1:]))
     log(f"{command}\nload average {load_before}; device {args.device}; dtypes {', '.join(args.dtypes)}")
 
     figures: list[dict] = []

@@ -60,7 +60,8 @@ class TextualInversionStep:
                                                             trainer.generator)
         device = trainer.accelerator.device
         hidden = self.encode(input_ids.to(device))
-        prediction = trainer.unet(noisy.to(trainer.unet.dtype), timesteps.to(device), encoder_hidden_states=hidden).sample
+        prediction = trainer.unet(noisy.to(trainer.unet.dtype), timesteps.to(device),
+                                  encoder_hidden_states=hidden).sample
         return F.mse_loss(prediction.float(), target.float())
 
     def step(self) -> float:

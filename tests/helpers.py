@@ -62,7 +62,8 @@ def make_concept(name: str, layer_names=None, steps_done: int = 10, metrics: dic
         base_model="builtin:tiny", initializer="cat", text_width=32,
         layer_names=list(layer_names) if layer_names is not None else [f"l{i}" for i in range(16)],
         mapper=make_mapper(0).config.to_dict(),
-        training=TrainingRecord(settings=TrainConfig(steps=10, initializer="cat").record_settings(), steps_done=steps_done),
+        training=TrainingRecord(settings=TrainConfig(steps=10, initializer="cat").record_settings(),
+                                steps_done=steps_done),
         metrics=MetricsRecord.from_dict(metrics or {}),
         weights_sha256="ab" * 32,  # replaced by the real digest when saved
     )

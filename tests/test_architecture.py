@@ -9,7 +9,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "stc"
 # the registry and everything it reads: no torch, no safetensors.torch, no mapper, even inside functions
 TORCH_FREE = ["store/registry.py", "store/concept.py", "store/storage.py", "store/listing.py", "names.py",
               "train/config.py", "render/prompts.py", "errors.py", "outputs.py"]
-HEAVY = {"torch", "safetensors.torch", "diffusers", "transformers", "stc.method.mapper", "stc.store.conceptio", "stc.method.spacetime"}
+HEAVY = {"torch", "safetensors.torch", "diffusers", "transformers", "stc.method.mapper", "stc.store.conceptio",
+         "stc.method.spacetime"}
 
 
 # what every `stc` run imports before it knows the command: no command module, nothing heavy

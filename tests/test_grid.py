@@ -39,7 +39,8 @@ def renderer(tiny):
 def saved_concepts(tiny):
     registry = Registry()
     for name, seed in (("mydog", 1), ("mycat", 2)):
-        registry.save(make_concept(name, cross_attention_layer_names(tiny.pipeline.unet)), weights_bytes(make_mapper(seed), name))
+        registry.save(make_concept(name, cross_attention_layer_names(tiny.pipeline.unet)),
+                      weights_bytes(make_mapper(seed), name))
     return registry
 
 

@@ -217,8 +217,8 @@ def _read_each(root: str, cases: dict) -> dict:
         concept = registry.load(name)
         check = check_weights(concept)
         result["verify"] = [check.ok, check.problem]
-        for key, read in (("load", lambda: read_state_dict(concept)),
-                          ("import", lambda: read_embedding(Path(embedding)))):
+        for key, read in (("load", lambda concept=concept: read_state_dict(concept)),
+                          ("import", lambda embedding=embedding: read_embedding(Path(embedding)))):
             try:
                 read()
                 result[key] = "read without an error"

@@ -7,7 +7,8 @@ from stc.method.mapper import MapperConfig, NeTIMapper, truncate
 
 
 def make_mapper(width=768, seed=0, **kwargs):
-    return NeTIMapper(MapperConfig(text_width=width, norm_scale=0.4, **kwargs), generator=torch.Generator().manual_seed(seed))
+    return NeTIMapper(MapperConfig(text_width=width, norm_scale=0.4, **kwargs),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def test_parameter_count_matches_the_method():

@@ -18,7 +18,8 @@ def test_local_diffusers_folder_loads_the_same_pipeline(tiny, tmp_path):
     # the folder's weights sit where the loader put them (other alignment: other kernels), so the
     # renders agree to rounding relative to the latents' scale (~50), not to an absolute amount
     assert_close_in_scale(b, a, 1e-4)
-    assert local.pipeline.tokenizer("a photo of a cat").input_ids == tiny.pipeline.tokenizer("a photo of a cat").input_ids
+    assert (local.pipeline.tokenizer("a photo of a cat").input_ids
+            == tiny.pipeline.tokenizer("a photo of a cat").input_ids)
 
 
 def test_hub_id_offline_is_a_clear_error():

@@ -306,7 +306,8 @@ def test_ls_caches_records_and_notices_every_change(stc_home, monkeypatch):
 
     calls = []
     real = stc.store.listing.listing_record
-    monkeypatch.setattr(stc.store.listing, "listing_record", lambda concept: calls.append(concept.name) or real(concept))
+    monkeypatch.setattr(stc.store.listing, "listing_record",
+                        lambda concept: calls.append(concept.name) or real(concept))
     invoke("ls")
     assert calls == []  # nothing changed: no concept.yaml was parsed
     assert invoke("mv", "blob", "bloom").exit_code == 0

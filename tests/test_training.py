@@ -114,7 +114,8 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
         hook.remove()
 
     _, _, _, timesteps, captions = batch
-    ids = trainer.tokenizer(captions, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    ids = trainer.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                            return_tensors="pt").input_ids
     slot = ConceptSlot(trainer.token_id, trainer.unwrapped_mapper)
     for layer in range(16):
         with torch.no_grad():

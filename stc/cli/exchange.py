@@ -45,8 +45,8 @@ def export(
     ] = None,
     vectors: Annotated[int, typer.Option("--vectors", help="ti/a1111: number of vectors to distil.")] = 1,
     thorough: Annotated[bool, typer.Option(
-        "--thorough", help=f"ti/a1111: the thorough fit ({THOROUGH[0]} samples, {THOROUGH[1]} steps: minutes) instead of the fast "
-        f"one ({FAST[0]} samples, {FAST[1]} steps: seconds).")] = False,
+        "--thorough", help=f"ti/a1111: the thorough fit ({THOROUGH[0]} samples, {THOROUGH[1]} steps: minutes) "
+        f"instead of the fast one ({FAST[0]} samples, {FAST[1]} steps: seconds).")] = False,
     samples: Annotated[Optional[int], typer.Option(
         "--samples", show_default=False, help="ti/a1111: (noise, t, caption) samples the vectors are fitted on; a "
         "quarter more measure the fidelity (overrides --thorough's).")] = None,

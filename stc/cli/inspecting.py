@@ -104,7 +104,8 @@ def inspect_concept(
     ctx: typer.Context,
     name: NameArg,
     rank: Annotated[
-        Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, from 1 to the concept's maximum.  [default: full]")
+        Optional[int], typer.Option("--rank", "-r", help="Rank of the heatmaps, from 1 to the concept's maximum."
+                                    "  [default: full]")
     ] = None,
     steps: Annotated[
         int, typer.Option("--steps", "-k", help="Timesteps shown, evenly spaced from 999 down to 0.")

@@ -38,7 +38,8 @@ def _render_option(flag: str, help: str, default=None):
 
 
 BatchSizeOpt = Annotated[
-    Optional[int], _render_option("--batch-size", "Images per UNet batch (CFG halves are batched on top).", _DEFAULTS.batch_size)
+    Optional[int], _render_option("--batch-size", "Images per UNet batch (CFG halves are batched on top).",
+                                  _DEFAULTS.batch_size)
 ]
 StepsOpt = Annotated[Optional[int], _render_option("--steps", "Denoising steps.", _DEFAULTS.steps)]
 CfgOpt = Annotated[Optional[float], _render_option("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
@@ -219,8 +220,8 @@ def grid(
     )
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
-    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type))
+    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device,
+                              dtype, command_env(ctx, prediction_type=prediction_type))
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)

@@ -28,7 +28,9 @@ from ._base import (
     print_json,
 )
 
-NameArg = Annotated[str, typer.Argument(help="Concept name (used in prompts as <name>).", metavar="NAME", show_default=False)]
+NameArg = Annotated[
+    str, typer.Argument(help="Concept name (used in prompts as <name>).", metavar="NAME", show_default=False)
+]
 FIRST_CONCEPT_HINT = "Train one:\n  stc train ./photos --name mydog --init dog"
 
 

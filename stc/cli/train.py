@@ -86,19 +86,29 @@ def train(
     ] = None,
     adam_beta1: Annotated[Optional[float], _hyper_parameter("--adam-beta1", "AdamW beta1")] = None,
     adam_beta2: Annotated[Optional[float], _hyper_parameter("--adam-beta2", "AdamW beta2")] = None,
-    adam_weight_decay: Annotated[Optional[float], _hyper_parameter("--weight-decay", "AdamW weight decay", field="adam_weight_decay")] = None,
+    adam_weight_decay: Annotated[
+        Optional[float], _hyper_parameter("--weight-decay", "AdamW weight decay", field="adam_weight_decay")
+    ] = None,
     adam_epsilon: Annotated[Optional[float], _hyper_parameter("--adam-epsilon", "AdamW epsilon")] = None,
-    resolution: Annotated[Optional[int], _hyper_parameter("--resolution", "Training image size", default="the model's, 512 for SD")] = None,
-    bypass: Annotated[Optional[bool], _hyper_parameter("--bypass/--no-bypass", "Textual bypass; off for ablations")] = None,
+    resolution: Annotated[
+        Optional[int], _hyper_parameter("--resolution", "Training image size", default="the model's, 512 for SD")
+    ] = None,
+    bypass: Annotated[
+        Optional[bool], _hyper_parameter("--bypass/--no-bypass", "Textual bypass; off for ablations")
+    ] = None,
     nested_dropout: Annotated[
         Optional[bool], _hyper_parameter("--nested-dropout/--no-nested-dropout", "Nested dropout; off for ablations")
     ] = None,
-    nested_dropout_prob: Annotated[Optional[float], _hyper_parameter("--nested-dropout-prob", "Probability per mapper call")] = None,
+    nested_dropout_prob: Annotated[
+        Optional[float], _hyper_parameter("--nested-dropout-prob", "Probability per mapper call")
+    ] = None,
     mixed_precision: Annotated[
-        Optional[str], _hyper_parameter("--mixed-precision", "no, fp16 or bf16 for the frozen models; the mapper stays fp32")
+        Optional[str], _hyper_parameter("--mixed-precision", "no, fp16 or bf16 for the frozen models; the mapper "
+                                        "stays fp32")
     ] = None,
     gradient_checkpointing: Annotated[
-        Optional[bool], _hyper_parameter("--gradient-checkpointing/--no-gradient-checkpointing", "Trade compute for memory")
+        Optional[bool], _hyper_parameter("--gradient-checkpointing/--no-gradient-checkpointing",
+                                         "Trade compute for memory")
     ] = None,
 ) -> None:
     """Train a concept from a folder of photos and save it in the registry.

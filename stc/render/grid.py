@@ -208,7 +208,8 @@ def tile_images(rows: list[list], column_labels: list[str] | None = None, row_la
         draw.multiline_text((padding, max(header_height, y)), label, fill="black", font=font)
     for row, images in enumerate(rows):
         for column, image in enumerate(images):
-            canvas.paste(image, (label_width + column * (cell_width + padding), header_height + row * (cell_height + padding)))
+            canvas.paste(image, (label_width + column * (cell_width + padding),
+                                 header_height + row * (cell_height + padding)))
     return canvas
 
 

@@ -368,7 +368,8 @@ class Registry:
 
     # ----------------------------------------------------------------- writing
 
-    def save(self, concept: Concept, weights: bytes, overwrite: bool = False, extra_files: dict | None = None) -> Concept:
+    def save(self, concept: Concept, weights: bytes, overwrite: bool = False,
+             extra_files: dict | None = None) -> Concept:
         """Write ``concept`` and its weights file (the bytes of ``mapper.safetensors``, see
         ``conceptio.weights_bytes``) atomically; returns the stored concept.
 

@@ -65,7 +65,8 @@ class TrainConfig:
         if self.kind not in DEFAULT_INITIALIZER:
             raise BadInput(f"--kind must be 'object' or 'style', not {self.kind!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, not {self.mixed_precision!r}")
+            raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
+                           f"not {self.mixed_precision!r}")
         if self.initializer is not None and not self.initializer.strip():
             raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out for the default "
                            f"({DEFAULT_INITIALIZER[self.kind]!r})")
