@@ -90,7 +90,7 @@ def placeholder_inputs(renderer, prompt: str, settings: RenderSettings) -> dict[
     finally:
         handle.remove()
     inputs = torch.cat(captured)  # K·L, S, D
-    ids = renderer.text.tokenize(parse_prompt(prompt).text)[0]
+    ids = renderer.text.tokenize(parse_prompt(prompt).text)[0][0]
     return {name: inputs[:, int((ids == slot.token_id).nonzero()[0])] for name, slot in renderer.text.slots.items()}
 
 
@@ -102,7 +102,8 @@ def mapper_tokens(mapper, timesteps, num_layers: int) -> torch.Tensor:
 
 def test_each_placeholder_is_conditioned_by_its_own_mapper(tiny):
     unet = tiny.pipeline.unet
-    dog, cat = make_concept("mydog", cross_attention_layer_names(unet)), make_concept("mycat", cross_attention_layer_names(unet))
+    dog, cat = (make_concept("mydog", cross_attention_layer_names(unet)),
+                make_concept("mycat", cross_attention_layer_names(unet)))
     mapper_a, mapper_b = make_mapper(1), make_mapper(2)
     settings = RenderSettings(steps=2, batch_size=2)
     prompt = "<mydog> sitting next to <mycat>"
@@ -131,7 +132,8 @@ def test_each_placeholder_is_conditioned_by_its_own_mapper(tiny):
 def test_negative_with_a_concept_and_overlong_prompts_are_clear_errors(tiny):
     with pytest.raises(BadInput, match="--negative"):
         RenderSettings(negative="<mydog>")
-    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(1))})
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)),
+                                         make_mapper(1))})
     with pytest.raises(BadInput, match="shorten the prompt"):
         renderer.condition("cat " * 80 + "<mydog>", RenderSettings(steps=1))
     with pytest.raises(BadInput, match="not loaded"):
@@ -142,7 +144,8 @@ def test_negative_with_a_concept_and_overlong_prompts_are_clear_errors(tiny):
 
 
 def test_text_encoder_calls_stay_within_the_design_and_do_not_grow_with_images(tiny):
-    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)), make_mapper(1))})
+    renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)),
+                                         make_mapper(1))})
     calls = count_text_encoder_calls(renderer)
     settings = RenderSettings(steps=3, batch_size=2)
     counts = []

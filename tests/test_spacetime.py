@@ -110,7 +110,8 @@ def test_processors_match_diffusers_attention_without_spacetime(tiny):
 
 def test_plain_encoding_matches_the_text_encoder(tiny):
     pipe = tiny.pipeline
-    ids = pipe.tokenizer(["a photo of a cat", "the moon"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(["a photo of a cat", "the moon"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
     with torch.no_grad():
         stock = pipe.text_encoder(ids)[0]
         plain, bypassed = encode_spacetime(pipe.text_encoder, ids, torch.zeros(2), torch.zeros(2))
@@ -119,7 +120,8 @@ def test_plain_encoding_matches_the_text_encoder(tiny):
 
 
 def _concept(tiny, seed=0):
-    mapper = NeTIMapper(MapperConfig(text_width=tiny.text_width, norm_scale=0.5), generator=torch.Generator().manual_seed(seed))
+    mapper = NeTIMapper(MapperConfig(text_width=tiny.text_width, norm_scale=0.5),
+                        generator=torch.Generator().manual_seed(seed))
     tokenizer = tiny.pipeline.tokenizer
     tokenizer.add_tokens(["<thing>"])
     return mapper.eval().requires_grad_(False), tokenizer.convert_tokens_to_ids("<thing>")
@@ -128,7 +130,8 @@ def _concept(tiny, seed=0):
 def test_bypass_is_added_before_the_final_layernorm_only_at_the_placeholder(tiny):
     pipe = tiny.pipeline
     mapper, token_id = _concept(tiny)
-    ids = pipe.tokenizer(["a photo of a <thing> on the moon"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    ids = pipe.tokenizer(["a photo of a <thing> on the moon"], padding="max_length", max_length=77,
+                         return_tensors="pt").input_ids
     position = int((ids[0] == token_id).nonzero())
     t, l = torch.tensor([700.0]), torch.tensor([4.0])
     with torch.no_grad():
@@ -137,8 +140,8 @@ def test_bypass_is_added_before_the_final_layernorm_only_at_the_placeholder(tiny
         # recompute by hand: token embedding replaced, encoder, then bypass before the final LN
         embeds = pipe.text_encoder.get_input_embeddings()(ids.clamp(max=token_id - 1))
         embeds[0, position] = token[0]
-        hidden = pipe.text_encoder.text_model.embeddings(inputs_embeds=embeds) if hasattr(pipe.text_encoder, "text_model") \
-            else pipe.text_encoder.embeddings(inputs_embeds=embeds)
+        hidden = pipe.text_encoder.text_model.embeddings(inputs_embeds=embeds) \
+            if hasattr(pipe.text_encoder, "text_model") else pipe.text_encoder.embeddings(inputs_embeds=embeds)
     differs = (plain - bypassed).abs().amax(dim=-1)[0] > 0
     assert differs.nonzero().flatten().tolist() == [position]
     final_ln = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
@@ -147,7 +150,8 @@ def test_bypass_is_added_before_the_final_layernorm_only_at_the_placeholder(tiny
         from stc.method.spacetime import _causal_mask, _text_transformer
 
         transformer = _text_transformer(pipe.text_encoder)
-        state = transformer.encoder(inputs_embeds=hidden, attention_mask=_causal_mask(transformer, hidden), is_causal=True).last_hidden_state
+        state = transformer.encoder(inputs_embeds=hidden, attention_mask=_causal_mask(transformer, hidden),
+                                    is_causal=True).last_hidden_state
         expected_plain = final_ln(state)
         existing = state[0, position]
         expected = final_ln(existing + BYPASS_SCALE * bypass[0] / bypass[0].norm() * existing.norm())
@@ -164,7 +168,8 @@ def test_schedule_encoding_is_batched_and_matches_per_layer_calls(tiny):
     hook = pipe.text_encoder.get_input_embeddings().register_forward_hook(lambda *a: calls.append(1))
     slots = {token_id: ConceptSlot(token_id, mapper)}
     with torch.no_grad():
-        keys, values = encode_layers(pipe.text_encoder, ids, timesteps, 16, slots)
+        encoding = encode_layers(pipe.text_encoder, ids, timesteps, 16, slots)
+    keys, values = encoding.keys, encoding.values
     hook.remove()
     assert len(calls) == 1  # 3 steps x 16 layers in one text-encoder call
     assert keys.shape == values.shape == (3, 16, 77, tiny.text_width)

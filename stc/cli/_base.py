@@ -41,10 +41,11 @@ ModelOpt = Annotated[
     typer.Option(
         "--model",
         "-m",
-        help="Base model: a hub id, a local diffusers folder, a single-file SD 1.x/2.x checkpoint (.safetensors, "
-        "or a weights-only .ckpt), builtin:shapes (a tiny trained world of coloured shapes, 32 px), or "
-        "builtin:tiny / builtin:tiny-sd2 (random weights, for tests).  [default: the concept's, else STC_MODEL or "
-        "model: in $STC_HOME/config.yaml, else SD 1.5]",
+        help="Base model (SD 1.x, SD 2.x or SDXL): a hub id, a local diffusers folder, a single-file checkpoint "
+        "(.safetensors, or a weights-only .ckpt), builtin:shapes / builtin:shapes-sdxl (a tiny trained world of "
+        "coloured shapes, 32 px, in the SD 1.x / SDXL layout), or builtin:tiny / builtin:tiny-sd2 / "
+        "builtin:tiny-sdxl (random weights, for tests).  [default: the concept's, else STC_MODEL or model: in "
+        "$STC_HOME/config.yaml, else SD 1.5]",
     ),
 ]
 ModelConfigOpt = Annotated[

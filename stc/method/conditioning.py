@@ -20,9 +20,12 @@ SCHEDULE_CHUNK = 256  # (step, layer) rows per text-encoder call
 class Conditioning:
     """The text conditioning of one prompt at one set of ranks, for one schedule.
 
-    negative, positive: 1 x S x D stock encodings (the positive one is what every layer reads
-    when the prompt names no concept). keys, values: K x L x S x D per (step, layer) sequences
-    without and with the textual bypass, or None without concepts.
+    negative, positive: the stock :class:`~stc.method.spacetime.Encoding` of the negative
+    prompt and of the prompt (1 x S x D; its pooled embedding 1 x P on SDXL); the positive one
+    is what every layer reads when the prompt names no concept. keys, values: K x L x S x D per
+    (step, layer) sequences without and with the textual bypass, or None without concepts;
+    pooled: K x P, the pooled embedding of each step (SDXL), the mean over layers of each
+    layer's (docs/method.md, "SDXL").
     """
 
     ranks: dict[str, int]
@@ -30,44 +33,82 @@ class Conditioning:
     positive: object
     keys: object | None = None
     values: object | None = None
+    pooled: object | None = None
 
     def at_step(self, step_index: int, num_layers: int):
-        """Keys and values (L x S x D each) of one denoising step."""
+        """Keys and values (L x S x D each) and the pooled embedding (P, or None) of one step."""
         if self.keys is None:
-            plain = self.positive.expand(num_layers, -1, -1)
-            return plain, plain
-        return self.keys[step_index], self.values[step_index]
+            plain = self.positive.keys[0].expand(num_layers, -1, -1)
+            pooled = self.positive.pooled[0] if self.positive.pooled is not None else None
+            return plain, plain, pooled
+        return self.keys[step_index], self.values[step_index], (
+            self.pooled[step_index] if self.pooled is not None else None)
+
+
+def pooled_over_layers(pooled):
+    """N x L x P pooled embeddings of each (t, l) -> the N x P one the UNet reads at each t: their
+    mean over layers (the UNet takes one pooled embedding per call; docs/method.md, "SDXL")."""
+    return pooled.mean(dim=1) if pooled is not None else None
 
 
 class TextConditioner:
-    """Encodes prompts for a pipeline whose tokenizer knows the concepts' placeholder tokens."""
+    """Encodes prompts for a pipeline whose tokenizers know the concepts' placeholder tokens."""
 
     def __init__(self, pipeline, device: str, slots: dict, num_layers: int, tokens: dict | None = None):
+        from .spacetime import text_encoders, tokenizers
+
         self.pipeline, self.device, self.slots, self.num_layers = pipeline, device, slots, num_layers
         self.tokens = tokens or {}  # concept name -> its placeholder tokens (several for n-vector concepts)
+        self.tokenizers, self.encoders = tokenizers(pipeline), text_encoders(pipeline)
 
-    def tokenize(self, text: str):
+    def tokenize(self, text: str) -> list:
+        """The token ids of ``text`` in each tokenizer (1 x S each), placeholders expanded."""
         from .placeholders import expand_placeholders
 
         for tokens in self.tokens.values():
             text = expand_placeholders(text, tokens)
-        tokenizer = self.pipeline.tokenizer
-        ids = tokenizer(
-            [text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-            return_tensors="pt",
-        ).input_ids
-        return ids.to(self.device)  # 1, S
+        return [tokenizer([text], padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                          return_tensors="pt").input_ids.to(self.device) for tokenizer in self.tokenizers]
 
     def plain(self, text: str):
-        """The stock text encoding of ``text`` (1 x S x D): one text-encoder call."""
+        """The stock text encoding of ``text`` (an Encoding, 1 x S x D): one call of each text
+        encoder, read as diffusers' pipelines read it (SD 1.x/2.x: the last state; SDXL: both
+        encoders' penultimate states side by side, and the second one's projected pooled token)."""
         import torch
 
+        from .spacetime import Encoding
+
         with torch.no_grad():
-            return self.pipeline.text_encoder(self.tokenize(text))[0]
+            ids = self.tokenize(text)
+            if len(self.encoders) == 1:
+                hidden = self.pipeline.text_encoder(ids[0])[0]
+                return Encoding(hidden, hidden)
+            states, pooled = [], None
+            for encoder, encoder_ids in zip(self.encoders, ids):
+                output = encoder.module(encoder_ids, output_hidden_states=True)
+                states.append(output.hidden_states[-2])
+                pooled = output[0] if encoder.pooled else pooled
+            hidden = torch.cat(states, dim=-1)
+            return Encoding(hidden, hidden, pooled)
+
+    def negative(self, text: str):
+        """The encoding of the negative prompt: :meth:`plain`, except that an SDXL pipeline made
+        to zero an empty one (``force_zeros_for_empty_prompt``, as SDXL base is) gets zeros, as
+        StableDiffusionXLPipeline gives when no negative prompt is passed."""
+        import torch
+
+        from .spacetime import Encoding
+
+        encoding = self.plain(text)
+        if text or not self.pipeline.config.get("force_zeros_for_empty_prompt", False) or len(self.encoders) == 1:
+            return encoding
+        pooled = torch.zeros_like(encoding.pooled) if encoding.pooled is not None else None
+        return Encoding(torch.zeros_like(encoding.keys), torch.zeros_like(encoding.values), pooled)
 
     def schedule(self, text: str, ranks: dict[str, int], timesteps):
         """Keys and values of ``text`` (concept references without inline ranks) for every
-        (step, layer) of ``timesteps``: two K x L x S x D tensors."""
+        (step, layer) of ``timesteps``, and the pooled embedding of every step: K x L x S x D,
+        K x L x S x D, and K x P or None."""
         import torch
 
         from .spacetime import encode_layers
@@ -76,21 +117,26 @@ class TextConditioner:
         slots = {}
         for name, rank in ranks.items():
             slot = self.slots[name]
-            if not all(bool((input_ids == token_id).any()) for token_id in slot.token_ids):
-                limit = self.pipeline.tokenizer.model_max_length
+            if not all(bool((input_ids[0] == token_id).any()) for token_id in slot.token_ids):
+                limit = self.tokenizers[0].model_max_length
                 raise BadInput(f"<{name}> falls beyond the text encoder's {limit} tokens; shorten the prompt")
             slots[slot.token_id] = dataclasses.replace(slot, rank=rank)
         unique, inverse = torch.unique(timesteps, return_inverse=True)
         repeated = unique.shape[0] < timesteps.shape[0]
         with torch.no_grad():
-            keys, values = encode_layers(
-                self.pipeline.text_encoder, input_ids, unique if repeated else timesteps, self.num_layers,
-                slots, chunk_size=SCHEDULE_CHUNK,
+            encoding = encode_layers(
+                self.encoders, input_ids, unique if repeated else timesteps, self.num_layers, slots,
+                chunk_size=SCHEDULE_CHUNK,
             )
-        return (keys[inverse], values[inverse]) if repeated else (keys, values)
+        keys, values, pooled = encoding.keys, encoding.values, pooled_over_layers(encoding.pooled)
+        if repeated:
+            keys, values = keys[inverse], values[inverse]
+            pooled = pooled[inverse] if pooled is not None else None
+        return keys, values, pooled
 
     def condition(self, text: str, ranks: dict[str, int], timesteps, negative) -> Conditioning:
         if not ranks:
             return Conditioning(ranks={}, negative=negative, positive=self.plain(text))
-        keys, values = self.schedule(text, ranks, timesteps)
-        return Conditioning(ranks=dict(ranks), negative=negative, positive=None, keys=keys, values=values)
+        keys, values, pooled = self.schedule(text, ranks, timesteps)
+        return Conditioning(ranks=dict(ranks), negative=negative, positive=None, keys=keys, values=values,
+                            pooled=pooled)

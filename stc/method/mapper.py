@@ -20,8 +20,8 @@ HIDDEN_DIM = 128
 class MapperConfig:
     """Everything needed to rebuild a mapper (weights excluded)."""
 
-    text_width: int  # D: width of the text encoder (768 for SD 1.x, 1024 for SD 2.x)
-    norm_scale: float  # norm of the initializer word's input embedding
+    text_width: int  # D: width of the UNet's text context (768 for SD 1.x, 1024 for SD 2.x, 2048 for SDXL)
+    norm_scale: float  # norm of the initializer word's input embedding (the first text encoder's)
     num_layers: int = NUM_UNET_LAYERS
     num_time_anchors: int = 10
     num_fourier_features: int = 1024
@@ -32,12 +32,31 @@ class MapperConfig:
     nested_dropout: bool = True
     nested_dropout_prob: float = 0.5
     num_vectors: int = 1  # token embeddings per placeholder: 1 for NeTI; n for imported n-vector embeddings
+    # A model with several text encoders (SDXL: 768 + 1280) gets one output group per encoder,
+    # [token, bypass] each, normalised to that encoder's initializer norm; None: one encoder.
+    encoder_widths: list[int] | None = None
+    norm_scales: list[float] | None = None
 
     def __post_init__(self) -> None:
         if self.text_width <= 0 or self.hidden_dim <= 0 or self.num_layers <= 0 or self.num_vectors <= 0:
             raise ValueError("text_width, hidden_dim, num_layers and num_vectors must be positive")
         if not 0.0 <= self.nested_dropout_prob <= 1.0:
             raise ValueError("nested_dropout_prob must lie in [0, 1]")
+        if (self.encoder_widths is None) != (self.norm_scales is None):
+            raise ValueError("encoder_widths and norm_scales come together")
+        if self.encoder_widths is not None:
+            self.encoder_widths, self.norm_scales = list(self.encoder_widths), [float(s) for s in self.norm_scales]
+            if (sum(self.encoder_widths) != self.text_width or len(self.norm_scales) != len(self.encoder_widths)
+                    or min(self.encoder_widths) <= 0):
+                raise ValueError(f"encoder_widths {self.encoder_widths} must be positive and add up to text_width "
+                                 f"{self.text_width}, one norm_scale each")
+
+    @property
+    def encoders(self) -> list[tuple[int, float]]:
+        """(width, initializer norm) of each text encoder the mapper feeds, in order."""
+        if self.encoder_widths is None:
+            return [(self.text_width, self.norm_scale)]
+        return list(zip(self.encoder_widths, self.norm_scales))
 
     @property
     def rank_max(self) -> int | None:
@@ -51,7 +70,10 @@ class MapperConfig:
         return self.text_width * self.num_vectors * (2 if self.bypass else 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.encoder_widths is None:  # one encoder: the keys concepts have always had
+            del data["encoder_widths"], data["norm_scales"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "MapperConfig":
@@ -114,8 +136,15 @@ class NeTIMapper(nn.Module):
         return self.net(self.encoding(timesteps.float(), layers.float()))
 
     def output(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Output layer and normalisation of the whole vector to the initializer's norm."""
-        return F.normalize(self.output_layer(hidden), dim=-1) * self.config.norm_scale
+        """Output layer and normalisation of the whole vector to the initializer's norm; with
+        several text encoders, of each encoder's group [token, bypass] to its own norm."""
+        raw = self.output_layer(hidden)
+        encoders = self.config.encoders
+        if len(encoders) == 1:
+            return F.normalize(raw, dim=-1) * self.config.norm_scale
+        sizes = [width * group_factor(self.config) for width, _ in encoders]
+        parts = raw.split(sizes, dim=-1)
+        return torch.cat([F.normalize(part, dim=-1) * scale for part, (_, scale) in zip(parts, encoders)], dim=-1)
 
     def forward(
         self,
@@ -156,13 +185,32 @@ class NeTIMapper(nn.Module):
         return split_outputs(outputs, self.config)
 
 
+def group_factor(config: MapperConfig) -> int:
+    """Output dims per dim of an encoder's width: n vectors, and as many for the bypass."""
+    return config.num_vectors * (2 if config.bypass else 1)
+
+
+def encoder_outputs(outputs: torch.Tensor, config: MapperConfig) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """Mapper outputs -> per text encoder (token embeddings, bypass vectors or None): encoder k's
+    group holds its n·D_k token dims (the n vectors one after the other), then its bypass."""
+    parts, start = [], 0
+    for width, _ in config.encoders:
+        size = width * config.num_vectors
+        token = outputs[..., start : start + size]
+        bypass = outputs[..., start + size : start + 2 * size] if config.bypass else None
+        parts.append((token, bypass))
+        start += width * group_factor(config)
+    return parts
+
+
 def split_outputs(outputs: torch.Tensor, config: MapperConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Mapper outputs -> (token embeddings, bypass vectors or None): the first n·D dims (the n
-    vectors one after the other; n = 1 for NeTI), then the rest."""
-    if not config.bypass:
-        return outputs, None
-    width = config.text_width * config.num_vectors
-    return outputs[..., :width], outputs[..., width:]
+    """Mapper outputs -> (token embeddings, bypass vectors or None), each encoder's concatenated
+    (one encoder: the first n·D dims, then the rest)."""
+    parts = encoder_outputs(outputs, config)
+    if len(parts) == 1:
+        return parts[0]
+    token = torch.cat([token for token, _ in parts], dim=-1)
+    return token, (torch.cat([bypass for _, bypass in parts], dim=-1) if config.bypass else None)
 
 
 def truncate(hidden: torch.Tensor, rank: int) -> torch.Tensor:

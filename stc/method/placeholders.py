@@ -32,6 +32,11 @@ def add_placeholder_tokens(tokenizer, tokens: list[str]) -> list[int]:
     return [tokenizer.convert_tokens_to_ids(token) for token in tokens]
 
 
+def add_to_tokenizers(tokenizers: list, tokens: list[str]) -> list[list[int]]:
+    """:func:`add_placeholder_tokens` in each tokenizer of a model (SDXL has two); their ids in each."""
+    return [add_placeholder_tokens(tokenizer, tokens) for tokenizer in tokenizers]
+
+
 def expand_placeholders(text: str, tokens: list[str]) -> str:
     """``text`` with each ``tokens[0]`` written as all of ``tokens`` (a no-op for one token)."""
     if len(tokens) < 2:

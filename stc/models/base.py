@@ -10,14 +10,17 @@ from pathlib import Path
 
 from ..errors import ModelError, one_line
 from ..settings import Settings, check_prediction_type
-from .families import family_of_hub_model
+from .families import family_of_hub_model, family_of_widths
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
+TINY_SDXL = "builtin:tiny-sdxl"
 SHAPES = "builtin:shapes"
-# random-weight test models in the SD 1.x and SD 2.x layouts (stc/models/tiny.py), and the trained
-# shapes world (stc/worlds/shapes)
-BUILTINS = (TINY, TINY_SD2, SHAPES)
+SHAPES_SDXL = "builtin:shapes-sdxl"
+# random-weight test models in the SD 1.x, SD 2.x and SDXL layouts (stc/models/tiny.py), and the
+# trained shapes world in the SD 1.x and SDXL layouts (stc/worlds/shapes)
+BUILTINS = (TINY, TINY_SD2, TINY_SDXL, SHAPES, SHAPES_SDXL)
+PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # what stc loads
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
@@ -27,13 +30,28 @@ class BaseModel:
     """A loaded pipeline plus what stc needs to know about it."""
 
     spec: str  # what the concept records: builtin:tiny, a hub id, or an absolute path
-    pipeline: object  # diffusers.StableDiffusionPipeline
+    pipeline: object  # diffusers.StableDiffusionPipeline or StableDiffusionXLPipeline
     device: str
     dtype: object  # torch.dtype of the frozen models
 
     @property
+    def text_encoders(self) -> list:
+        """The text encoder modules, in the order their states make up the UNet's context."""
+        return text_encoder_modules(self.pipeline)
+
+    @property
+    def encoder_widths(self) -> list[int]:
+        return [int(encoder.config.hidden_size) for encoder in self.text_encoders]
+
+    @property
     def text_width(self) -> int:
-        return int(self.pipeline.text_encoder.config.hidden_size)
+        """The width of the UNet's text context: the text encoders' widths added up."""
+        return sum(self.encoder_widths)
+
+    @property
+    def family_label(self) -> str:
+        """How messages name this model's family: SD 1.x, SD 2.x, SDXL."""
+        return family_label(self.encoder_widths)
 
     @property
     def default_resolution(self) -> int:
@@ -141,13 +159,48 @@ def check_device(device: str | None) -> str:
 
 @lru_cache(maxsize=len(BUILTINS))
 def _builtin_pipeline(spec: str):
-    if spec == SHAPES:
-        from ..worlds.shapes.model import build_shapes_pipeline
+    if spec in (SHAPES, SHAPES_SDXL):
+        from ..worlds.shapes.model import build_shapes_pipeline, build_shapes_sdxl_pipeline
 
-        return build_shapes_pipeline()
-    from .tiny import build_tiny_pipeline, build_tiny_sd2_pipeline
+        return build_shapes_pipeline() if spec == SHAPES else build_shapes_sdxl_pipeline()
+    from .tiny import build_tiny_pipeline, build_tiny_sd2_pipeline, build_tiny_sdxl_pipeline
 
-    return {TINY: build_tiny_pipeline, TINY_SD2: build_tiny_sd2_pipeline}[spec]()
+    return {TINY: build_tiny_pipeline, TINY_SD2: build_tiny_sd2_pipeline, TINY_SDXL: build_tiny_sdxl_pipeline}[spec]()
+
+
+def family_label(widths) -> str:
+    """SD 1.x, SD 2.x or SDXL for a model (or a concept) with text encoders of these widths; the
+    tiny test models (other widths) by their layout."""
+    family = family_of_widths(widths)
+    if family is not None:
+        return family.label
+    return "SDXL" if len(widths) > 1 else "SD 1.x/2.x"
+
+
+def text_encoder_modules(pipeline) -> list:
+    """A pipeline's text encoders (SDXL: both), in context order."""
+    second = getattr(pipeline, "text_encoder_2", None)
+    return [pipeline.text_encoder] if second is None else [pipeline.text_encoder, second]
+
+
+def pipeline_class(name: str | None, where: str):
+    """The diffusers pipeline class of a model_index ``_class_name``; other pipelines are refused."""
+    import diffusers
+
+    if name not in PIPELINE_CLASSES:
+        raise ModelError(
+            f"{where} is a {name or 'pipeline of unknown class'}; stc trains and renders Stable Diffusion 1.x/2.x "
+            "(StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) models"
+        )
+    return getattr(diffusers, name)
+
+
+def _pretrained_kwargs(cls) -> dict:
+    """What from_pretrained gets besides the dtype: SD 1.x/2.x pipelines load without their
+    safety checker (stc renders for the user; diffusers' own default prints a warning)."""
+    if cls.__name__ == "StableDiffusionPipeline":
+        return {"safety_checker": None, "requires_safety_checker": False}
+    return {}
 
 
 def canonical_spec(spec: str) -> str:
@@ -161,17 +214,21 @@ def canonical_spec(spec: str) -> str:
 
 
 def _load_folder(path: Path, dtype):
-    from diffusers import StableDiffusionPipeline
+    import json
 
-    if not (path / "model_index.json").is_file():
+    index = path / "model_index.json"
+    if not index.is_file():
         raise ModelError(
             f"{path} is not a diffusers pipeline folder (no model_index.json); pass a folder saved "
             "with save_pretrained, a .safetensors file with --model-config, or a hub id"
         )
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            path, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False, local_files_only=True
-        )
+        class_name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ModelError(f"cannot read {index}: {one_line(exc)}") from exc
+    cls = pipeline_class(class_name, str(path))
+    try:
+        return cls.from_pretrained(path, torch_dtype=dtype, local_files_only=True, **_pretrained_kwargs(cls))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"could not load the pipeline in {path}: {exc}") from exc
 
@@ -186,13 +243,19 @@ def _load_single_file(path: Path, config: str | None, dtype, prediction_type: st
 def _load_hub(model_id: str, dtype, offline: bool):
     """A hub id from the local cache, or downloaded (with progress) unless ``offline``. Offline, no
     network request is made at all."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DiffusionPipeline
 
+    from .ldm import _hub_cache
+
+    cache = _hub_cache()  # HF_HUB_CACHE / HF_HOME as they are now, not at import
     try:
-        return StableDiffusionPipeline.from_pretrained(
-            model_id, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False,
-            local_files_only=offline,
-        )
+        class_name = DiffusionPipeline.load_config(model_id, local_files_only=offline, cache_dir=cache).get(
+            "_class_name")
+        cls = pipeline_class(class_name, model_id)
+        return cls.from_pretrained(model_id, torch_dtype=dtype, local_files_only=offline, cache_dir=cache,
+                                   **_pretrained_kwargs(cls))
+    except ModelError:
+        raise
     except Exception as exc:  # network, auth, missing files: all mean the same to the user
         raise ModelError(
             f"could not load model {model_id!r}: {_hub_failure(exc, offline)}. Download it first (hf download "
@@ -213,15 +276,17 @@ def _hub_failure(exc: Exception, offline: bool) -> str:
 
 
 def text_width_of(spec: str, model_config: str | None = None) -> int | None:
-    """The text encoder width of a base model from its config alone (no weights load, no
-    network); None when it cannot be known offline."""
+    """The width of a base model's text context (its text encoders' widths added up) from its
+    config alone (no weights load, no network); None when it cannot be known offline."""
     import json
 
     if spec in BUILTINS:
+        from ..worlds.shapes.model import SDXL_TEXT_WIDTHS
         from ..worlds.shapes.model import TEXT_WIDTH as SHAPES_TEXT_WIDTH
-        from .tiny import TINY_SD2_TEXT_WIDTH, TINY_TEXT_WIDTH
+        from .tiny import TINY_SD2_TEXT_WIDTH, TINY_SDXL_TEXT_WIDTHS, TINY_TEXT_WIDTH
 
-        return {TINY: TINY_TEXT_WIDTH, TINY_SD2: TINY_SD2_TEXT_WIDTH, SHAPES: SHAPES_TEXT_WIDTH}[spec]
+        return {TINY: TINY_TEXT_WIDTH, TINY_SD2: TINY_SD2_TEXT_WIDTH, TINY_SDXL: sum(TINY_SDXL_TEXT_WIDTHS),
+                SHAPES: SHAPES_TEXT_WIDTH, SHAPES_SDXL: sum(SDXL_TEXT_WIDTHS)}[spec]
     path = Path(spec).expanduser()
     if path.is_file():
         from .ldm import checkpoint_text_width
@@ -230,22 +295,50 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
         if width is not None:
             return width
     folder = path if path.is_dir() else Path(model_config).expanduser() if model_config else None
-    candidates = [folder / "text_encoder" / "config.json"] if folder else []
-    if not candidates and spec.count("/") == 1 and not path.exists():
+    if folder is not None:
+        configs = {name: folder / name / "config.json" for name in ("text_encoder", "text_encoder_2")}
+    elif spec.count("/") == 1 and not path.exists():
+        configs = {name: _cached(spec, f"{name}/config.json") for name in ("text_encoder", "text_encoder_2")}
+    else:
+        configs = {}
+    widths = []
+    for name, candidate in configs.items():
+        if candidate is None or not candidate.is_file():
+            if name == "text_encoder":
+                widths = None
+            break
         try:
-            from huggingface_hub import try_to_load_from_cache
-
-            cached = try_to_load_from_cache(spec, "text_encoder/config.json")
-            candidates = [Path(cached)] if isinstance(cached, str) else []
-        except Exception:  # no cache, no hub library: unknown
-            candidates = []
-    for candidate in candidates:
-        try:
-            return int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"])
+            widths.append(int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
+    if widths:
+        return sum(widths)
     family = family_of_hub_model(spec)
     return family.text_width if family else None
+
+
+def _cached(model_id: str, filename: str) -> Path | None:
+    """A file of a hub model in the local Hugging Face cache, or None (never the network)."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        from .ldm import _hub_cache
+
+        cached = try_to_load_from_cache(model_id, filename, cache_dir=_hub_cache())
+    except Exception:  # no cache, no hub library: unknown
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def vae_dtype(pipeline, weight_dtype):
+    """The VAE's precision: ``weight_dtype``, except fp32 for an SDXL VAE in fp16 whose config asks
+    to be upcast (``force_upcast``: SDXL's VAE overflows in fp16), as StableDiffusionXLPipeline
+    upcasts it to decode."""
+    import torch
+
+    upcast = (getattr(pipeline, "text_encoder_2", None) is not None and weight_dtype == torch.float16
+              and pipeline.vae.config.get("force_upcast", False))
+    return torch.float32 if upcast else weight_dtype
 
 
 def load_base_model(
@@ -280,10 +373,11 @@ def load_base_model(
     if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                   prediction_type=prediction_type)
-    for module in (pipeline.text_encoder, pipeline.unet, pipeline.vae):
+    for module in (*text_encoder_modules(pipeline), pipeline.unet, pipeline.vae):
         module.to(device)
-        if module.dtype != weight_dtype:
-            module.to(dtype=weight_dtype)
+        wanted = vae_dtype(pipeline, weight_dtype) if module is pipeline.vae else weight_dtype
+        if module.dtype != wanted:
+            module.to(dtype=wanted)
         module.eval().requires_grad_(False)
     pipeline.set_progress_bar_config(disable=True)
     if device == "cpu":

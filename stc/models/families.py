@@ -20,12 +20,18 @@ CONFIGS = Path(__file__).with_name("configs")
 class Family:
     name: str  # its folder under stc/models/configs
     label: str  # how messages name it
-    text_width: int  # the width of the UNet's text context (the text encoder's hidden size)
-    encoder: str  # how its single files store the text encoder: "clip" (OpenAI CLIP) or "openclip"
+    text_width: int  # the width of the UNet's text context (the text encoders' hidden sizes added up)
+    encoder: str  # how its single files store the text encoders: "clip" (OpenAI CLIP), "openclip", "sgm" (SDXL's)
     hub_model: str  # the model an embedding of this width that names none is taken to be for
     tokenizer_sources: tuple[tuple[str, str], ...]  # (hub id, subfolder) looked up in the local cache
     prediction_type: str = "epsilon"  # what its UNet predicts (stc's shipped configs)
     resolution: int = 512  # the size it was trained at (px)
+    encoder_widths: tuple[int, ...] = ()  # several text encoders (SDXL): each one's width; () = one
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        """The width of each text encoder (one for SD 1.x/2.x)."""
+        return self.encoder_widths or (self.text_width,)
 
     @property
     def config_dir(self) -> Path:
@@ -45,13 +51,25 @@ SD2 = Family(
     ),
     prediction_type="v_prediction", resolution=768,  # 2.x; 2.x-base is epsilon at 512 px
 )
-FAMILIES = (SD1, SD2)
+SDXL = Family(
+    "sdxl", "SDXL", 2048, "sgm", "stabilityai/stable-diffusion-xl-base-1.0", (
+        ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer"),
+        ("stabilityai/stable-diffusion-xl-base-1.0", "tokenizer_2"),
+    ),
+    resolution=1024, encoder_widths=(768, 1280),
+)
+FAMILIES = (SD1, SD2, SDXL)
 
 
 def family_of_width(width: int) -> Family | None:
     """The one family whose text context is ``width`` wide, or None."""
     fitting = [family for family in FAMILIES if family.text_width == width]
     return fitting[0] if len(fitting) == 1 else None
+
+
+def family_of_widths(widths) -> Family | None:
+    """The family whose text encoders have these widths (one for SD 1.x/2.x, two for SDXL), or None."""
+    return next((family for family in FAMILIES if family.widths == tuple(widths)), None)
 
 
 def family_of_hub_model(spec: str) -> Family | None:

@@ -1,4 +1,4 @@
-"""``builtin:tiny`` and ``builtin:tiny-sd2``: random-weight Stable Diffusion pipelines.
+"""``builtin:tiny``, ``builtin:tiny-sd2`` and ``builtin:tiny-sdxl``: random-weight Stable Diffusion pipelines.
 
 Built from code with a fixed seed, in seconds, with no network. ``builtin:tiny`` has the SD 1.x
 topology: 4 down blocks (3 with cross-attention), a mid block, 4 up blocks (3 with
@@ -11,6 +11,15 @@ of OpenCLIP's layers dropped: SD 2 keeps 23 of 24, the tiny one 3 of 4), SD 2's 
 (``use_linear_projection``, ``upcast_attention``, a head count per block that keeps the head
 width constant like SD 2's (5, 10, 20, 20)), its tokenizer's ``!`` padding, and SD 2's default
 resolution ratio (768/512 = 96/64 px).
+
+``builtin:tiny-sdxl`` has the SDXL layout: two text encoders (a CLIP one, 32 wide, read at
+its penultimate layer, and an OpenCLIP-style one with a text projection, 48 wide, that also
+gives the pooled embedding; its config keeps SDXL's legacy end-of-text id 2), both tokenizers
+(the second pads with ``!``), and a UNet with SDXL's blocks (no attention in the first down
+block, none in the last up block), its added "text_time" conditioning, linear projections and
+several transformer blocks per attention module (1, 2 and 3 by depth, as SDXL's 1, 2 and 10):
+11 attention modules with 28 cross-attentions; SDXL's VAE scaling factor (0.13025) and
+scheduler (Euler). It renders at 64 px (SDXL's ratio to SD 1.x is not kept, for speed).
 
 The tokenizer is a real byte-level BPE tokenizer in the CLIP layout (lower-casing, ``</w>``
 word ends, start/end tokens) whose vocabulary covers the words below as single tokens.
@@ -148,6 +157,58 @@ def build_tiny_sd2_pipeline():
         upcast_attention=True,
     )
     return _random_pipeline(tokenizer, TINY_SD2_SEED, TINY_SD2_RESOLUTION, text, unet, prediction_type="v_prediction")
+
+
+TINY_SDXL_SEED = 20230726
+TINY_SDXL_TEXT_WIDTHS = (32, 48)  # CLIP ViT-L's and OpenCLIP ViT-bigG's places (768, 1280)
+TINY_SDXL_RESOLUTION = 64
+
+
+def build_tiny_sdxl_pipeline():
+    """A ``StableDiffusionXLPipeline`` with random weights and the SDXL layout (fp32, CPU)."""
+    import torch
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .families import SDXL
+
+    tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")
+    first, second = TINY_SDXL_TEXT_WIDTHS
+    common = dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SDXL_SEED)
+        text_encoder = CLIPTextModel(CLIPTextConfig(
+            hidden_size=first, intermediate_size=2 * first, num_hidden_layers=3, num_attention_heads=4,
+            projection_dim=first, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+            **common,
+        ))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+            hidden_size=second, intermediate_size=4 * second, num_hidden_layers=3, num_attention_heads=4,
+            projection_dim=second, hidden_act="gelu", eos_token_id=2, pad_token_id=1,  # SDXL's config values
+            **common,
+        ))
+        unet = UNet2DConditionModel(
+            sample_size=TINY_SDXL_RESOLUTION // 8, in_channels=4, out_channels=4, layers_per_block=2,
+            block_out_channels=(16, 32, 32), attention_head_dim=(1, 2, 2), norm_num_groups=8,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 2, 3), cross_attention_dim=first + second, use_linear_projection=True,
+            addition_embed_type="text_time", addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + second,  # 6 size ids x 8, the pooled embedding
+        )
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
+            latent_channels=4, norm_num_groups=8, sample_size=TINY_SDXL_RESOLUTION, scaling_factor=0.13025,
+        )
+    scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(SDXL.config_dir / "scheduler"))
+    for module in (text_encoder, text_encoder_2, unet, vae):
+        module.eval().requires_grad_(False)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
 
 
 def _random_pipeline(tokenizer, seed: int, resolution: int, text: dict, unet: dict, prediction_type: str = "epsilon"):

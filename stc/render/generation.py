@@ -109,8 +109,8 @@ class Renderer:
     """A base model with concepts attached; renders prompts that reference them."""
 
     def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
-        from ..method.placeholders import add_placeholder_tokens, placeholder_tokens
-        from ..method.spacetime import ConceptSlot, install_processors
+        from ..method.placeholders import add_to_tokenizers, placeholder_tokens
+        from ..method.spacetime import ConceptSlot, install_processors, tokenizers
 
         self.base = base
         pipe = base.pipeline
@@ -121,8 +121,8 @@ class Renderer:
         for name, (concept, mapper) in concepts.items():
             check_compatible(concept, base, self.layer_names)
             tokens[name] = placeholder_tokens(concept.token, mapper.config.num_vectors)
-            token_id, *extra = add_placeholder_tokens(pipe.tokenizer, tokens[name])
-            slots[name] = ConceptSlot(token_id=token_id, mapper=mapper.to(base.device), extra_token_ids=tuple(extra))
+            token_ids = add_to_tokenizers(tokenizers(pipe), tokens[name])
+            slots[name] = ConceptSlot.of(token_ids, mapper.to(base.device))
         self.text = TextConditioner(pipe, base.device, slots, len(self.layer_names), tokens)
 
     @classmethod
@@ -162,7 +162,7 @@ class Renderer:
         """
         job = resolve_request(RenderRequest(prompt, seed=0, rank=rank), settings, self.concepts)
         if negative is None:
-            negative = self.text.plain(settings.negative)
+            negative = self.text.negative(settings.negative)
         return self.text.condition(job.text, dict(job.ranks), self.timesteps(settings), negative)
 
     def timesteps(self, settings: RenderSettings):
@@ -244,7 +244,7 @@ class Renderer:
         scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
         steps_per_image = len(scheduler.timesteps)
         total, done = len(jobs) * steps_per_image, 0
-        negative = self.text.plain(settings.negative)
+        negative = self.text.negative(settings.negative)
         conditionings: dict[tuple, Conditioning] = {}
         for start in range(0, len(jobs), settings.batch_size):
             batch = jobs[start : start + settings.batch_size]
@@ -278,23 +278,29 @@ class Renderer:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
         latents = latents * scheduler.init_noise_sigma
-        negative = torch.cat([c.negative for c in conditionings])  # B, S, D
+        negative = torch.cat([c.negative.keys for c in conditionings])  # B, S, D
         use_spacetime = any(c.keys is not None for c in conditionings)
-        hidden = None
+        added = _AddedConditioning.of(unet, conditionings, width, height)
+        hidden = added_kwargs = pooled = None
         if not use_spacetime:
-            hidden = torch.cat([negative, torch.cat([c.positive for c in conditionings])])  # 2B, S, D
+            hidden = torch.cat([negative, torch.cat([c.positive.keys for c in conditionings])])  # 2B, S, D
+            if added is not None:
+                pooled = torch.cat([c.positive.pooled for c in conditionings])  # B, P
         num_layers = len(self.layer_names)
         with torch.no_grad():
             for step_index, timestep in enumerate(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 kwargs = None
                 if use_spacetime:
-                    keys, values = _stack_step(conditionings, step_index, num_layers)  # L, B, S, D
+                    keys, values, pooled = _stack_step(conditionings, step_index, num_layers)  # L, B, S, D; B, P
                     kwargs = {"spacetime": SpaceTimeConditioning(
                         keys=_with_uncond(negative, keys), values=_with_uncond(negative, values)
                     )}
                     hidden = kwargs["spacetime"].keys[0]  # read by no layer; sets the batch shape
-                noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs).sample
+                if added is not None:
+                    added_kwargs = added.at(pooled)
+                noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs,
+                             added_cond_kwargs=added_kwargs).sample
                 uncond, cond = noise.chunk(2)
                 noise = uncond + settings.cfg * (cond - uncond)
                 latents = scheduler.step(noise, timestep, latents).prev_sample
@@ -333,16 +339,19 @@ def _report_progress(progress: ProgressCallback, done_before: int, batch: int, t
 
 
 def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
-    """Per-sample keys and values of one step: L x B x S x D each (a view when all samples share one)."""
+    """Per-sample keys and values of one step, L x B x S x D each (a view when all samples share
+    one), and their pooled embeddings (B x P; None for models without one)."""
     import torch
 
     batch = len(conditionings)
     first = conditionings[0]
     if all(c is first for c in conditionings):
-        keys, values = first.at_step(step_index, num_layers)
-        return keys.unsqueeze(1).expand(-1, batch, -1, -1), values.unsqueeze(1).expand(-1, batch, -1, -1)
-    pairs = [c.at_step(step_index, num_layers) for c in conditionings]
-    return torch.stack([k for k, _ in pairs], dim=1), torch.stack([v for _, v in pairs], dim=1)
+        keys, values, pooled = first.at_step(step_index, num_layers)
+        pooled = pooled.unsqueeze(0).expand(batch, -1) if pooled is not None else None
+        return keys.unsqueeze(1).expand(-1, batch, -1, -1), values.unsqueeze(1).expand(-1, batch, -1, -1), pooled
+    steps = [c.at_step(step_index, num_layers) for c in conditionings]
+    pooled = torch.stack([p for _, _, p in steps]) if steps[0][2] is not None else None
+    return torch.stack([k for k, _, _ in steps], dim=1), torch.stack([v for _, v, _ in steps], dim=1), pooled
 
 
 def _with_uncond(negative, conditional):
@@ -354,11 +363,43 @@ def _with_uncond(negative, conditional):
     return torch.cat([uncond, conditional], dim=1)
 
 
+class _AddedConditioning:
+    """SDXL's added conditioning of a CFG batch: the pooled embeddings (the negative prompt's
+    first, then each sample's at the step) and the size "time ids" [H, W, 0, 0, H, W] (original
+    size = target size = the image's, no crop: StableDiffusionXLPipeline's defaults)."""
+
+    def __init__(self, negative_pooled, time_ids):
+        self.negative_pooled, self.time_ids = negative_pooled, time_ids
+
+    @classmethod
+    def of(cls, unet, conditionings: list[Conditioning], width: int, height: int) -> "_AddedConditioning | None":
+        import torch
+
+        from ..method.spacetime import size_time_ids, uses_pooled_embedding
+
+        if not uses_pooled_embedding(unet):
+            return None
+        negative = torch.cat([c.negative.pooled for c in conditionings])  # B, P
+        time_ids = size_time_ids(height, width, 2 * len(conditionings), negative.device, negative.dtype)
+        return cls(negative, time_ids)
+
+    def at(self, pooled) -> dict:
+        import torch
+
+        return {"text_embeds": torch.cat([self.negative_pooled, pooled.to(self.negative_pooled.dtype)]),
+                "time_ids": self.time_ids}
+
+
 def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
-    if concept.text_width != base.text_width:
+    from ..models.base import family_label
+
+    if concept.encoder_widths != base.encoder_widths:
+        ours, theirs = family_label(concept.encoder_widths), base.family_label
+        if ours == theirs:  # the same layout at other widths
+            ours, theirs = f"{ours} at text width {concept.text_width}", f"{theirs} at text width {base.text_width}"
         raise ModelError(
-            f"concept {concept.name!r} was trained for a text encoder of width {concept.text_width} "
-            f"({concept.base_model}); {base.spec} has width {base.text_width}. Use --model {concept.base_model}"
+            f"concept {concept.name!r} is for {ours} (trained on {concept.base_model}); {base.spec} is {theirs}. "
+            f"Use --model {concept.base_model}"
         )
     if list(concept.layer_names) != list(layer_names):
         raise ModelError(

@@ -194,6 +194,12 @@ class Concept:
         return done is None or planned is None or done >= planned
 
     @property
+    def encoder_widths(self) -> list[int]:
+        """The widths of the text encoders it was trained for (SDXL: two), as its mapper records them."""
+        widths = self.mapper.get("encoder_widths")
+        return [int(width) for width in widths] if widths else [self.text_width]
+
+    @property
     def rank_max(self) -> int | None:
         """The highest truncation rank: the mapper's hidden size (rank r keeps dims [:r]); None
         for a concept without ranks (no nested dropout: ``MapperConfig.rank_max``)."""

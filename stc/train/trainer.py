@@ -35,13 +35,16 @@ def recomputed(modules):
             del module.forward  # back to the class's forward
 
 
-def recomputed_text_layers(text_encoder):
-    """The first two thirds of the frozen text encoder's layers, :func:`recomputed`. The 16-row text
-    batch of a NeTI step otherwise holds its activations through the whole UNet forward and
-    backward (on SD 1.5 at 512 px: 652 MB against textual inversion's 40 MB, +39 % peak memory);
-    with two thirds recomputed that is 258 MB for about 2 % more compute."""
-    layers = list(getattr(getattr(text_encoder, "text_model", text_encoder).encoder, "layers", []))
-    return recomputed(layers[: int(len(layers) * RECOMPUTED_TEXT_LAYERS)])
+def recomputed_text_layers(*text_encoders):
+    """The first two thirds of each frozen text encoder's layers (SDXL: of both), :func:`recomputed`.
+    The 16-row text batch of a NeTI step otherwise holds its activations through the whole UNet
+    forward and backward (on SD 1.5 at 512 px: 652 MB against textual inversion's 40 MB, +39 % peak
+    memory); with two thirds recomputed that is 258 MB for about 2 % more compute."""
+    chosen = []
+    for text_encoder in text_encoders:
+        layers = list(getattr(getattr(text_encoder, "text_model", text_encoder).encoder, "layers", []))
+        chosen += layers[: int(len(layers) * RECOMPUTED_TEXT_LAYERS)]
+    return recomputed(chosen)
 
 
 class Trainer:
@@ -52,22 +55,32 @@ class Trainer:
         from diffusers import DDPMScheduler
 
         from ..method.mapper import MapperConfig, NeTIMapper
-        from ..method.placeholders import add_placeholder_tokens, single_token_id
-        from ..method.spacetime import install_processors
+        from ..method.placeholders import add_to_tokenizers, single_token_id
+        from ..method.spacetime import install_processors, text_encoders, tokenizers, uses_pooled_embedding
 
         self.base, self.config, self.accelerator = base, config, accelerator
         pipe = base.pipeline
         self.tokenizer, self.text_encoder, self.unet, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-        initializer_id = single_token_id(self.tokenizer, config.initializer_word)
-        (self.token_id,) = add_placeholder_tokens(self.tokenizer, [token])
+        self.tokenizers, self.encoders = tokenizers(pipe), text_encoders(pipe)
+        self.pooled = uses_pooled_embedding(self.unet)  # SDXL: a pooled embedding and size ids too
+        self.vae_scale_factor = pipe.vae_scale_factor
+        initializer_ids = [single_token_id(tokenizer, config.initializer_word) for tokenizer in self.tokenizers]
+        self.token_ids = add_to_tokenizers(self.tokenizers, [token])
+        self.token_id = self.token_ids[0][0]
         self.token = token
         self.layer_names = install_processors(self.unet)
         if config.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-        embedding = self.text_encoder.get_input_embeddings().weight
+        # each encoder's initializer norm: the mapper's output for it is normalised to that
+        norms = [float(encoder.module.get_input_embeddings().weight[index].float().norm())
+                 for encoder, index in zip(self.encoders, initializer_ids)]
+        widths = [int(encoder.module.config.hidden_size) for encoder in self.encoders]
+        several = len(widths) > 1
         mapper_config = MapperConfig(
-            text_width=embedding.shape[1],
-            norm_scale=float(embedding[initializer_id].float().norm()),
+            text_width=sum(widths),
+            norm_scale=norms[0],
+            encoder_widths=widths if several else None,
+            norm_scales=norms if several else None,
             num_layers=len(self.layer_names),
             bypass=config.bypass,
             nested_dropout=config.nested_dropout,
@@ -110,17 +123,32 @@ class Trainer:
         return torch.stack(means), torch.stack(stds)
 
     def conditioning(self, input_ids, timesteps, generator):
-        """Per-layer keys (no bypass) and values (bypass) of a batch: one text-encoder call."""
+        """Per-layer keys (no bypass) and values (bypass) of a batch, in one call of each text
+        encoder (``input_ids``: one B x S tensor per tokenizer), and its pooled embeddings (B x P,
+        the mean over layers; None for models without them)."""
+        from ..method.conditioning import pooled_over_layers
         from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers
 
         device = self.accelerator.device
-        slot = ConceptSlot(token_id=self.token_id, mapper=self.mapper, config=self.unwrapped_mapper.config)
-        with recomputed_text_layers(self.text_encoder):
-            keys, values = encode_layers(
-                self.text_encoder, input_ids.to(device), timesteps.to(device), len(self.layer_names),
+        slot = ConceptSlot.of(self.token_ids, self.mapper, config=self.unwrapped_mapper.config)
+        with recomputed_text_layers(*(encoder.module for encoder in self.encoders)):
+            encoding = encode_layers(
+                self.encoders, [ids.to(device) for ids in input_ids], timesteps.to(device), len(self.layer_names),
                 {self.token_id: slot}, generator=generator,
             )  # B, L, S, D each
-        return SpaceTimeConditioning(keys=keys.transpose(0, 1), values=values.transpose(0, 1))
+        spacetime = SpaceTimeConditioning(keys=encoding.keys.transpose(0, 1), values=encoding.values.transpose(0, 1))
+        return spacetime, pooled_over_layers(encoding.pooled)
+
+    def added_conditioning(self, pooled, latents) -> dict | None:
+        """SDXL's added conditioning of a batch: its pooled embeddings and the size ids of
+        uncropped photos at the training size ([H, W, 0, 0, H, W]); None for SD 1.x/2.x."""
+        from ..method.spacetime import size_time_ids
+
+        if not self.pooled:
+            return None
+        height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
+        time_ids = size_time_ids(height, width, latents.shape[0], pooled.device, pooled.dtype)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def denoising_inputs(self, image_index, flip, noise, timesteps, captions, generator):
         """What the UNet reads and must predict for (image, noise, t, caption) samples: the noisy
@@ -138,11 +166,9 @@ class Trainer:
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
             target = noise
-        input_ids = self.tokenizer(
-            captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-            truncation=True, return_tensors="pt",
-        ).input_ids
-        return noisy, target, input_ids
+        input_ids = [tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                               truncation=True, return_tensors="pt").input_ids for tokenizer in self.tokenizers]
+        return noisy, target, input_ids  # the captions' token ids in each tokenizer
 
     def denoising_loss(self, image_index, flip, noise, timesteps, captions, generator):
         """MSE of the UNet's prediction for the given (image, noise, t, caption) samples."""
@@ -150,10 +176,12 @@ class Trainer:
 
         noisy, target, input_ids = self.denoising_inputs(image_index, flip, noise, timesteps, captions, generator)
         timesteps = timesteps.to(self.accelerator.device)
-        conditioning = self.conditioning(input_ids, timesteps, generator)
+        conditioning, pooled = self.conditioning(input_ids, timesteps, generator)
+        added = self.added_conditioning(pooled, noisy)
+        extra = {} if added is None else {"added_cond_kwargs": added}  # SD 1.x/2.x UNets take none
         prediction = self.unet(
             noisy.to(self.unet.dtype), timesteps, encoder_hidden_states=conditioning.keys[0],
-            cross_attention_kwargs={"spacetime": conditioning},
+            cross_attention_kwargs={"spacetime": conditioning}, **extra,
         ).sample
         return F.mse_loss(prediction.float(), target.float())
 
@@ -167,7 +195,8 @@ class Trainer:
         noise = torch.randn((size, *self.latent_mean.shape[2:]), generator=gen)
         timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (size,), generator=gen)
         templates = self.config.templates
-        captions = [templates[int(i)].format(self.token) for i in torch.randint(0, len(templates), (size,), generator=gen)]
+        captions = [templates[int(i)].format(self.token)
+                    for i in torch.randint(0, len(templates), (size,), generator=gen)]
         return image_index, flip, noise, timesteps, captions
 
     def train_step(self) -> float:

@@ -34,7 +34,7 @@ SHAPES_PREVIEW_PROMPTS = ["a photo of a {}", "a {} on a green background", "a {}
 
 
 def preview_prompts(kind: str, base_model: str) -> list[str]:
-    if base_model == "builtin:shapes" and kind == "object":
+    if base_model in ("builtin:shapes", "builtin:shapes-sdxl") and kind == "object":
         return SHAPES_PREVIEW_PROMPTS
     return PREVIEW_PROMPTS[kind]
 
@@ -323,7 +323,8 @@ class _Run:
         return Concept(
             name=self.name, base_model=self.base.spec, initializer=config.initializer_word,
             text_width=self.base.text_width, layer_names=trainer.layer_names,
-            mapper={**self.kept["mapper"], **trainer.unwrapped_mapper.config.to_dict()}, training=training, metrics=metrics,
+            mapper={**self.kept["mapper"], **trainer.unwrapped_mapper.config.to_dict()},
+            training=training, metrics=metrics,
             created=self.created, base_fingerprint=self.fingerprint,
         )
 
@@ -337,7 +338,8 @@ class _Run:
             kept = (f"; the registry still holds its checkpoint at step {self.saved_step} (stc train --resume "
                     f"{self.name})" if self.saved_step else "")
             if rescued is None:
-                raise TrainingNotSaved(f"{exc}; the trained weights could not be written anywhere either{kept}") from exc
+                raise TrainingNotSaved(f"{exc}; the trained weights could not be written anywhere "
+                                       f"either{kept}") from exc
             raise TrainingNotSaved(
                 f"{exc}. The trained concept (step {step}) was written to {rescued} instead, complete: free some "
                 f"space, then bring it into the registry with: stc import {rescued}{kept}"
