@@ -117,11 +117,11 @@ def test_fidelity_is_what_plain_textual_inversion_gives(random_run, tiny_model, 
         return tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
 
     with torch.no_grad():
-        keys, values = encode_layers(
+        encoding = encode_layers(
             spacetime.text_encoder, ids(spacetime.tokenizer, heldout.captions), heldout.timesteps, 16,
             {concept_id: ConceptSlot(concept_id, mapper)},
         )
-        conditioning = SpaceTimeConditioning(keys.transpose(0, 1), values.transpose(0, 1))
+        conditioning = SpaceTimeConditioning(encoding.keys.transpose(0, 1), encoding.values.transpose(0, 1))
         reference = spacetime.unet(
             heldout.latents, heldout.timesteps, encoder_hidden_states=conditioning.keys[0],
             cross_attention_kwargs={"spacetime": conditioning},

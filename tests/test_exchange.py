@@ -183,7 +183,8 @@ def test_ti_and_a1111_exports_load_in_diffusers_and_round_trip(tmp_path, tiny):
     pipe.load_textual_inversion(str(tmp_path / "pup.pt"), token="<pup-a1111>")
     table = pipe.text_encoder.get_input_embeddings().weight
     assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-ti>")], vectors[0])
-    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-a1111>_1")], embedding["string_to_param"]["*"][1])
+    assert torch.equal(table[pipe.tokenizer.convert_tokens_to_ids("<pup-a1111>_1")],
+                       embedding["string_to_param"]["*"][1])
 
     # back again, without --model: the files name their model
     result = invoke("import", tmp_path / "pup.safetensors", "--name", "pup-ti")
@@ -222,7 +223,7 @@ def test_a_multi_vector_concept_puts_each_vector_in_its_own_token(tiny):
     plain_pipe = copy.deepcopy(tiny.pipeline)
     renderer = Renderer(tiny, {"tri": (concept, constant_mapper(vectors))})
     prompt = "a photo of <tri> on the moon"
-    ids = renderer.text.tokenize(prompt)[0].tolist()
+    ids = renderer.text.tokenize(prompt)[0][0].tolist()
     tokenizer = tiny.pipeline.tokenizer
     expected = [tokenizer.convert_tokens_to_ids(token) for token in ("<tri>", "<tri>_1", "<tri>_2")]
     start = ids.index(expected[0])

@@ -44,7 +44,8 @@ from stc_concept import load_concept
 
 
 def render(pipe, prompt, name):
-    image = pipe(prompt, num_inference_steps=4, guidance_scale=7.5, generator=torch.Generator().manual_seed(3)).images[0]
+    image = pipe(prompt, num_inference_steps=4, guidance_scale=7.5,
+                 generator=torch.Generator().manual_seed(3)).images[0]
     image.save(f"{out}/{name}.png")
 
 
@@ -166,9 +167,10 @@ def test_the_export_folder_holds_the_weights_config_module_and_model_card(tmp_pa
     docstring = ast.get_docstring(tree)
     assert f"stc {__version__}" in docstring and "load_concept(pipe, folder)" in docstring
     assert '"<cat> on the moon"' in docstring
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "hashlib", "json", "collections", "dataclasses", "pathlib", "torch",
+    assert imported <= {"__future__", "hashlib", "json", "collections", "dataclasses", "functools", "pathlib", "torch",
                         "transformers", "safetensors"}
     defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     assert {"NeTIMapper", "SpaceTimeAttnProcessor", "encode_layers", "load_concept", "unload_concepts"} <= defined

@@ -7,7 +7,7 @@ The folder (format ``stc-diffusers/1``):
 |---|---|
 | ``mapper.safetensors`` | the concept's weights, byte for byte |
 | ``config.json`` | what rebuilds and uses the mapper without stc (``export_config``) |
-| ``stc_concept.py`` | a self-contained module (torch, diffusers, transformers): ``load_concept(pipe, folder, rank=None)`` |
+|``stc_concept.py``|a self-contained module (torch, diffusers, transformers): ``load_concept(pipe, folder, rank=None)``|
 | ``README.md`` | a Hugging Face model card |
 | ``preview.png`` | when a preview is given |
 
@@ -50,11 +50,13 @@ CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-invers
 # stc's code the module carries, in this order: (module, top-level names)
 STITCHED = (
     ("stc.method.mapper", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig", "FourierEncoding", "NeTIMapper",
-                    "split_outputs", "truncate", "_seeded_init")),
-    ("stc.method.spacetime", ("BYPASS_SCALE", "_unet_blocks", "cross_attention_layer_names", "SpaceTimeConditioning",
-                       "SpaceTimeAttnProcessor", "install_processors", "ConceptSlot", "_text_transformer",
-                       "_causal_mask", "spacetime_rows", "encode_spacetime", "encode_layers")),
-    ("stc.method.conditioning", ("SCHEDULE_CHUNK", "Conditioning")),
+                           "group_factor", "encoder_outputs", "split_outputs", "truncate", "_seeded_init")),
+    ("stc.method.spacetime", ("BYPASS_SCALE", "_unet_blocks", "cross_attention_layers", "cross_attention_layer_names",
+                              "SpaceTimeConditioning", "SpaceTimeAttnProcessor", "install_processors", "ConceptSlot",
+                              "TextEncoder", "tokenizers", "text_encoders", "Encoding", "_text_transformer",
+                              "_causal_mask", "spacetime_rows", "encode_context", "_same_rows", "_encode_one",
+                              "_penultimate", "_pooled", "encode_layers")),
+    ("stc.method.conditioning", ("SCHEDULE_CHUNK", "Conditioning", "pooled_over_layers")),
     ("stc.render.generation", ("_stack_step", "_with_uncond")),
     ("stc.render.prompts", ("check_rank",)),
     ("stc.method.placeholders", ("placeholder_tokens", "add_placeholder_tokens")),
@@ -271,6 +273,13 @@ def _global_loads(code: types.CodeType) -> set[str]:
     return names
 
 
+def pipeline_class_name(config: dict) -> str:
+    """The diffusers pipeline an export's concept renders with: SDXL concepts (two text encoders) need
+    StableDiffusionXLPipeline."""
+    several = config.get("mapper", {}).get("encoder_widths")
+    return "StableDiffusionXLPipeline" if several else "StableDiffusionPipeline"
+
+
 def usage_snippet(config: dict, folder: str = "path/to/this/folder") -> str:
     """The Python lines that render the concept with diffusers and this export."""
     base = config["base_model"]
@@ -279,11 +288,12 @@ def usage_snippet(config: dict, folder: str = "path/to/this/folder") -> str:
         note = (f"# {base} is stc's random test model: load the folder written by\n"
                 f'# stc.models.base.load_base_model("{base}").pipeline.save_pretrained(DIR)\n')
     default = "full" if config.get("rank") is None else f"{config['rank']}"
+    pipeline = pipeline_class_name(config)
     return (
-        "import sys\n\nimport torch\nfrom diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline\n\n"
+        f"import sys\n\nimport torch\nfrom diffusers import DPMSolverMultistepScheduler, {pipeline}\n\n"
         f'folder = "{folder}"  # config.json, mapper.safetensors, stc_concept.py\n'
         "sys.path.insert(0, folder)\nfrom stc_concept import load_concept\n\n"
-        f'{note}pipe = StableDiffusionPipeline.from_pretrained("{base}")\n'
+        f'{note}pipe = {pipeline}.from_pretrained("{base}")\n'
         "pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)  # stc gen's default sampler\n"
         f"load_concept(pipe, folder)  # rank=1..{config['rank_max']} truncates; default: {default}\n"
         f'image = pipe("{config["token"]} on the moon", num_inference_steps=50, guidance_scale=7.5,\n'
@@ -329,7 +339,8 @@ def model_card(config: dict, has_preview: bool = False) -> str:
     """``README.md``: a Hugging Face model card for the export."""
     base = config["base_model"]
     hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) is not None
-    license_id = "openrail++" if config["text_width"] == 1024 else "creativeml-openrail-m"  # SD 2.x; SD 1.x
+    sd2_or_xl = config["text_width"] == 1024 or pipeline_class_name(config) == "StableDiffusionXLPipeline"
+    license_id = "openrail++" if sd2_or_xl else "creativeml-openrail-m"  # SD 2.x and SDXL; SD 1.x
     front = (["---", f"base_model: {base}"] if hub_id else ["---"]) + [
         "tags:", *(f"- {tag}" for tag in CARD_TAGS), f"license: {license_id}", "library_name: diffusers",
         "inference: false", "---",

@@ -21,6 +21,8 @@ set by then) the prompt's keys and values for every (step, layer) are computed o
 own encoding of the negative prompt in every layer.
 """
 
+import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -74,21 +76,23 @@ def load_concept(pipe, folder, rank: int | None = None) -> str:
     rank = config.get("rank") if rank is None else int(rank)
     if rank is not None:
         check_rank(config["name"], rank, mapper.config.rank_max)
-    width = pipe.text_encoder.config.hidden_size
-    if width != config["text_width"]:
+    widths = [encoder.module.config.hidden_size for encoder in text_encoders(pipe)]
+    wanted = mapper.config.encoder_widths or [config["text_width"]]
+    if widths != list(wanted):
         raise ModelError(
-            f"{config['token']} was trained for a text encoder of width {config['text_width']} "
-            f"({config['base_model']}); this pipeline's has width {width}"
+            f"{config['token']} was trained for text encoders of width {'+'.join(map(str, wanted))} "
+            f"({config['base_model']}); this pipeline's are {'+'.join(map(str, widths))} wide"
         )
     if cross_attention_layer_names(pipe.unet) != list(config["layer_names"]):
         raise ModelError(
             f"{config['token']} was trained on a UNet with other cross-attention layers ({config['base_model']})"
         )
     hooks = SpaceTimeHooks.of(pipe)
-    token_id, *extra = _add_tokens(pipe, placeholder_tokens(config["token"], mapper.config.num_vectors),
-                                   config["initializer"])
-    hooks.slots[token_id] = ConceptSlot(token_id, mapper.to(pipe.text_encoder.device), rank,
-                                        extra_token_ids=tuple(extra))
+    tokens = placeholder_tokens(config["token"], mapper.config.num_vectors)
+    token_ids = [_add_tokens(tokenizer, encoder.module, tokens, config["initializer"])
+                 for tokenizer, encoder in zip(tokenizers(pipe), text_encoders(pipe))]
+    slot = ConceptSlot.of(token_ids, mapper.to(pipe.text_encoder.device), rank)
+    hooks.slots[slot.token_id] = slot
     return config["token"]
 
 
@@ -99,14 +103,13 @@ def unload_concepts(pipe) -> None:
         hooks.remove()
 
 
-def _add_tokens(pipe, tokens: list[str], initializer: str) -> list[int]:
+def _add_tokens(tokenizer, text_encoder, tokens: list[str], initializer: str) -> list[int]:
     """Add ``tokens`` (the concept's placeholder: several for an n-vector concept, which diffusers
-    then writes out in the prompt) to the tokenizer and rows to the text encoder's input embeddings.
+    then writes out in the prompt) to a tokenizer and rows to its text encoder's input embeddings.
 
     A row (the initializer word's embedding) is only what the pipeline's own encoding of the
     prompt reads; the UNet reads the mapper's space-time encodings instead.
     """
-    tokenizer, text_encoder = pipe.tokenizer, pipe.text_encoder
     token_ids = add_placeholder_tokens(tokenizer, tokens)
     embeddings = text_encoder.get_input_embeddings()
     if max(token_ids) >= embeddings.num_embeddings:
@@ -140,12 +143,13 @@ class SpaceTimeHooks:
         self.slots = {}  # token id -> ConceptSlot
         self.original_processors = dict(pipe.unet.attn_processors)
         self.num_layers = len(install_processors(pipe.unet))
-        self.encoded_ids = []  # input ids the text encoder read since the UNet last ran
+        self.encoders = text_encoders(pipe)
+        self.encoded_ids = [[] for _ in self.encoders]  # per text encoder: the input ids it read since the UNet ran
         self.render = None  # the current render's space-time conditioning; None: plain diffusers
         self.handles = [
-            pipe.text_encoder.register_forward_pre_hook(self._on_text_encoder, with_kwargs=True),
-            pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True),
-        ]
+            encoder.module.register_forward_pre_hook(functools.partial(self._on_text_encoder, index), with_kwargs=True)
+            for index, encoder in enumerate(self.encoders)
+        ] + [pipe.unet.register_forward_pre_hook(self._on_unet, with_kwargs=True)]
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -153,16 +157,18 @@ class SpaceTimeHooks:
         self.pipe.unet.set_attn_processor(self.original_processors)
         delattr(self.pipe, self.ATTRIBUTE)
 
-    def _on_text_encoder(self, module, args, kwargs):
+    def _on_text_encoder(self, index, module, args, kwargs):
         input_ids = args[0] if args else kwargs.get("input_ids")
         if input_ids is not None:
-            self.encoded_ids.append(input_ids.detach())
+            self.encoded_ids[index].append(input_ids.detach())
 
     def _on_unet(self, module, args, kwargs):
         names = ("sample", "timestep", "encoder_hidden_states")
         given = {name: args[index] if len(args) > index else kwargs.get(name) for index, name in enumerate(names)}
-        if self.encoded_ids:  # a new render: the pipeline encoded the prompt first, then the negative one
-            prompts, self.encoded_ids = self.encoded_ids[0], []
+        added = kwargs.get("added_cond_kwargs")
+        if self.encoded_ids[0]:  # a new render: the pipeline encoded the prompt first, then the negative one
+            prompts = [ids[0] if ids else None for ids in self.encoded_ids]
+            self.encoded_ids = [[] for _ in self.encoders]
             self.render = self._schedule(prompts, given["encoder_hidden_states"])
         render = self.render
         if render is None:
@@ -171,70 +177,95 @@ class SpaceTimeHooks:
         if hidden is None or (hidden is not render.hidden and not torch.equal(hidden, render.hidden)):
             self.render = None  # the UNet is called with other embeddings: not this render any more
             return None
-        spacetime = self._step(render, given["timestep"], hidden, given["sample"].shape[0])
+        pipeline_pooled = added.get("text_embeds") if added else None
+        spacetime, pooled = self._step(render, given["timestep"], hidden, pipeline_pooled, given["sample"].shape[0])
         cross_attention_kwargs = dict(kwargs.get("cross_attention_kwargs") or {}, spacetime=spacetime)
-        return args, {**kwargs, "cross_attention_kwargs": cross_attention_kwargs}
+        kwargs = {**kwargs, "cross_attention_kwargs": cross_attention_kwargs}
+        if pooled is not None:
+            kwargs["added_cond_kwargs"] = {**added, "text_embeds": pooled}
+        return args, kwargs
 
     def _schedule(self, input_ids, hidden):
         """Each prompt's Conditioning for the whole schedule, as stc's TextConditioner.schedule
         computes it: keys and values for every (step, layer) in chunks of SCHEDULE_CHUNK rows,
         repeated timesteps encoded once. Prompts without a loaded concept read the
         pipeline's own encoding (filled in per step). None: no prompt names a concept."""
-        timesteps = self.pipe.scheduler.timesteps.to(input_ids.device)
+        if any(ids is None for ids in input_ids):
+            return None  # prompt embeddings passed in for some encoder: nothing to re-encode
+        first = input_ids[0]
+        timesteps = self.pipe.scheduler.timesteps.to(first.device)
         unique, inverse = torch.unique(timesteps, return_inverse=True)
         repeated = unique.shape[0] < timesteps.shape[0]
         conditionings, computed = [], {}
-        for ids in input_ids:
+        for index, ids in enumerate(first):
             slots = {
-                token_id: ConceptSlot(token_id, slot.mapper.to(ids.device), slot.rank,
-                                      extra_token_ids=slot.extra_token_ids)
+                token_id: dataclasses.replace(slot, mapper=slot.mapper.to(ids.device))
                 for token_id, slot in self.slots.items()
                 if bool((ids == token_id).any())
             }
             if not slots:
                 conditionings.append(None)
                 continue
-            key = tuple(ids.tolist())
+            prompt_ids = [encoder_ids[index].unsqueeze(0) for encoder_ids in input_ids]
+            key = tuple(tuple(row.flatten().tolist()) for row in prompt_ids)
             if key not in computed:
                 with torch.no_grad():
-                    keys, values = encode_layers(
-                        self.pipe.text_encoder, ids.unsqueeze(0), unique if repeated else timesteps,
-                        self.num_layers, slots, chunk_size=SCHEDULE_CHUNK,
+                    encoding = encode_layers(
+                        self.encoders, prompt_ids, unique if repeated else timesteps, self.num_layers, slots,
+                        chunk_size=SCHEDULE_CHUNK,
                     )
+                keys, values, pooled = encoding.keys, encoding.values, pooled_over_layers(encoding.pooled)
                 if repeated:
                     keys, values = keys[inverse], values[inverse]
+                    pooled = pooled[inverse] if pooled is not None else None
                 ranks = {str(token_id): slot.rank for token_id, slot in slots.items()}
-                computed[key] = Conditioning(ranks=ranks, negative=None, positive=None, keys=keys, values=values)
+                computed[key] = Conditioning(ranks=ranks, negative=None, positive=None, keys=keys, values=values,
+                                             pooled=pooled)
             conditionings.append(computed[key])
         if all(conditioning is None for conditioning in conditionings):
             return None
         return _Render(timesteps=timesteps, conditionings=conditionings, hidden=hidden)
 
-    def _step(self, render, timestep, hidden, batch: int):
+    def _step(self, render, timestep, hidden, pipeline_pooled, batch: int):
         """The per-layer keys and values of one UNet call, as stc's denoising loop builds them:
-        L x batch x S x D, the plain negative encoding first when the batch holds both CFG halves."""
+        L x batch x S x D, the plain negative encoding first when the batch holds both CFG halves;
+        and (SDXL) the pooled embeddings, the pipeline's own for the negative half and for
+        prompts without a concept (None for models without them)."""
         matches = (render.timesteps == torch.as_tensor(timestep, device=render.timesteps.device)).nonzero()
         if matches.numel() == 0:
             raise RuntimeError(f"timestep {float(timestep)} is not in the schedule the concepts were encoded for")
         step_index = int(matches[0])
         cfg = bool(getattr(self.pipe, "do_classifier_free_guidance", False)) and batch % 2 == 0
         positive = hidden[batch // 2 :] if cfg else hidden  # B x S x D: the pipeline's own encodings
+        positive_pooled = None
+        if pipeline_pooled is not None:
+            positive_pooled = pipeline_pooled[batch // 2 :] if cfg else pipeline_pooled
         count, prompts = positive.shape[0], len(render.conditionings)
         if count % prompts:
             raise RuntimeError(f"a UNet batch of {count} images does not fit {prompts} prompts")
         per_prompt = count // prompts
+
+        def plain(index):
+            row = index * per_prompt
+            state = positive[row].unsqueeze(0)
+            pooled = positive_pooled[row].unsqueeze(0) if positive_pooled is not None else None
+            return Encoding(state, state, pooled)
+
         conditionings = [
-            conditioning
-            if conditioning is not None
-            else Conditioning(ranks={}, negative=None, positive=positive[index * per_prompt].unsqueeze(0))
+            conditioning if conditioning is not None else Conditioning(ranks={}, negative=None, positive=plain(index))
             for index, conditioning in enumerate(render.conditionings)
         ]
         samples = [conditionings[index // per_prompt] for index in range(count)]
-        keys, values = _stack_step(samples, step_index, self.num_layers)  # L x B x S x D
+        keys, values, pooled = _stack_step(samples, step_index, self.num_layers)  # L x B x S x D; B x P
         if cfg:
             negative = hidden[: batch // 2]
             keys, values = _with_uncond(negative, keys), _with_uncond(negative, values)
-        return SpaceTimeConditioning(keys=keys.to(hidden.device), values=values.to(hidden.device))
+            if pooled is not None:
+                pooled = torch.cat([pipeline_pooled[: batch // 2], pooled.to(pipeline_pooled.dtype)])
+        spacetime = SpaceTimeConditioning(keys=keys.to(hidden.device), values=values.to(hidden.device))
+        if pooled is None or pipeline_pooled is None:
+            return spacetime, None
+        return spacetime, pooled.to(pipeline_pooled.device, pipeline_pooled.dtype)
 
 
 class _Render:

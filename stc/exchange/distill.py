@@ -40,6 +40,7 @@ are put back afterwards. Every random draw comes from generators seeded with ``s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,14 +49,27 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput, ModelError
+from ..method.conditioning import pooled_over_layers
 from ..method.mapper import MapperConfig
 from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
-from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, encode_spacetime, install_processors
+from ..method.spacetime import (
+    ConceptSlot,
+    SpaceTimeConditioning,
+    cross_attention_layers,
+    encode_context,
+    encode_layers,
+    install_processors,
+    size_time_ids,
+    text_encoders,
+    tokenizers,
+    uses_pooled_embedding,
+)
 from ..method.templates import OBJECT_TEMPLATES
 from ..train.config import TrainConfig
 from .formats import FAST
 
 QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
+REFERENCE_MODULES = 16  # SD 1.x/2.x's cross-attentions: a UNet with more (SDXL: 70) records fewer per module
 
 LEARNING_RATE = 0.1  # Adam step size, relative to the initial vectors' RMS coordinate
 UNET_BATCH = 16  # samples per UNet call (recording and evaluation)
@@ -103,37 +117,38 @@ class _Context:
     base: object  # stc.models.base.BaseModel
     mapper: torch.nn.Module  # a private copy, eval mode, on the base's device
     rank: int | None
-    tokenizer: object  # a copy of the pipeline's tokenizer that knows the placeholder tokens
+    tokenizers: list  # copies of the pipeline's tokenizers (SDXL: two) that know the placeholder tokens
     token: str  # the concept's placeholder, <name>
     vector_tokens: list[str]  # <name>, <name>_1, …
     initializer: str
     templates: list[str]
     num_layers: int
+    widths: list[int]  # the text encoders' widths: a vector is their input embeddings side by side
 
     @property
     def unet(self):
         return self.base.pipeline.unet
 
     @property
-    def text_encoder(self):
-        return self.base.pipeline.text_encoder
+    def encoders(self):
+        return text_encoders(self.base.pipeline)
 
     @property
     def device(self):
         return torch.device(self.base.device)
 
-    def ids(self, texts: list[str]) -> torch.Tensor:
-        """Token ids, padded to the model's length: N x S on the base's device."""
-        tok = self.tokenizer
-        ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt")
-        return ids.input_ids.to(self.device)
+    def ids(self, texts: list[str]) -> list[torch.Tensor]:
+        """Token ids in each tokenizer, padded to the model's length: N x S each, on the base's device."""
+        return [tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(self.device) for tok in self.tokenizers]
 
-    def token_id(self, token: str) -> int:
-        return self.tokenizer.convert_tokens_to_ids(token)
+    def token_ids(self, tokens: list[str]) -> list[list[int]]:
+        """The ids of ``tokens`` in each tokenizer."""
+        return [[tok.convert_tokens_to_ids(token) for token in tokens] for tok in self.tokenizers]
 
     def concept_slots(self) -> dict[int, ConceptSlot]:
-        concept_id = self.token_id(self.token)
-        return {concept_id: ConceptSlot(token_id=concept_id, mapper=self.mapper, rank=self.rank)}
+        slot = ConceptSlot.of(self.token_ids([self.token]), self.mapper, self.rank)
+        return {slot.token_id: slot}
 
 
 def _resolve_rank(concept, mapper, rank: int | None) -> int | None:
@@ -151,17 +166,18 @@ def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
 
     layer_names = cross_attention_layer_names(base.pipeline.unet)
     check_compatible(concept, base, layer_names)
-    tokenizer = copy.deepcopy(base.pipeline.tokenizer)
-    single_token_id(tokenizer, concept.initializer)  # a BadInput with suggestions otherwise
+    copies = [copy.deepcopy(tokenizer) for tokenizer in tokenizers(base.pipeline)]
     vector_tokens = placeholder_tokens(concept.token, vectors)
-    add_placeholder_tokens(tokenizer, vector_tokens)
+    for tokenizer in copies:
+        single_token_id(tokenizer, concept.initializer)  # a BadInput with suggestions otherwise
+        add_placeholder_tokens(tokenizer, vector_tokens)
     config = TrainConfig.of(concept.training)
     templates = list(config.templates) if config is not None else list(OBJECT_TEMPLATES)
     private = copy.deepcopy(mapper).to(base.device).eval().requires_grad_(False)
     return _Context(
-        base=base, mapper=private, rank=_resolve_rank(concept, mapper, rank), tokenizer=tokenizer,
+        base=base, mapper=private, rank=_resolve_rank(concept, mapper, rank), tokenizers=copies,
         token=concept.token, vector_tokens=vector_tokens, initializer=concept.initializer,
-        templates=templates, num_layers=len(layer_names),
+        templates=templates, num_layers=len(layer_names), widths=list(base.encoder_widths),
     )
 
 
@@ -185,27 +201,34 @@ class _Constant:
         return self.vector.unsqueeze(0).expand(timesteps.shape[0], -1)  # N, D
 
 
-def _vector_slots(token_ids: list[int], vectors: torch.Tensor) -> dict[int, ConceptSlot]:
-    """Plain textual inversion as stc's text encoder sees it: token_ids[i] -> vectors[i]."""
-    config = MapperConfig(text_width=vectors.shape[-1], norm_scale=1.0, bypass=False)
-    return {
-        token_id: ConceptSlot(token_id=token_id, mapper=_Constant(vector), config=config)
-        for token_id, vector in zip(token_ids, vectors)
-    }
+def _vector_slots(token_ids: list[list[int]], vectors: torch.Tensor, widths: list[int]) -> dict[int, ConceptSlot]:
+    """Plain textual inversion as stc's text encoder sees it: the i-th token (``token_ids[k][i]`` in
+    tokenizer k) -> vectors[i], each text encoder taking its part of it (SDXL: [768 | 1280])."""
+    several = len(widths) > 1
+    config = MapperConfig(text_width=vectors.shape[-1], norm_scale=1.0, bypass=False,
+                          encoder_widths=list(widths) if several else None,
+                          norm_scales=[1.0] * len(widths) if several else None)
+    slots = {}
+    for index, vector in enumerate(vectors):
+        slot = ConceptSlot.of([[ids[index]] for ids in token_ids], _Constant(vector), config=config)
+        slots[slot.token_id] = slot
+    return slots
 
 
-def _encode_plain(text_encoder, input_ids: torch.Tensor, slots=None) -> torch.Tensor:
-    """The stock encoding (one sequence for every layer) of N prompts: N x S x D."""
-    zeros = torch.zeros(input_ids.shape[0], device=input_ids.device)
-    keys, _ = encode_spacetime(text_encoder, input_ids, zeros, zeros, slots)
-    return keys
+def _encode_plain(encoders, input_ids: list[torch.Tensor], slots=None):
+    """The stock encoding (one sequence for every layer) of N prompts: an Encoding, N x S x D
+    (with the N x P pooled embeddings on SDXL)."""
+    zeros = torch.zeros(input_ids[0].shape[0], device=input_ids[0].device)
+    return encode_context(encoders, input_ids, zeros, zeros, slots)
 
 
-def _concept_conditioning(ctx: _Context, input_ids: torch.Tensor, timesteps: torch.Tensor) -> SpaceTimeConditioning:
-    """The concept's per-layer keys (no bypass) and values (bypass): L x N x S x D each."""
-    keys, values = encode_layers(ctx.text_encoder, input_ids, timesteps.to(ctx.device), ctx.num_layers,
-                                 ctx.concept_slots())  # N, L, S, D
-    return SpaceTimeConditioning(keys=keys.transpose(0, 1), values=values.transpose(0, 1))
+def _concept_conditioning(ctx: _Context, input_ids: list[torch.Tensor], timesteps: torch.Tensor):
+    """The concept's per-layer keys (no bypass) and values (bypass), L x N x S x D each, and its
+    pooled embeddings (N x P; None for SD 1.x/2.x)."""
+    encoding = encode_layers(ctx.encoders, input_ids, timesteps.to(ctx.device), ctx.num_layers,
+                             ctx.concept_slots())  # N, L, S, D
+    conditioning = SpaceTimeConditioning(keys=encoding.keys.transpose(0, 1), values=encoding.values.transpose(0, 1))
+    return conditioning, pooled_over_layers(encoding.pooled)
 
 
 def mean_token(mapper, rank: int | None = None) -> torch.Tensor:
@@ -223,8 +246,9 @@ def mean_token(mapper, rank: int | None = None) -> torch.Tensor:
 
 def _initial_vectors(ctx: _Context, count: int) -> torch.Tensor:
     """The average baseline: [mean token, initializer embedding × (count - 1)]: count x D."""
-    embedding = ctx.text_encoder.get_input_embeddings().weight
-    initializer = embedding[single_token_id(ctx.tokenizer, ctx.initializer)].detach().float().cpu()
+    rows = [encoder.module.get_input_embeddings().weight[single_token_id(tokenizer, ctx.initializer)]
+            for encoder, tokenizer in zip(ctx.encoders, ctx.tokenizers)]
+    initializer = torch.cat(rows).detach().float().cpu()  # each encoder's embedding of the word, side by side
     return torch.stack([mean_token(ctx.mapper, ctx.rank)] + [initializer] * (count - 1))
 
 
@@ -247,19 +271,26 @@ def _draw_samples(ctx: _Context, count: int, generator: torch.Generator) -> Samp
     return Samples(latents=scheduler.add_noise(clean, noise, timesteps), timesteps=timesteps, captions=captions)
 
 
-def _predict(ctx: _Context, latents, timesteps, hidden, spacetime=None) -> torch.Tensor:
-    """The UNet's prediction (ε or v) for one batch: N x C x h x w, fp32."""
+def _predict(ctx: _Context, latents, timesteps, hidden, spacetime=None, pooled=None) -> torch.Tensor:
+    """The UNet's prediction (ε or v) for one batch: N x C x h x w, fp32 (SDXL: ``pooled`` N x P
+    and the size ids of an uncropped image of the latents' size)."""
     kwargs = {"spacetime": spacetime} if spacetime is not None else None
     unet = ctx.unet
+    added = None
+    if uses_pooled_embedding(unet):
+        factor = ctx.base.pipeline.vae_scale_factor
+        height, width = (side * factor for side in latents.shape[-2:])
+        added = {"text_embeds": pooled.to(ctx.device, hidden.dtype),
+                 "time_ids": size_time_ids(height, width, latents.shape[0], ctx.device, hidden.dtype)}
     return unet(
         latents.to(ctx.device, unet.dtype), timesteps.to(ctx.device), encoder_hidden_states=hidden,
-        cross_attention_kwargs=kwargs,
+        cross_attention_kwargs=kwargs, added_cond_kwargs=added,
     ).sample.float()
 
 
 def _predict_concept(ctx: _Context, latents, timesteps, captions: list[str]) -> torch.Tensor:
-    conditioning = _concept_conditioning(ctx, ctx.ids(captions), timesteps)
-    return _predict(ctx, latents, timesteps, conditioning.keys[0], conditioning)
+    conditioning, pooled = _concept_conditioning(ctx, ctx.ids(captions), timesteps)
+    return _predict(ctx, latents, timesteps, conditioning.keys[0], conditioning, pooled)
 
 
 def _batches(samples: Samples):
@@ -294,16 +325,29 @@ class _Hooks:
 
 
 def _attention_modules(ctx: _Context) -> list:
-    from ..method.spacetime import cross_attention_layer_names
+    """Every cross-attention module of the UNet, in layer order (SD 1.x/2.x: one per layer)."""
+    return [ctx.unet.get_submodule(name) for _, names in cross_attention_layers(ctx.unet) for name in names]
 
-    return [ctx.unet.get_submodule(name) for name in cross_attention_layer_names(ctx.unet)]
+
+def _module_layers(ctx: _Context) -> list[int]:
+    """The layer index of each of :func:`_attention_modules`."""
+    return [index for index, (_, names) in enumerate(cross_attention_layers(ctx.unet)) for _ in names]
+
+
+def queries_per_module(queries: int, modules: int) -> int:
+    """Query tokens recorded per cross-attention module: ``queries`` for SD 1.x/2.x's 16; a UNet with
+    more modules records as many per sample in all (SDXL's 70: 58 each), at least 16."""
+    return queries if modules <= REFERENCE_MODULES else max(16, queries * REFERENCE_MODULES // modules)
 
 
 def _record(ctx: _Context, samples: Samples, queries: int, generator, tracker=None) -> tuple[list, list]:
-    """Per layer: ``queries`` random query tokens of every sample (``to_q`` applied) and the
-    concept's attention outputs there: two lists of N x Q_l x C_l (model dtype)."""
-    inputs: list[list[torch.Tensor]] = [[] for _ in range(ctx.num_layers)]
-    outputs: list[list[torch.Tensor]] = [[] for _ in range(ctx.num_layers)]
+    """Per cross-attention module: random query tokens of every sample (``to_q`` applied; how many:
+    :func:`queries_per_module`) and the concept's attention outputs there: two lists of
+    N x Q_m x C_m (model dtype)."""
+    modules = _attention_modules(ctx)
+    queries = queries_per_module(queries, len(modules))
+    inputs: list[list[torch.Tensor]] = [[] for _ in modules]
+    outputs: list[list[torch.Tensor]] = [[] for _ in modules]
 
     def record(index, module, hidden, output):
         batch, tokens, _ = hidden.shape
@@ -312,7 +356,7 @@ def _record(ctx: _Context, samples: Samples, queries: int, generator, tracker=No
         inputs[index].append(module.to_q(take(hidden)))
         outputs[index].append(take(output))
 
-    with torch.no_grad(), _Hooks(_attention_modules(ctx), record):
+    with torch.no_grad(), _Hooks(modules, record):
         for latents, timesteps, captions in _batches(samples):
             _predict_concept(ctx, latents, timesteps, captions)
             if tracker is not None:
@@ -330,19 +374,22 @@ def _layer_gains(ctx: _Context, samples: Samples, words: str, slots: dict) -> li
     """
     latents, timesteps = samples.latents[:GAIN_SAMPLES], samples.timesteps[:GAIN_SAMPLES]
     captions = samples.captions[:GAIN_SAMPLES]
-    latest: dict[int, torch.Tensor] = {}  # layer -> its output in the last UNet pass
+    latest: dict[int, torch.Tensor] = {}  # module -> its output in the last UNet pass
+    module_layers = _module_layers(ctx)
     gains = []
     with torch.no_grad(), _Hooks(_attention_modules(ctx), lambda i, m, h, out: latest.__setitem__(i, out)):
-        concept = _concept_conditioning(ctx, ctx.ids(captions), timesteps)  # L, B, S, D
-        plain = _encode_plain(ctx.text_encoder, ctx.ids([c.replace(ctx.token, words) for c in captions]), slots)
-        reference = _predict(ctx, latents, timesteps, concept.keys[0], concept)
+        concept, pooled = _concept_conditioning(ctx, ctx.ids(captions), timesteps)  # L, B, S, D
+        plain = _encode_plain(ctx.encoders, ctx.ids([c.replace(ctx.token, words) for c in captions]), slots).keys
+        reference = _predict(ctx, latents, timesteps, concept.keys[0], concept, pooled)
         first = dict(latest)
         for index in range(ctx.num_layers):
             keys, values = concept.keys.clone(), concept.values.clone()
             keys[index] = values[index] = plain
-            swapped = _predict(ctx, latents, timesteps, keys[0], SpaceTimeConditioning(keys=keys, values=values))
-            moved = (latest[index] - first[index]).float().pow(2).mean()  # 0 where the start equals the concept
-            floor = 1e-12 * first[index].float().pow(2).mean() + 1e-30
+            swapped = _predict(ctx, latents, timesteps, keys[0], SpaceTimeConditioning(keys=keys, values=values),
+                               pooled)
+            mine = [m for m, layer in enumerate(module_layers) if layer == index]  # the layer's modules
+            moved = sum((latest[m] - first[m]).float().pow(2).mean() for m in mine)  # 0 where start = concept
+            floor = 1e-12 * sum(first[m].float().pow(2).mean() for m in mine) + 1e-30
             gains.append(float((swapped - reference).pow(2).mean() / moved.clamp_min(floor)))
     energy = float(reference.pow(2).mean())
     return [gain / energy for gain in gains]
@@ -391,25 +438,31 @@ def _fp32(module):
 class _Student:
     """Plain textual inversion's attention outputs at the recorded queries, and their error.
 
-    The objective is Σ_l gain_l · mean (out_l - target_l)² (means over samples, queries and
-    channels; gains from :func:`_layer_gains`): a prediction of the relative squared denoiser
-    error.
+    The objective is Σ_m gain_l(m) · mean (out_m - target_m)² over the cross-attention modules m
+    (means over samples, queries and channels; the gain of m's layer from :func:`_layer_gains`): a
+    prediction of the relative squared denoiser error. (SDXL's pooled embedding, which the vectors
+    also change, is not part of it: it is measured in the fidelity.)
     """
 
     def __init__(self, ctx: _Context, captions: list[str], queries: list, targets: list, gains: list[float]):
         unique = list(dict.fromkeys(captions))
         words = " ".join(ctx.vector_tokens)
-        self.input_ids = ctx.ids([caption.replace(ctx.token, words) for caption in unique])  # U, S
+        self.input_ids = ctx.ids([caption.replace(ctx.token, words) for caption in unique])  # per tokenizer U, S
         self.rows = torch.tensor([unique.index(c) for c in captions], device=ctx.device)  # N
-        self.token_ids = [ctx.token_id(token) for token in ctx.vector_tokens]
-        self.text_encoder = _fp32(ctx.text_encoder)
+        self.token_ids, self.widths = ctx.token_ids(ctx.vector_tokens), ctx.widths
+        self.encoders = [dataclasses.replace(encoder, module=_fp32(encoder.module)) for encoder in ctx.encoders]
         self.modules = [_fp32(module) for module in _attention_modules(ctx)]
         _check_attention(self.modules)
-        self.queries, self.targets, self.gains = queries, targets, gains  # per layer N x Q x C (model dtype)
+        self.queries, self.targets = queries, targets  # per module N x Q x C (model dtype)
+        self.gains = [gains[layer] for layer in _module_layers(ctx)]
+
+    @property
+    def device(self):
+        return self.input_ids[0].device
 
     def encode(self, vectors: torch.Tensor) -> torch.Tensor:
         """The distinct captions with the vectors in place: U x S x D."""
-        return _encode_plain(self.text_encoder, self.input_ids, _vector_slots(self.token_ids, vectors))
+        return _encode_plain(self.encoders, self.input_ids, _vector_slots(self.token_ids, vectors, self.widths)).keys
 
     def layer_error(self, index: int, states: torch.Tensor) -> torch.Tensor:
         out = _attend(self.modules[index], self.queries[index].float(), states, self.rows)  # N, Q, C
@@ -417,7 +470,7 @@ class _Student:
 
     def objective(self, vectors: torch.Tensor) -> float:
         with torch.no_grad():
-            states = self.encode(vectors.to(self.input_ids.device))
+            states = self.encode(vectors.to(self.device))
             return sum(float(self.layer_error(i, states)) for i in range(len(self.modules)))
 
     def objective_and_grad(self, vectors: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -436,13 +489,13 @@ class _Student:
 
 def _fit(student: _Student, start: torch.Tensor, steps: int, tracker=None) -> tuple[torch.Tensor, float, float]:
     """Adam on the vectors (full batch, cosine step size); returns (best vectors, objective, start objective)."""
-    device = student.input_ids.device
+    device = student.device
     vectors = start.clone().to(device).requires_grad_()
     scale = float(start.pow(2).mean().sqrt())  # RMS coordinate
     optimizer = torch.optim.Adam([vectors], lr=LEARNING_RATE * scale)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(steps, 1))))
     best, best_value, first = start.clone(), math.inf, None
-    for step in range(steps):
+    for _step in range(steps):
         value, grad = student.objective_and_grad(vectors)
         first = value if first is None else first
         if value < best_value:
@@ -470,8 +523,8 @@ def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, 
             reference = _predict_concept(ctx, latents, timesteps, captions).flatten(1)  # B, C·h·w
             for name, (words, slots) in candidates.items():
                 ids = ctx.ids([caption.replace(ctx.token, words) for caption in captions])
-                hidden = _encode_plain(ctx.text_encoder, ids, slots)
-                prediction = _predict(ctx, latents, timesteps, hidden).flatten(1)
+                plain = _encode_plain(ctx.encoders, ids, slots)
+                prediction = _predict(ctx, latents, timesteps, plain.keys, pooled=plain.pooled).flatten(1)
                 errors[name].append((prediction - reference).norm(dim=1) / reference.norm(dim=1))
             if tracker is not None:
                 tracker.tick()
@@ -479,12 +532,12 @@ def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, 
 
 
 def _candidates(ctx: _Context, distilled: torch.Tensor, average: torch.Tensor) -> dict:
-    ids = [ctx.token_id(token) for token in ctx.vector_tokens]
+    ids = ctx.token_ids(ctx.vector_tokens)
     words = " ".join(ctx.vector_tokens)
-    dtype = ctx.text_encoder.dtype
+    dtype = ctx.base.pipeline.text_encoder.dtype
     return {
-        "distilled": (words, _vector_slots(ids, distilled.to(ctx.device, dtype))),
-        "average": (words, _vector_slots(ids, average.to(ctx.device, dtype))),
+        "distilled": (words, _vector_slots(ids, distilled.to(ctx.device, dtype), ctx.widths)),
+        "average": (words, _vector_slots(ids, average.to(ctx.device, dtype), ctx.widths)),
         "initializer": (ctx.initializer, None),
     }
 

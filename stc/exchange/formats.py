@@ -2,12 +2,15 @@
 one entry point of each command. The formats themselves live one per module, reading beside
 writing:
 
-| format      | files                                          | module            | read by                               |
-|-------------|------------------------------------------------|-------------------|---------------------------------------|
-| `diffusers` | `<name>/` (module, weights, config, card)      | `diffusers_folder`| plain diffusers, with the bundled module |
-| `ti`        | `<name>.safetensors` (`emb_params` [n, D])     | `ti`              | diffusers, A1111, ComfyUI, kohya      |
-| `a1111`     | `<name>.pt` (`string_to_param` {'*': [n, D]})  | `ti`              | the A1111 webui (its safe loader too) |
-| `neti`      | `<name>-mapper.pt`, `<name>-learned_embeds.bin`| `neti`            | the reference implementation's scripts|
+| format      | files                                        | module           | read by                              |
+|-------------|----------------------------------------------|------------------|--------------------------------------|
+| `diffusers` | `<name>/` (module, weights, config, card)| `diffusers_folder`| plain diffusers, with the bundled module|
+| `ti`        | `<name>.safetensors` (`emb_params` [n, D])   | `ti`             | diffusers, A1111, ComfyUI, kohya     |
+| `a1111`     | `<name>.pt` (`string_to_param` {'*': [n, D]})| `ti`             | the A1111 webui (its safe loader too)|
+
+SDXL concepts: `ti` and `a1111` both write `<name>.safetensors` with `clip_l` [n, 768] and `clip_g`
+[n, 1280] (the layout every SDXL tool reads); `neti` is SD 1.x only.
+| `neti`      | `<name>-mapper.pt`, `<name>-learned_embeds.bin`| `neti`        | the reference implementation's scripts|
 
 Exporting only reads the registry. Files are written beside their target and moved into
 place, so a failed export leaves nothing half-written; an existing target is refused unless
@@ -85,12 +88,13 @@ class ExportResult:
     exact: bool = False  # ti/a1111 of a textual-inversion concept: its own vectors, nothing distilled
 
 
-def target_paths(format_name: str, name: str, out: Path) -> list[Path]:
-    """Where an export of concept ``name`` goes inside the folder ``out``."""
+def target_paths(format_name: str, name: str, out: Path, sdxl: bool = False) -> list[Path]:
+    """Where an export of concept ``name`` goes inside the folder ``out`` (an SDXL concept's a1111
+    export is the same clip_l/clip_g safetensors file as its ti one: what the webui reads for SDXL)."""
     return {
         "diffusers": [out / name],
         "ti": [out / f"{name}.safetensors"],
-        "a1111": [out / f"{name}.pt"],
+        "a1111": [out / f"{name}.safetensors" if sdxl else out / f"{name}.pt"],
         "neti": [out / f"{name}-mapper.pt", out / f"{name}-learned_embeds.bin"],
     }[format_name]
 
@@ -151,7 +155,10 @@ def export_concept(
     for flag, value in (("--vectors", vectors), ("--samples", samples), ("--fit-steps", fit_steps)):
         if value < 1:
             raise BadInput(f"{flag} must be at least 1, got {value}")
-    paths = target_paths(format_name, name, Path(out or ".").expanduser())
+    if format_name == "neti" and len(concept.encoder_widths) > 1:
+        raise BadInput(f"{name} is an SDXL concept; the neti format is the reference implementation's, which is "
+                       "SD 1.x only. Export it as diffusers (lossless) or ti/a1111")
+    paths = target_paths(format_name, name, Path(out or ".").expanduser(), sdxl=len(concept.encoder_widths) > 1)
     check_targets(paths, force)
     mapper = load_mapper(concept)
     result = ExportResult(format=export_format, paths=paths)
@@ -178,8 +185,8 @@ def export_concept(
             else:
                 fitted, spec, result.fidelity = _distil(concept, mapper, rank, vectors, model, model_config,
                                                         device, progress, on_status, samples, fit_steps, env)
-            if format_name == "ti":
-                write_ti(fitted, paths[0], spec)
+            if format_name == "ti" or len(concept.encoder_widths) > 1:  # SDXL: one clip_l/clip_g file for both
+                write_ti(fitted, paths[0], spec, concept.encoder_widths)
             else:
                 write_a1111(fitted, paths[0], concept.name, concept.steps_done or 0, spec)
     return result
@@ -307,14 +314,15 @@ def _check_width(concept: Concept, spec: str, model_config: str | None) -> list[
 
 def new_concept(name: str, base_model: str, initializer: str, mapper, source: Path, source_format: str,
                 steps: int | None = None) -> Concept:
-    """A concept for a mapper imported from ``source``; its layers are the 16 of SD 1.x/2.x (the
-    formats name none)."""
-    from ..method.spacetime import SD_LAYER_NAMES
+    """A concept for a mapper imported from ``source``; its layers are the 16 of SD 1.x/2.x, or
+    SDXL's 11 for a mapper of two text encoders (the formats name none)."""
+    from ..method.spacetime import layer_names_for
 
     record = TrainingRecord(steps_done=steps, imported_from=str(source.resolve()), source_format=source_format)
     return Concept(
         name=name, base_model=base_model, initializer=initializer, text_width=mapper.config.text_width,
-        layer_names=list(SD_LAYER_NAMES), mapper=mapper.config.to_dict(), training=record, metrics=MetricsRecord(),
+        layer_names=list(layer_names_for(len(mapper.config.encoders))), mapper=mapper.config.to_dict(), training=record,
+        metrics=MetricsRecord(),
     )
 
 

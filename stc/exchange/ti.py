@@ -1,7 +1,10 @@
 """Plain textual-inversion embeddings: ``ti`` (one safetensors tensor ``emb_params`` [n, D]) and
 ``a1111`` (the webui's ``.pt``), written by ``stc export`` and read by ``stc import`` together
 with the layouts other tools write (diffusers' single-key files, kohya's, the webui's original
-``nn.ParameterDict`` one).
+``nn.ParameterDict`` one). An SDXL embedding is one safetensors file with a tensor per text
+encoder, ``clip_l`` [n, 768] and ``clip_g`` [n, 1280], and nothing else (the layout kohya writes and
+the webui, ComfyUI and InvokeAI read; diffusers loads each tensor into its encoder): both ``ti``
+and ``a1111`` write that for SDXL concepts.
 
 An embedding is n fixed vectors, the same at every timestep and layer, with no bypass. Exporting
 a NeTI concept distils them (:mod:`stc.exchange.distill`); importing one builds a *constant*
@@ -36,6 +39,7 @@ class Embedding:
     source: str  # "ti", "a1111" or "diffusers-ti"
     token: str | None = None  # the token the file names (diffusers' single key)
     base_model: str | None = None  # the model the file says it was made for
+    widths: list[int] | None = None  # SDXL's: the width of each text encoder's part of a vector (clip_l, clip_g)
 
 
 def read_embedding(path: Path) -> Embedding:
@@ -61,6 +65,8 @@ def read_embedding(path: Path) -> Embedding:
             raise BadInput(f"{path}: an A1111 embedding with {len(params)} tensors; expected one")
         checkpoint = data.get("sd_checkpoint_name")
         embedding = Embedding(params[0], "a1111", base_model=checkpoint if isinstance(checkpoint, str) else None)
+    elif isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data):
+        embedding = _sdxl_embedding(path, data, metadata)
     elif isinstance(data, dict) and isinstance(data.get("emb_params"), torch.Tensor):
         embedding = Embedding(data["emb_params"], "ti", base_model=metadata.get("base_model"))
     elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
@@ -78,22 +84,43 @@ def read_embedding(path: Path) -> Embedding:
     return embedding
 
 
-def constant_mapper(vectors):
+def _sdxl_embedding(path: Path, data: dict, metadata: dict) -> Embedding:
+    """An SDXL embedding: ``clip_l`` [n, D_l] and ``clip_g`` [n, D_g] -> n vectors [clip_l | clip_g]."""
+    import torch
+
+    parts = [data["clip_l"], data["clip_g"]]
+    if not all(isinstance(part, torch.Tensor) for part in parts):
+        raise BadInput(f"{path.name}: clip_l and clip_g must be tensors")
+    parts = [part.detach().float().reshape(-1, part.shape[-1]) if part.ndim else part for part in parts]
+    if any(part.ndim != 2 for part in parts) or parts[0].shape[0] != parts[1].shape[0]:
+        raise BadInput(f"{path.name}: clip_l {list(data['clip_l'].shape)} and clip_g {list(data['clip_g'].shape)} "
+                       "must hold as many vectors each")
+    checkpoint = metadata.get("base_model") or data.get("sd_checkpoint_name")
+    return Embedding(torch.cat(parts, dim=-1), "ti", base_model=checkpoint if isinstance(checkpoint, str) else None,
+                     widths=[parts[0].shape[-1], parts[1].shape[-1]])
+
+
+def constant_mapper(vectors, widths: list[int] | None = None):
     """A mapper whose output is ``vectors`` (n x D: the n tokens of the placeholder) at every
-    (t, l) and rank, without bypass."""
+    (t, l) and rank, without bypass. ``widths``: SDXL's text encoders' parts of a vector (their
+    output groups hold the n vectors' parts of each encoder in turn, each at its own norm)."""
     import torch
 
     from ..method.mapper import MapperConfig, NeTIMapper
 
-    flat = vectors.reshape(-1)
+    several = widths is not None and len(widths) > 1
+    parts = list(vectors.split(list(widths), dim=-1)) if several else [vectors]
+    flat = torch.cat([part.reshape(-1) for part in parts])  # per encoder, its n vectors one after the other
     if not bool(torch.isfinite(flat).all()):
         raise BadInput("the embedding holds NaN or infinite values")
-    norm = float(flat.norm())
-    if not norm > 0:
+    norms = [float(part.norm()) for part in parts]
+    if not min(norms) > 0:
         raise BadInput("the embedding is all zeros")
-    mapper = NeTIMapper(MapperConfig(text_width=vectors.shape[-1], norm_scale=norm, bypass=False,
-                                     nested_dropout=False, num_vectors=vectors.shape[0]),
-                        generator=torch.Generator().manual_seed(0))
+    norm_scale = norms[0] if several else float(flat.norm())
+    config = MapperConfig(text_width=vectors.shape[-1], norm_scale=norm_scale, bypass=False, nested_dropout=False,
+                          num_vectors=vectors.shape[0], encoder_widths=list(widths) if several else None,
+                          norm_scales=norms if several else None)
+    mapper = NeTIMapper(config, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mapper.output_layer[0].weight.zero_()
         mapper.output_layer[0].bias.copy_(flat)
@@ -106,7 +133,7 @@ def import_embedding(request):
 
     path = request.path
     embedding = read_embedding(path)
-    mapper = constant_mapper(embedding.vectors)
+    mapper = constant_mapper(embedding.vectors, embedding.widths)
     count, width = embedding.vectors.shape
     base = base_model_for(request, width, embedding.base_model)
     name = concept_name(request.name, embedding.token or path.name.removesuffix(path.suffix))
@@ -122,24 +149,39 @@ def import_embedding(request):
 def constant_vectors(mapper):
     """The n x D vectors of a mapper whose output is the same at every (t, l) and rank (an imported
     textual-inversion embedding: its output layer's weight is zero, its bias the vectors), else None."""
+    import torch
+
     layer = mapper.output_layer[0]
-    if mapper.config.bypass or bool(layer.weight.any()):
+    config = mapper.config
+    if config.bypass or bool(layer.weight.any()):
         return None
     bias = layer.bias.detach().float().cpu()
-    scale = mapper.config.norm_scale / float(bias.norm())  # the output is bias / |bias| x norm_scale
-    if abs(scale - 1) > 1e-6:  # an import stores the vectors themselves (norm_scale = |bias|): exactly them
-        bias = bias * scale
-    return bias.reshape(mapper.config.num_vectors, mapper.config.text_width)
+    parts = []
+    for part, (width, norm) in zip(bias.split([width * config.num_vectors for width, _ in config.encoders]),
+                                   config.encoders):
+        scale = norm / float(part.norm())  # the output is bias / |bias| x norm_scale, per encoder
+        if abs(scale - 1) > 1e-6:  # an import stores the vectors themselves (norm_scale = |bias|): exactly them
+            part = part * scale
+        parts.append(part.reshape(config.num_vectors, width))
+    return torch.cat(parts, dim=-1)
 
 
-def write_ti(vectors, path: Path, base_model: str = "") -> None:
-    """``emb_params`` [n, D]: the single-key layout diffusers, A1111, ComfyUI and kohya load. The
-    header's metadata names the base model, so ``stc import`` gives the concept back its model."""
+def write_ti(vectors, path: Path, base_model: str = "", widths: list[int] | None = None) -> None:
+    """``emb_params`` [n, D]: the single-key layout diffusers, A1111, ComfyUI and kohya load; with
+    ``widths`` (SDXL's two text encoders) ``clip_l`` [n, D_l] and ``clip_g`` [n, D_g] and no other
+    tensor. The header's metadata (strings only) names the base model, so ``stc import`` gives the
+    concept back its model."""
     from safetensors.torch import save
 
     metadata = {"format": "stc-ti", "stc_version": __version__, "base_model": base_model}
+    vectors = vectors.detach().float().cpu()
+    if widths is not None and len(widths) > 1:
+        clip_l, clip_g = vectors.split(list(widths), dim=-1)
+        tensors = {"clip_l": clip_l.contiguous(), "clip_g": clip_g.contiguous()}
+    else:
+        tensors = {"emb_params": vectors.contiguous()}
     with staged(path) as temporary:
-        temporary.write_bytes(save({"emb_params": vectors.detach().float().cpu().contiguous()}, metadata=metadata))
+        temporary.write_bytes(save(tensors, metadata=metadata))
 
 
 def a1111_embedding(vectors, name: str, steps: int, checkpoint_name: str) -> dict:
