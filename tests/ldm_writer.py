@@ -13,35 +13,49 @@ def pipeline_to_ldm(pipeline, encoder: str | None = None) -> dict:
     checkpoint has them (the inverse of what diffusers' ``from_single_file`` reads).
 
     ``encoder``: "clip" (SD 1.x layout) or "openclip" (SD 2.x layout); default: openclip for a
-    text encoder with ``gelu`` layers (SD 2.x's), else clip.
+    text encoder with ``gelu`` layers (SD 2.x's), else clip. An SDXL pipeline is written in SDXL's
+    SGM layout (both text encoders under ``conditioner.embedders.*``).
     """
-    if encoder is None:
-        encoder = "openclip" if pipeline.text_encoder.config.hidden_act == "gelu" else "clip"
     state = {}
     state.update(ldm._unet_to_ldm(pipeline.unet))
     state.update(ldm._vae_to_ldm(pipeline.vae))
-    text = {key.removeprefix("text_model."): value for key, value in pipeline.text_encoder.state_dict().items()}
-    text.pop("embeddings.position_ids", None)
-    if encoder == "clip":
-        state.update({f"{ldm.CLIP_PREFIX}text_model.{key}": value for key, value in text.items()})
+    text = _text_state(pipeline.text_encoder)
+    if getattr(pipeline, "text_encoder_2", None) is not None:  # SDXL: the SGM layout
+        state.update({f"{ldm.SGM_CLIP_PREFIX}text_model.{key}": value for key, value in text.items()})
+        second = _text_state(pipeline.text_encoder_2)
+        projection = second.pop("text_projection.weight")
+        state.update(_to_openclip(second, ldm.SGM_OPENCLIP_PREFIX, projection.t()))
     else:
-        state.update(_to_openclip(text))
+        if encoder is None:
+            encoder = "openclip" if pipeline.text_encoder.config.hidden_act == "gelu" else "clip"
+        if encoder == "clip":
+            state.update({f"{ldm.CLIP_PREFIX}text_model.{key}": value for key, value in text.items()})
+        else:
+            state.update(_to_openclip(text))
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
-def _to_openclip(text: dict) -> dict:
+def _text_state(text_encoder) -> dict:
+    text = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
+    text.pop("embeddings.position_ids", None)
+    return text
+
+
+def _to_openclip(text: dict, prefix: str = ldm.OPENCLIP_PREFIX, projection=None) -> dict:
+    """OpenCLIP's keys; ``projection`` [width, projection dim] (SDXL's, applied as x @ P), else the
+    identity (SD 2's, which no reader uses)."""
     names = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
     out = {}
     width = text["embeddings.token_embedding.weight"].shape[1]
-    out[ldm.OPENCLIP_PREFIX + "token_embedding.weight"] = text["embeddings.token_embedding.weight"]
-    out[ldm.OPENCLIP_PREFIX + "positional_embedding"] = text["embeddings.position_embedding.weight"]
+    out[prefix + "token_embedding.weight"] = text["embeddings.token_embedding.weight"]
+    out[prefix + "positional_embedding"] = text["embeddings.position_embedding.weight"]
     for part in ("weight", "bias"):
-        out[f"{ldm.OPENCLIP_PREFIX}ln_final.{part}"] = text[f"final_layer_norm.{part}"]
-    out[ldm.OPENCLIP_PREFIX + "text_projection"] = torch.eye(width)  # OpenCLIP's; no reader uses it
+        out[f"{prefix}ln_final.{part}"] = text[f"final_layer_norm.{part}"]
+    out[prefix + "text_projection"] = torch.eye(width) if projection is None else projection
     layers = sorted({int(m[1]) for key in text if (m := re.match(r"encoder\.layers\.(\d+)\.", key))})
     for layer in layers:
-        source, target = f"encoder.layers.{layer}.", f"{ldm.OPENCLIP_PREFIX}transformer.resblocks.{layer}."
+        source, target = f"encoder.layers.{layer}.", f"{prefix}transformer.resblocks.{layer}."
         for part in ("weight", "bias"):
             out[f"{target}attn.in_proj_{part}"] = torch.cat(
                 [text[f"{source}self_attn.{p}_proj.{part}"] for p in ("q", "k", "v")])

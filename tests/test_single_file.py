@@ -30,7 +30,7 @@ def written(tmp_path_factory):
     """For builtin:tiny and builtin:tiny-sd2: the saved diffusers folder and an LDM single file."""
     root = tmp_path_factory.mktemp("single")
     out = {}
-    for spec in ("builtin:tiny", "builtin:tiny-sd2"):
+    for spec in ("builtin:tiny", "builtin:tiny-sd2", "builtin:tiny-sdxl"):
         name = spec.split(":")[1]
         pipeline = load_base_model(spec, device="cpu").pipeline
         folder = root / name
@@ -60,27 +60,37 @@ def same_weights(a, b) -> list[str]:
     return [key for key in keys if key not in right or not torch.equal(left[key].float(), right[key].float())]
 
 
-@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2"])
+MODULES = {"builtin:tiny": ("unet", "vae", "text_encoder"), "builtin:tiny-sd2": ("unet", "vae", "text_encoder"),
+           "builtin:tiny-sdxl": ("unet", "vae", "text_encoder", "text_encoder_2")}
+
+
+@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2", "builtin:tiny-sdxl"])
 def test_the_writer_is_what_diffusers_single_file_reader_reads(written, spec):
     """pipeline_to_ldm is the inverse of diffusers' from_single_file: every weight comes back."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     folder, path = written[spec]
     keys = set(ldm.header_shapes(path))
     if spec == "builtin:tiny":
         assert ldm.CLIP_TOKEN_KEY in keys and not any(k.startswith(ldm.OPENCLIP_PREFIX) for k in keys)
-    else:
+    elif spec == "builtin:tiny-sd2":
         assert ldm.OPENCLIP_TOKEN_KEY in keys and not any(k.startswith(ldm.CLIP_PREFIX) for k in keys)
         assert f"{ldm.OPENCLIP_PREFIX}transformer.resblocks.0.attn.in_proj_weight" in keys
+    else:  # SDXL's SGM layout: both encoders under conditioner.embedders, the added embedding as label_emb
+        assert {ldm.SGM_CLIP_TOKEN_KEY, ldm.SGM_OPENCLIP_TOKEN_KEY, ldm.SGM_PROJECTION_KEY} <= keys
+        assert "model.diffusion_model.label_emb.0.2.weight" in keys
+        assert not any(k.startswith("cond_stage_model.") for k in keys)
     assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
-    assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in keys  # diffusers' SD 1 marker
+    if spec != "builtin:tiny-sdxl":
+        assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in keys  # diffusers' SD 1 marker
     builtin = load_base_model(spec, device="cpu").pipeline
-    read = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
-    for module in ("unet", "vae", "text_encoder"):
+    cls = StableDiffusionXLPipeline if spec == "builtin:tiny-sdxl" else StableDiffusionPipeline
+    read = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
+    for module in MODULES[spec]:
         assert same_weights(getattr(builtin, module), getattr(read, module)) == [], module
 
 
-@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2"])
+@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2", "builtin:tiny-sdxl"])
 def test_a_single_file_with_model_config_renders_as_the_builtin(written, spec, no_network):
     folder, path = written[spec]
     builtin = load_base_model(spec, device="cpu")
@@ -88,8 +98,9 @@ def test_a_single_file_with_model_config_renders_as_the_builtin(written, spec, n
     assert single.spec == str(path.resolve())
     assert (single.text_width, single.default_resolution, single.prediction_type) == (
         builtin.text_width, builtin.default_resolution, builtin.prediction_type)
-    for module in ("unet", "vae", "text_encoder"):
+    for module in MODULES[spec]:
         assert same_weights(getattr(builtin.pipeline, module), getattr(single.pipeline, module)) == [], module
+    assert type(single.pipeline) is type(builtin.pipeline)
     assert_close_in_scale(latents(single), latents(builtin), LAYOUT_TOLERANCE)
 
 
@@ -171,7 +182,8 @@ def tiny_family(written, tmp_path, monkeypatch):
     folder, path = written["builtin:tiny"]
     configs = tmp_path / "configs"
     shutil.copytree(folder, configs / "tiny", ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer"))
-    family = families.Family("tiny", "tiny SD 1.x", 32, "clip", "tiny-org/tiny-sd", (("tiny-org/tiny-sd", "tokenizer"),))
+    family = families.Family("tiny", "tiny SD 1.x", 32, "clip", "tiny-org/tiny-sd",
+                             (("tiny-org/tiny-sd", "tokenizer"),))
     monkeypatch.setattr(families, "CONFIGS", configs)
     monkeypatch.setattr(ldm, "FAMILIES", ldm.FAMILIES + (family,))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
@@ -280,8 +292,38 @@ def test_shipped_configs_are_sd15_and_sd21_and_their_layouts_are_detected():
     assert json.loads((families.CONFIGS / "sd2" / "unet" / "config.json").read_text())["sample_size"] == 96  # 768 px
 
 
+def test_the_shipped_sdxl_configs_are_sdxl_base_and_its_layout_is_detected():
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    folder = families.CONFIGS / "sdxl"
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
+        first = CLIPTextModel(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder"))
+        second = CLIPTextModelWithProjection(CLIPTextConfig.from_pretrained(folder, subfolder="text_encoder_2"))
+    counts = [sum(p.numel() for p in module.parameters()) for module in (unet, vae, first, second)]
+    assert counts == [2_567_463_684, 83_653_863, 123_060_480, 694_659_840]  # SDXL base 1.0's
+    assert vae.config.scaling_factor == 0.13025 and unet.config.sample_size * 8 == 1024
+    state = {**ldm._unet_to_ldm(unet), **ldm._vae_to_ldm(vae)}
+    state.update({f"{ldm.SGM_CLIP_PREFIX}text_model.{key}": value
+                  for key, value in first.state_dict().items() if "position_ids" not in key})
+    text = {key.removeprefix("text_model."): value for key, value in second.state_dict().items()
+            if "position_ids" not in key}
+    state.update(_to_openclip(text, ldm.SGM_OPENCLIP_PREFIX, text.pop("text_projection.weight").t()))
+    shapes = {key: tuple(value.shape) for key, value in state.items()}
+    assert shapes["model.diffusion_model.label_emb.0.0.weight"] == (1280, 2816)  # 6 size ids x 256 + 1280 pooled
+    assert shapes["model.diffusion_model.input_blocks.4.1.transformer_blocks.1.attn2.to_k.weight"] == (640, 2048)
+    info = ldm.inspect_checkpoint(shapes)
+    assert (info.family, info.encoder_widths, info.cross_attention_width) == (families.SDXL, (768, 1280), 2048)
+    assert families.SDXL.resolution == 1024 and families.SDXL.widths == (768, 1280)
+
+
 @pytest.mark.parametrize("change, message", [
-    (lambda s: s.update({"conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}), "SDXL"),
+    (lambda s: s.update({"conditioner.embedders.0.model.token_embedding.weight": (49408, 1280)}), "SDXL refiner"),
+    (lambda s: s.update({"conditioner.embedders.1.model.token_embedding.weight": (49408, 1280)}),
+     "no CLIP text encoder"),
     (lambda s: s.update({ldm.CONV_IN_KEY: (320, 9, 3, 3)}), "inpainting"),
     (lambda s: [s.pop(k) for k in list(s) if k.startswith("cond_stage_model.")], "no text encoder"),
     (lambda s: [s.pop(k) for k in list(s) if k.startswith("first_stage_model.")], "no VAE"),
@@ -318,3 +360,30 @@ def test_a_file_missing_or_misshaping_weights_is_named_not_half_loaded(written, 
     save_file(state, str(broken))
     with pytest.raises(ModelError, match=message):
         load_base_model(str(broken), device="cpu", config=str(folder))
+
+
+def test_an_sdxl_file_with_shipped_configs_takes_a_tokenizer_folder_and_derives_the_second(written, tmp_path,
+                                                                                          monkeypatch, no_network):
+    """SDXL at tiny scale through the shipped-config path: configs without tokenizers stand where
+    stc/models/configs/sdxl stands; a plain CLIP tokenizer folder gives both tokenizers (SDXL's second
+    is the first with "!" padding)."""
+    folder, path = written["builtin:tiny-sdxl"]
+    configs = tmp_path / "configs"
+    shutil.copytree(folder, configs / "tinyxl",
+                    ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer", "tokenizer_2"))
+    family = families.Family("tinyxl", "tiny SDXL", 80, "sgm", "tiny-org/tiny-sdxl",
+                             (("tiny-org/tiny-sdxl", "tokenizer"),), encoder_widths=(32, 48))
+    monkeypatch.setattr(families, "CONFIGS", configs)
+    monkeypatch.setattr(ldm, "FAMILIES", ldm.FAMILIES + (family,))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    with pytest.raises(ModelError, match="tiny SDXL checkpoint: stc ships its configs but cannot ship"):
+        load_base_model(str(path), device="cpu")
+    tokenizer_only = tmp_path / "tok"
+    shutil.copytree(folder / "tokenizer", tokenizer_only)
+    single = load_base_model(str(path), device="cpu", config=str(tokenizer_only))
+    builtin = load_base_model("builtin:tiny-sdxl", device="cpu")
+    assert single.pipeline.tokenizer_2.pad_token == "!" == builtin.pipeline.tokenizer_2.pad_token
+    ids = [tok("a photo of a cat", padding="max_length", max_length=77).input_ids
+           for tok in (single.pipeline.tokenizer_2, builtin.pipeline.tokenizer_2)]
+    assert ids[0] == ids[1]
+    assert_close_in_scale(latents(single), latents(builtin), LAYOUT_TOLERANCE)

@@ -1,13 +1,17 @@
 """Single-file Stable Diffusion checkpoints (the original LDM layout, as A1111 and civitai ship
-them): reading one offline into a diffusers pipeline, and writing one from a pipeline.
+them; SDXL's original SGM layout): reading one offline into a diffusers pipeline, and the
+inverse key mappings.
 
 Reading never touches the network. The architecture comes from ``--model-config DIR`` (a local
 diffusers folder of the same architecture, or just a CLIP tokenizer folder), else from the
-configs stc ships for SD 1.x and SD 2.x (``stc/models/configs/sd1``, ``stc/models/configs/sd2``: model index,
-UNet, VAE, text encoder and scheduler configs of stable-diffusion-v1-5 and stable-diffusion-2-1).
-The family is told by the text encoder in the checkpoint: OpenAI CLIP ViT-L (768 wide, keys
-``cond_stage_model.transformer.…``) is SD 1.x, OpenCLIP ViT-H (1024 wide, keys
-``cond_stage_model.model.…``) is SD 2.x. stc cannot ship a CLIP tokenizer vocabulary, so
+configs stc ships for SD 1.x, SD 2.x and SDXL (``stc/models/configs/sd1``, ``sd2``, ``sdxl``: model
+index, UNet, VAE, text encoder(s) and scheduler configs of stable-diffusion-v1-5,
+stable-diffusion-2-1 and stable-diffusion-xl-base-1.0). The family is told by the text encoders in
+the checkpoint: OpenAI CLIP ViT-L (768 wide, keys ``cond_stage_model.transformer.…``) is SD 1.x,
+OpenCLIP ViT-H (1024 wide, keys ``cond_stage_model.model.…``) is SD 2.x; SDXL files have
+``conditioner.embedders.0.transformer.…`` (CLIP ViT-L) and ``conditioner.embedders.1.model.…``
+(OpenCLIP ViT-bigG, all 32 layers and its ``text_projection``), and the UNet's added embedding as
+``label_emb.0.0``/``label_emb.0.2``. stc cannot ship a CLIP tokenizer vocabulary, so
 without a tokenizer folder the tokenizer comes from the local Hugging Face cache (a model of
 that family downloaded before), or loading stops with a one-line error saying what to pass.
 
@@ -37,6 +41,12 @@ CLIP_PREFIX = "cond_stage_model.transformer."  # SD 1.x: OpenAI CLIP in transfor
 OPENCLIP_PREFIX = "cond_stage_model.model."  # SD 2.x: OpenCLIP
 CLIP_TOKEN_KEY = CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
 OPENCLIP_TOKEN_KEY = OPENCLIP_PREFIX + "token_embedding.weight"
+# SDXL's original (SGM) layout: CLIP ViT-L in transformers' layout, OpenCLIP ViT-bigG with its projection
+SGM_CLIP_PREFIX = "conditioner.embedders.0.transformer."
+SGM_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
+SGM_CLIP_TOKEN_KEY = SGM_CLIP_PREFIX + "text_model.embeddings.token_embedding.weight"
+SGM_OPENCLIP_TOKEN_KEY = SGM_OPENCLIP_PREFIX + "token_embedding.weight"
+SGM_PROJECTION_KEY = SGM_OPENCLIP_PREFIX + "text_projection"  # [width, projection]: transformers' weight transposed
 CROSS_ATTENTION_KEY = UNET_PREFIX + "input_blocks.1.1.transformer_blocks.0.attn2.to_k.weight"
 CONV_IN_KEY = UNET_PREFIX + "input_blocks.0.0.weight"
 V_PREDICTION_KEY = "v_pred"  # a marker some v-prediction checkpoints carry (its value is unused)
@@ -47,21 +57,26 @@ SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 class CheckpointInfo:
     """What the keys and shapes of a single file say about its model."""
 
-    encoder: str  # "clip" (SD 1.x layout) or "openclip" (SD 2.x layout)
-    text_width: int
+    encoder: str  # "clip" (SD 1.x layout), "openclip" (SD 2.x layout) or "sgm" (SDXL's two)
+    text_width: int  # the encoders' widths added up
     cross_attention_width: int | None
     v_prediction_marker: bool
+    encoder_widths: tuple[int, ...] = ()  # "sgm": each encoder's
 
     @property
     def family(self) -> Family | None:
         for family in FAMILIES:
-            if family.encoder == self.encoder and family.text_width == self.text_width:
+            if family.encoder == self.encoder and family.widths == (self.encoder_widths or (self.text_width,)):
                 return family
         return None
 
     def describe(self) -> str:
         family = self.family
-        return family.label if family else f"a {self.text_width}-wide {self.encoder} text encoder"
+        if family:
+            return family.label
+        if self.encoder == "sgm":
+            return f"SDXL-layout text encoders {'+'.join(map(str, self.encoder_widths))} wide"
+        return f"a {self.text_width}-wide {self.encoder} text encoder"
 
 
 # --------------------------------------------------------------------------- reading files
@@ -143,17 +158,20 @@ def header_shapes(path: Path) -> dict[str, tuple[int, ...]] | None:
 
 def inspect_checkpoint(shapes: Mapping[str, tuple[int, ...]], name: str = "the checkpoint") -> CheckpointInfo:
     """The text encoder kind and width, the UNet's cross-attention width and the v-prediction
-    marker; unsupported kinds (SDXL, inpainting, UNet-only files) are clear errors."""
+    marker; unsupported kinds (SDXL refiners, inpainting, UNet-only files) are clear errors."""
     keys = shapes.keys()
-    if any(key.startswith("conditioner.embedders.") for key in keys):
-        raise ModelError(f"{name} is an SDXL checkpoint; neural space-time concepts need SD 1.x or 2.x")
     if not any(key.startswith(UNET_PREFIX) for key in keys):
-        raise ModelError(f"{name} has no UNet ({UNET_PREFIX}…); it is not a Stable Diffusion 1.x/2.x checkpoint")
+        raise ModelError(f"{name} has no UNet ({UNET_PREFIX}…); it is not a Stable Diffusion 1.x/2.x/SDXL checkpoint")
     if not any(key.startswith(VAE_PREFIXES) for key in keys):
         raise ModelError(f"{name} has no VAE ({VAE_PREFIX}…); stc needs a full checkpoint (UNet, VAE, text encoder)")
     conv_in = shapes.get(CONV_IN_KEY)
     if conv_in is not None and len(conv_in) == 4 and conv_in[1] != 4:
         raise ModelError(f"{name} is an inpainting or other {conv_in[1]}-channel UNet; stc needs a text-to-image model")
+    cross = next((shape for key, shape in shapes.items() if key.startswith(UNET_PREFIX)
+                  and key.endswith(".attn2.to_k.weight")), None)
+    cross_width = int(cross[-1]) if cross is not None and len(cross) == 2 else None
+    if any(key.startswith("conditioner.embedders.") for key in keys):
+        return _inspect_sgm(shapes, name, cross_width)
     if CLIP_TOKEN_KEY in shapes or any(key.startswith(CLIP_PREFIX) and key.endswith("token_embedding.weight")
                                        for key in keys):
         token_key = CLIP_TOKEN_KEY if CLIP_TOKEN_KEY in shapes else next(
@@ -165,14 +183,32 @@ def inspect_checkpoint(shapes: Mapping[str, tuple[int, ...]], name: str = "the c
         raise ModelError(f"{name} has no text encoder (cond_stage_model.…); stc needs a full checkpoint "
                          "(UNet, VAE, text encoder)")
     text_width = int(shapes[token_key][-1])
-    cross = shapes.get(CROSS_ATTENTION_KEY)
-    cross_width = int(cross[-1]) if cross is not None and len(cross) == 2 else None
     if cross_width is not None and cross_width != text_width:
         raise ModelError(
             f"{name}: its UNet attends to {cross_width}-wide text but its text encoder is {text_width} wide"
         )
     return CheckpointInfo(encoder=encoder, text_width=text_width, cross_attention_width=cross_width,
                           v_prediction_marker=V_PREDICTION_KEY in shapes)
+
+
+def _inspect_sgm(shapes, name: str, cross_width: int | None) -> CheckpointInfo:
+    """An SDXL single file: CLIP ViT-L and OpenCLIP ViT-bigG (the base model; a refiner has only
+    the second)."""
+    if SGM_CLIP_TOKEN_KEY not in shapes:
+        if SGM_OPENCLIP_TOKEN_KEY.replace("embedders.1", "embedders.0") in shapes:
+            raise ModelError(f"{name} is an SDXL refiner (one OpenCLIP text encoder); stc trains and renders with the "
+                             "SDXL base model")
+        raise ModelError(f"{name} has SDXL conditioners but no CLIP text encoder ({SGM_CLIP_PREFIX}…); stc needs a "
+                         "full SDXL base checkpoint")
+    if SGM_OPENCLIP_TOKEN_KEY not in shapes:
+        raise ModelError(f"{name} has SDXL conditioners but no OpenCLIP text encoder ({SGM_OPENCLIP_PREFIX}…); stc "
+                         "needs a full SDXL base checkpoint")
+    widths = (int(shapes[SGM_CLIP_TOKEN_KEY][-1]), int(shapes[SGM_OPENCLIP_TOKEN_KEY][-1]))
+    if cross_width is not None and cross_width != sum(widths):
+        raise ModelError(f"{name}: its UNet attends to {cross_width}-wide text but its text encoders are "
+                         f"{'+'.join(map(str, widths))} wide")
+    return CheckpointInfo(encoder="sgm", text_width=sum(widths), cross_attention_width=cross_width,
+                          v_prediction_marker=V_PREDICTION_KEY in shapes, encoder_widths=widths)
 
 
 def checkpoint_text_width(path: Path) -> int | None:
@@ -190,7 +226,8 @@ def checkpoint_text_width(path: Path) -> int | None:
 
 
 def load_single_file(path: Path, config: str | None, dtype, prediction_type: str | None = None):
-    """A StableDiffusionPipeline from the single file ``path``, entirely from local files."""
+    """A StableDiffusionPipeline (SDXL: StableDiffusionXLPipeline) from the single file ``path``,
+    entirely from local files."""
     check_prediction_type(prediction_type)
     checkpoint = read_checkpoint(path)
     info = inspect_checkpoint({key: tuple(value.shape) for key, value in checkpoint.items()}, path.name)
@@ -209,20 +246,27 @@ def load_single_file(path: Path, config: str | None, dtype, prediction_type: str
         family = info.family
         if family is None:
             raise ModelError(
-                f"{path.name} has {info.describe()}, which is neither SD 1.x (768) nor SD 2.x (1024): pass "
-                "--model-config DIR, a local diffusers folder of its architecture"
+                f"{path.name} has {info.describe()}, which is neither SD 1.x (768), SD 2.x (1024) nor SDXL "
+                "(768+1280): pass --model-config DIR, a local diffusers folder of its architecture"
             )
         config_dir = family.config_dir
         tokenizer = _family_tokenizer(family, folder, path.name)
     return _pipeline_from_checkpoint(path, checkpoint, info, config_dir, tokenizer, dtype, prediction_type,
-                     shipped=config_dir != folder)
+                                     shipped=config_dir != folder)
 
 
 def _config_text_width(folder: Path) -> int | None:
-    try:
-        return int(json.loads((folder / "text_encoder" / "config.json").read_text(encoding="utf-8"))["hidden_size"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    """The text context width of a diffusers folder's config: its text encoders' widths added up."""
+    total = 0
+    for name in ("text_encoder", "text_encoder_2"):
+        path = folder / name / "config.json"
+        if name == "text_encoder_2" and not path.is_file():
+            break
+        try:
+            total += int(json.loads(path.read_text(encoding="utf-8"))["hidden_size"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+    return total
 
 
 def _family_tokenizer(family: Family, folder: Path | None, name: str):
@@ -247,7 +291,7 @@ def _family_tokenizer(family: Family, folder: Path | None, name: str):
             except Exception:  # a malformed cache entry: as if absent
                 found = None
             if isinstance(found, str) and _has_tokenizer(Path(found).parent):
-                return _load_tokenizer(Path(found).parent)
+                return _load_tokenizer(Path(found).parent)  # (SDXL: its first tokenizer; the second is derived)
     raise ModelError(
         f"{name} is an {family.label} checkpoint: stc ships its configs but cannot ship the CLIP tokenizer, and none "
         f"is in the local Hugging Face cache. Pass --model-config DIR, a local {family.label} diffusers folder or "
@@ -286,9 +330,10 @@ def _hub_cache() -> str:
     return constants.HF_HUB_CACHE
 
 
-def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenizer, dtype, prediction_type, shipped: bool):
+def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenizer, dtype, prediction_type,
+                              shipped: bool):
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     where = f"the {info.describe()} configs stc ships" if shipped else f"the config in {config_dir}"
     try:
@@ -296,9 +341,14 @@ def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenize
             checkpoint, config=str(config_dir), subfolder="unet", local_files_only=True, torch_dtype=dtype)
         vae = AutoencoderKL.from_single_file(
             checkpoint, config=str(config_dir), subfolder="vae", local_files_only=True, torch_dtype=dtype)
-        text_encoder = _load_text_encoder(checkpoint, info, config_dir, dtype, path.name)
+        if info.encoder == "sgm":
+            encoders = [_load_text_encoder(checkpoint, "sgm-clip", config_dir, "text_encoder", dtype, path.name),
+                        _load_text_encoder(checkpoint, "sgm-openclip", config_dir, "text_encoder_2", dtype, path.name)]
+        else:
+            encoders = [_load_text_encoder(checkpoint, info.encoder, config_dir, "text_encoder", dtype, path.name)]
         if tokenizer is None:
             tokenizer = _load_tokenizer(config_dir / "tokenizer")
+        tokenizer_2 = _second_tokenizer(config_dir, tokenizer) if info.encoder == "sgm" else None
         index = json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
         scheduler_class = getattr(diffusers, str((index.get("scheduler") or [None, "DDIMScheduler"])[1]),
                                   diffusers.DDIMScheduler)
@@ -318,10 +368,29 @@ def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenize
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
     if shipped and info.encoder == "openclip" and scheduler.config.prediction_type == "epsilon":
         unet.register_to_config(sample_size=64)  # SD 2.x-base: 512 px epsilon; 2.x: 768 px v-prediction
+    if info.encoder == "sgm":
+        return StableDiffusionXLPipeline(
+            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
+            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
+                                                                                        True)),
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
-        vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+        vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def _second_tokenizer(config_dir: Path, tokenizer):
+    """SDXL's second tokenizer: the folder's ``tokenizer_2``, else the first with ``!`` padding (SDXL's
+    two tokenizers share vocabulary and merges; the second pads with ``!``)."""
+    import copy
+
+    if _has_tokenizer(config_dir / "tokenizer_2"):
+        return _load_tokenizer(config_dir / "tokenizer_2")
+    second = copy.deepcopy(tokenizer)
+    second.pad_token = "!"
+    return second
 
 
 def _explain_missing(checkpoint, config_dir: Path, where: str, name: str) -> None:
@@ -350,15 +419,17 @@ def _explain_missing(checkpoint, config_dir: Path, where: str, name: str) -> Non
             )
 
 
-def _load_text_encoder(checkpoint, info: CheckpointInfo, config_dir: Path, dtype, name: str):
+def _load_text_encoder(checkpoint, encoder: str, config_dir: Path, subfolder: str, dtype, name: str):
+    """The text encoder of ``subfolder``'s config from the checkpoint's ``encoder`` layout ("clip",
+    "openclip", "sgm-clip", "sgm-openclip"), strictly checked."""
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    config = CLIPTextConfig.from_pretrained(str(config_dir), subfolder="text_encoder", local_files_only=True)
+    config = CLIPTextConfig.from_pretrained(str(config_dir), subfolder=subfolder, local_files_only=True)
     with torch.device("meta"):
-        model = CLIPTextModel(config)
+        model = (CLIPTextModelWithProjection if encoder == "sgm-openclip" else CLIPTextModel)(config)
     expected = model.state_dict()
-    state = _text_encoder_state_dict(checkpoint, info.encoder, list(expected), config.num_hidden_layers)
+    state = _text_encoder_state_dict(checkpoint, encoder, list(expected), config.num_hidden_layers)
     missing = [key for key in expected if key not in state and not key.endswith("position_ids")]
     if missing:
         raise ModelError(
@@ -388,18 +459,25 @@ def _text_encoder_state_dict(checkpoint, encoder: str, model_keys: list[str], nu
     without its ``text_model.`` level, as ``model_keys`` have it)."""
     nested = any(key.startswith("text_model.") for key in model_keys)
     state = {}
-    if encoder == "clip":
+    if encoder in ("clip", "sgm-clip"):
+        prefix = CLIP_PREFIX if encoder == "clip" else SGM_CLIP_PREFIX
         for key, value in checkpoint.items():
-            if key.startswith(CLIP_PREFIX):
-                state[key[len(CLIP_PREFIX):].removeprefix("text_model.")] = value
+            if key.startswith(prefix):
+                state[key[len(prefix):].removeprefix("text_model.")] = value
     else:
-        state = _from_openclip(checkpoint, num_layers)
-    return {(f"text_model.{key}" if nested else key): value for key, value in state.items()}
+        prefix = OPENCLIP_PREFIX if encoder == "openclip" else SGM_OPENCLIP_PREFIX
+        state = _from_openclip(checkpoint, num_layers, prefix)
+    projection = state.pop("text_projection.weight", None)  # CLIPTextModelWithProjection's, outside text_model
+    state = {(f"text_model.{key}" if nested else key): value for key, value in state.items()}
+    if projection is not None:
+        state["text_projection.weight"] = projection
+    return state
 
 
-def _from_openclip(checkpoint, num_layers: int) -> dict:
-    """OpenCLIP's text tower (SD 2.x) in CLIPTextModel keys; layers past ``num_layers`` (SD 2
-    drops OpenCLIP's last) and the projection are left out."""
+def _from_openclip(checkpoint, num_layers: int, prefix: str = OPENCLIP_PREFIX) -> dict:
+    """OpenCLIP's text tower (SD 2.x; SDXL's second encoder) in CLIPTextModel keys; layers past
+    ``num_layers`` (SD 2 drops OpenCLIP's last) are left out; SDXL's projection ([width, projection],
+    applied as x @ P) becomes CLIPTextModelWithProjection's ``text_projection.weight`` (P transposed)."""
     layer_names = {"ln_1": "layer_norm1", "ln_2": "layer_norm2", "attn.out_proj": "self_attn.out_proj",
                    "mlp.c_fc": "mlp.fc1", "mlp.c_proj": "mlp.fc2"}
     top = {"token_embedding.weight": "embeddings.token_embedding.weight",
@@ -407,8 +485,11 @@ def _from_openclip(checkpoint, num_layers: int) -> dict:
            "ln_final.weight": "final_layer_norm.weight", "ln_final.bias": "final_layer_norm.bias"}
     state = {}
     for key, value in checkpoint.items():
-        rest = key.removeprefix(OPENCLIP_PREFIX)
+        rest = key.removeprefix(prefix)
         if rest == key:
+            continue
+        if rest == "text_projection" and prefix == SGM_OPENCLIP_PREFIX:
+            state["text_projection.weight"] = value.t().contiguous()
             continue
         if rest in top:
             state[top[rest]] = value
@@ -443,7 +524,8 @@ def _resnet_key(rest: str) -> str:
 def _unet_to_ldm(unet) -> dict:
     per_block = unet.config.layers_per_block + 1  # LDM numbers the downsampler as a layer of its own
     plain = {"time_embedding.linear_1": "time_embed.0", "time_embedding.linear_2": "time_embed.2",
-             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2"}
+             "conv_in": "input_blocks.0.0", "conv_norm_out": "out.0", "conv_out": "out.2",
+             "add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}  # SDXL's
     with_attention = {index for index, block in enumerate(unet.up_blocks) if getattr(block, "attentions", None)}
     out = {}
     for key, value in unet.state_dict().items():
@@ -453,7 +535,8 @@ def _unet_to_ldm(unet) -> dict:
         elif match := re.fullmatch(r"down_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
             index = per_block * block + layer + 1
-            new = f"input_blocks.{index}.0.{_resnet_key(rest)}" if kind == "resnets" else f"input_blocks.{index}.1.{rest}"
+            new = (f"input_blocks.{index}.0.{_resnet_key(rest)}" if kind == "resnets"
+                   else f"input_blocks.{index}.1.{rest}")
         elif match := re.fullmatch(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
             new = f"input_blocks.{per_block * (int(match[1]) + 1)}.0.op.{match[2]}"
         elif match := re.fullmatch(r"mid_block\.resnets\.(\d+)\.(.+)", key):
@@ -463,13 +546,14 @@ def _unet_to_ldm(unet) -> dict:
         elif match := re.fullmatch(r"up_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key):
             block, kind, layer, rest = int(match[1]), match[2], int(match[3]), match[4]
             index = per_block * block + layer
-            new = f"output_blocks.{index}.0.{_resnet_key(rest)}" if kind == "resnets" else f"output_blocks.{index}.1.{rest}"
+            new = (f"output_blocks.{index}.0.{_resnet_key(rest)}" if kind == "resnets"
+                   else f"output_blocks.{index}.1.{rest}")
         elif match := re.fullmatch(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
             block = int(match[1])
             slot = 2 if block in with_attention else 1
             new = f"output_blocks.{per_block * block + per_block - 1}.{slot}.conv.{match[2]}"
         else:
-            raise ModelError(f"unexpected UNet weight {key!r}: not an SD 1.x/2.x UNet")
+            raise ModelError(f"unexpected UNet weight {key!r}: not an SD 1.x/2.x/SDXL UNet")
         out[UNET_PREFIX + new] = value
     return out
 
