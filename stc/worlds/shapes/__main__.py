@@ -18,6 +18,9 @@ def main(argv=None) -> int:
                        help="folder for shapes.safetensors, training.json and the run's checkpoints (default "
                             "./shapes-world); copy the first two into stc/worlds/shapes/ to ship them")
     train.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    train.add_argument("--sdxl", action="store_true",
+                       help="train the SDXL layout (builtin:shapes-sdxl: two text encoders and an SDXL UNet) on the "
+                            "shipped world's VAE; writes shapes-sdxl.safetensors and training-sdxl.json")
     train.add_argument("--reuse-vae", action="store_true",
                        help="take the VAE stage from an earlier run in --out (vae-stage.safetensors)")
     for item in fields(WorldConfig):
@@ -38,9 +41,12 @@ def main(argv=None) -> int:
             scene.render(args.size).save(path, optimize=True)
             print(path)
         return 0
-    from .train import train_world
+    from .train import train_sdxl_world, train_world
 
     config = WorldConfig(**{item.name: getattr(args, item.name) for item in fields(WorldConfig)})
+    if args.sdxl:
+        train_sdxl_world(args.out, config, threads=args.threads, log=lambda m: print(m, flush=True))
+        return 0
     train_world(args.out, config, threads=args.threads, reuse_vae=args.reuse_vae, log=lambda m: print(m, flush=True))
     return 0
 

@@ -113,3 +113,112 @@ def build_shapes_pipeline(weights: Path = WEIGHTS):
         own = {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + ".")}
         module.load_state_dict(own, strict=True)
     return assemble(tokenizer, text_encoder, unet, vae)
+
+
+# --------------------------------------------------------------------------- the SDXL layout
+
+SDXL_WEIGHTS = Path(__file__).with_name("shapes-sdxl.safetensors")
+SDXL_FORMAT = "stc-shapes-world-sdxl"
+SDXL_TEXT_WIDTHS = (64, 64)  # the CLIP ViT-L and OpenCLIP ViT-bigG places
+SDXL_TIME_EMBED = 8  # per size id
+
+
+def build_sdxl_components(tokenizer):
+    """The SDXL-layout world's text encoders and UNet with fresh weights (the VAE is the world's
+    own, shared with builtin:shapes): SDXL's blocks (no attention in the first down block and the
+    last up block), several transformer blocks per attention module (1, 2, 2 by depth), the
+    pooled embedding and size ids as added conditioning."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    first, second = SDXL_TEXT_WIDTHS
+    common = dict(vocab_size=len(tokenizer), num_attention_heads=4, max_position_embeddings=77,
+                  bos_token_id=tokenizer.bos_token_id, num_hidden_layers=3)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        hidden_size=first, intermediate_size=4 * first, projection_dim=first, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **common,
+    ))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(
+        hidden_size=second, intermediate_size=4 * second, projection_dim=second, hidden_act="gelu",
+        eos_token_id=2, pad_token_id=1, **common,  # SDXL's config values
+    ))
+    unet = UNet2DConditionModel(
+        sample_size=RESOLUTION // VAE_FACTOR, in_channels=LATENT_CHANNELS, out_channels=LATENT_CHANNELS,
+        layers_per_block=2, block_out_channels=(32, 64, 64), attention_head_dim=(1, 2, 2), norm_num_groups=16,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2, 2), cross_attention_dim=first + second, use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=SDXL_TIME_EMBED,
+        projection_class_embeddings_input_dim=6 * SDXL_TIME_EMBED + second,
+    )
+    return text_encoder, text_encoder_2, unet
+
+
+def assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae):
+    from diffusers import StableDiffusionXLPipeline
+
+    from ...models.tiny import WORDS, build_tiny_tokenizer
+
+    for module in (text_encoder, text_encoder_2, unet, vae):
+        module.eval().requires_grad_(False)
+    tokenizer_2 = build_tiny_tokenizer(pad_token="!", words=tuple(WORDS) + WORLD_WORDS)
+    return StableDiffusionXLPipeline(
+        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler(), force_zeros_for_empty_prompt=True,
+        add_watermarker=False,
+    )
+
+
+def save_sdxl_weights(path: Path, text_encoder, text_encoder_2, unet, metadata: dict) -> None:
+    """The SDXL layout's text encoders and UNet in one safetensors file (fp16); the VAE stays in
+    shapes.safetensors."""
+    import torch
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for prefix, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2), ("unet", unet)):
+        for key, value in module.state_dict().items():
+            tensors[f"{prefix}.{key}"] = value.detach().to(torch.float16).contiguous()
+    meta = {"format": SDXL_FORMAT}
+    meta.update({key: json.dumps(value) for key, value in metadata.items()})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    tmp.replace(path)
+
+
+def _read_weights(weights: Path, kind: str, fmt: str, how: str):
+    import torch
+    from safetensors import safe_open
+
+    from ...errors import ModelError
+
+    if not weights.is_file():
+        raise ModelError(f"{kind} has no weights at {weights}; train them with `{how}` (or reinstall stc)")
+    with safe_open(str(weights), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+        if metadata.get("format") != fmt:
+            raise ModelError(f"{weights} is not a {kind} weights file")
+        return metadata, {key: handle.get_tensor(key).to(torch.float32) for key in handle.keys()}
+
+
+def _load(modules, state: dict) -> None:
+    for prefix, module in modules:
+        own = {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + ".")}
+        module.load_state_dict(own, strict=True)
+
+
+def build_shapes_sdxl_pipeline(weights: Path = SDXL_WEIGHTS, world: Path = WEIGHTS):
+    """``builtin:shapes-sdxl``: the world in the SDXL layout, fp32 on the CPU, from the shipped
+    weights (its text encoders and UNet; the world's VAE from shapes.safetensors)."""
+    import torch
+
+    _, state = _read_weights(weights, "builtin:shapes-sdxl", SDXL_FORMAT, "python -m stc.worlds.shapes train --sdxl")
+    metadata, world_state = _read_weights(world, "builtin:shapes", FORMAT, "python -m stc.worlds.shapes train")
+    tokenizer = shapes_tokenizer()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # the modules' initial draws are overwritten; this only keeps them quiet
+        text_encoder, text_encoder_2, unet = build_sdxl_components(tokenizer)
+        vae = build_components(tokenizer, float(metadata["scaling_factor"]))[2]
+    _load((("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2), ("unet", unet)), state)
+    _load((("vae", vae),), world_state)
+    return assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae)

@@ -28,7 +28,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from . import COLOURS, HELD_OUT, SHAPES, caption, read_image, scenes
+from . import COLOURS, HELD_OUT, RESOLUTION, SHAPES, caption, read_image, scenes
 
 
 @dataclass
@@ -140,26 +140,53 @@ def encode_latents(vae, images, chunk: int = 256):
 class _Captions:
     """Captions drawn per use, tokenized through a cache (the vocabulary of captions is small)."""
 
-    def __init__(self, tokenizer, seed: int, empty: float):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizers: list, seed: int, empty: float):
+        self.tokenizers = tokenizers  # one per text encoder
         self.rng = random.Random(seed)
         self.empty = empty
-        self.cache: dict[str, list[int]] = {}
+        self.cache: dict[str, list[list[int]]] = {}
 
-    def ids(self, text: str) -> list[int]:
+    def ids(self, text: str) -> list[list[int]]:
         if text not in self.cache:
-            self.cache[text] = self.tokenizer(text, padding="max_length", max_length=self.tokenizer.model_max_length,
-                                              truncation=True).input_ids
+            self.cache[text] = [tokenizer(text, padding="max_length", max_length=tokenizer.model_max_length,
+                                          truncation=True).input_ids for tokenizer in self.tokenizers]
         return self.cache[text]
 
     def batch(self, scene_list):
+        """(the captions, their token ids: one N x S tensor per tokenizer)."""
         import torch
 
         texts = ["" if self.rng.random() < self.empty else caption(scene, self.rng) for scene in scene_list]
-        return torch.tensor([self.ids(text) for text in texts])
+        rows = [self.ids(text) for text in texts]
+        return texts, [torch.tensor([row[k] for row in rows]) for k in range(len(self.tokenizers))]
 
 
-def train_unet(text_encoder, unet, tokenizer, latents, scene_list, config: WorldConfig, log, checkpoint=None):
+def sd_conditioning(text_encoders, texts, ids):
+    """SD 1.x's text conditioning: the text encoder's last state."""
+    return text_encoders[0](ids[0])[0], None
+
+
+def sdxl_conditioning(text_encoders, texts, ids):
+    """SDXL's: both encoders' penultimate states side by side, the second one's pooled embedding and
+    the size ids of the world's uncropped images; empty captions are zeros (what
+    StableDiffusionXLPipeline gives an empty negative prompt with force_zeros_for_empty_prompt)."""
+    import torch
+
+    first, second = text_encoders
+    out_1 = first(ids[0], output_hidden_states=True)
+    out_2 = second(ids[1], output_hidden_states=True)
+    states = torch.cat([out_1.hidden_states[-2], out_2.hidden_states[-2]], dim=-1)
+    pooled = out_2[0]
+    keep = torch.tensor([bool(text) for text in texts], dtype=states.dtype).view(-1, 1)
+    states, pooled = states * keep.unsqueeze(-1), pooled * keep
+    sizes = torch.tensor([[RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION]], dtype=states.dtype)
+    return states, {"text_embeds": pooled, "time_ids": sizes.expand(len(texts), -1)}
+
+
+def train_unet(text_encoders, unet, tokenizers, latents, scene_list, config: WorldConfig, log, checkpoint=None,
+               conditioning=sd_conditioning):
+    """The UNet and text encoders together (``conditioning`` turns captions into what the UNet
+    reads); returns the EMA text encoders, the EMA UNet and the record."""
     import copy
 
     import torch
@@ -172,34 +199,35 @@ def train_unet(text_encoder, unet, tokenizer, latents, scene_list, config: World
     alphas = noise_schedule.alphas_cumprod
     snr = alphas / (1 - alphas)
     weights = torch.clamp(snr, max=config.min_snr) / snr  # min-SNR-gamma for epsilon prediction
-    captions = _Captions(tokenizer, config.seed + 3, config.empty_caption)
-    for module in (text_encoder, unet):
+    captions = _Captions(tokenizers, config.seed + 3, config.empty_caption)
+    text_parameters = [p for text_encoder in text_encoders for p in text_encoder.parameters()]
+    for module in (*text_encoders, unet):
         module.train().requires_grad_(True)
     optimizer = torch.optim.AdamW([
         {"params": list(unet.parameters()), "lr": config.unet_lr},
-        {"params": list(text_encoder.parameters()), "lr": config.text_lr},
+        {"params": text_parameters, "lr": config.text_lr},
     ], weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, config.unet_steps, config.warmup))
-    ema_unet, ema_text = copy.deepcopy(unet).eval(), copy.deepcopy(text_encoder).eval()
-    for module in (ema_unet, ema_text):
+    ema_unet, ema_texts = copy.deepcopy(unet).eval(), [copy.deepcopy(te).eval() for te in text_encoders]
+    for module in (ema_unet, *ema_texts):
         module.requires_grad_(False)
-    pairs = [(ema_unet, unet), (ema_text, text_encoder)]
+    pairs = [(ema_unet, unet), *zip(ema_texts, text_encoders)]
     losses = []
     start = time.time()
     for step in range(config.unet_steps):
         index = torch.randint(len(latents), (config.unet_batch,), generator=generator)
         x0 = latents[index]
-        ids = captions.batch([scene_list[i] for i in index.tolist()])
+        texts, ids = captions.batch([scene_list[i] for i in index.tolist()])
         noise = torch.randn(x0.shape, generator=generator)
         t = torch.randint(1000, (len(x0),), generator=generator)
         noisy = noise_schedule.add_noise(x0, noise, t)
-        states = text_encoder(ids)[0]
-        prediction = unet(noisy, t, states).sample
+        states, added = conditioning(text_encoders, texts, ids)
+        prediction = unet(noisy, t, states, added_cond_kwargs=added).sample
         per_item = F.mse_loss(prediction, noise, reduction="none").mean(dim=(1, 2, 3))
         loss = (per_item * weights[t]).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + list(text_encoder.parameters()), 1.0)
+        torch.nn.utils.clip_grad_norm_(list(unet.parameters()) + text_parameters, 1.0)
         optimizer.step()
         scheduler.step()
         decay = min(config.ema, (1 + step) / (10 + step))
@@ -212,8 +240,8 @@ def train_unet(text_encoder, unet, tokenizer, latents, scene_list, config: World
             log(f"unet {step + 1}/{config.unet_steps}  loss {sum(losses[-100:]) / len(losses[-100:]):.4f}  "
                 f"{time.time() - start:.0f} s")
         if checkpoint and config.checkpoint_every and (step + 1) % config.checkpoint_every == 0:
-            checkpoint(ema_text, ema_unet, step + 1)
-    return ema_text, ema_unet, {"final_loss": sum(losses[-200:]) / len(losses[-200:]),
+            checkpoint(ema_texts, ema_unet, step + 1)
+    return ema_texts, ema_unet, {"final_loss": sum(losses[-200:]) / len(losses[-200:]),
                                 "seconds": time.time() - start}
 
 
@@ -280,15 +308,16 @@ def train_world(out: Path, config: WorldConfig, threads: int | None = None, log=
     vae.register_to_config(scaling_factor=scaling)
     latents = latents * scaling
 
-    def checkpoint(ema_text, ema_unet, step):
+    def checkpoint(ema_texts, ema_unet, step):
+        (ema_text,) = ema_texts
         pipeline = assemble(tokenizer, copy.deepcopy(ema_text), copy.deepcopy(ema_unet), vae)
         pipeline.set_progress_bar_config(disable=True)
         quick = evaluate_world(pipeline, config)
         save_weights(out / f"shapes-{step}.safetensors", ema_text, ema_unet, vae, {"seed": config.seed, "step": step})
         log(f"checkpoint at step {step}: checker on renders {quick}")
 
-    ema_text, ema_unet, unet_record = train_unet(text_encoder, unet, tokenizer, latents, scene_list, config, log,
-                                                 checkpoint)
+    (ema_text,), ema_unet, unet_record = train_unet([text_encoder], unet, [tokenizer], latents, scene_list, config,
+                                                    log, checkpoint)
     pipeline = assemble(tokenizer, ema_text, ema_unet, vae)
     pipeline.set_progress_bar_config(disable=True)
     log("evaluating")
@@ -308,4 +337,64 @@ def train_world(out: Path, config: WorldConfig, threads: int | None = None, log=
     save_weights(out / "shapes.safetensors", ema_text, ema_unet, vae, {"seed": config.seed})
     (out / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log(f"wrote {out / 'shapes.safetensors'} and {out / 'training.json'} in {record['wall_seconds']:.0f} s")
+    return record
+
+
+def train_sdxl_world(out: Path, config: WorldConfig, threads: int | None = None, log=print) -> dict:
+    """The world in the SDXL layout (``builtin:shapes-sdxl``): its two text encoders and UNet
+    trained as the SD 1.x layout's are, on the latents of the world's own VAE (shipped in
+    shapes.safetensors, not retrained), with SDXL's conditioning (:func:`sdxl_conditioning`)."""
+    import copy
+
+    import torch
+
+    from .model import (
+        assemble_sdxl,
+        build_sdxl_components,
+        build_shapes_pipeline,
+        save_sdxl_weights,
+        shapes_tokenizer,
+    )
+
+    if threads:
+        torch.set_num_threads(threads)
+    began = time.time()
+    torch.manual_seed(config.seed)
+    vae = build_shapes_pipeline().vae
+    tokenizer = shapes_tokenizer()
+    text_encoder, text_encoder_2, unet = build_sdxl_components(tokenizer)
+    tokenizers = assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae).tokenizer_2
+    tokenizers = [tokenizer, tokenizers]
+    log(f"rendering {config.scenes} scenes")
+    scene_list = scenes(config.seed, config.scenes)
+    latents = encode_latents(vae, _images(scene_list)) * vae.config.scaling_factor
+    out.mkdir(parents=True, exist_ok=True)
+
+    def checkpoint(ema_texts, ema_unet, step):
+        pipeline = assemble_sdxl(tokenizer, *copy.deepcopy(ema_texts), copy.deepcopy(ema_unet), vae)
+        pipeline.set_progress_bar_config(disable=True)
+        quick = evaluate_world(pipeline, config)
+        save_sdxl_weights(out / f"shapes-sdxl-{step}.safetensors", *ema_texts, ema_unet, {"seed": config.seed,
+                                                                                           "step": step})
+        log(f"checkpoint at step {step}: checker on renders {quick}")
+
+    ema_texts, ema_unet, unet_record = train_unet([text_encoder, text_encoder_2], unet, tokenizers, latents,
+                                                  scene_list, config, log, checkpoint, sdxl_conditioning)
+    pipeline = assemble_sdxl(tokenizer, *ema_texts, ema_unet, vae)
+    pipeline.set_progress_bar_config(disable=True)
+    log("evaluating")
+    evaluation = evaluate_world(pipeline, config)
+    log(f"checker on renders: {evaluation}")
+    record = {
+        "layout": "sdxl",
+        "config": asdict(config),
+        "unet": unet_record,
+        "evaluation": evaluation,
+        "wall_seconds": round(time.time() - began, 1),
+        "machine": {"cpu": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
+                    "torch": torch.__version__, "python": platform.python_version()},
+    }
+    save_sdxl_weights(out / "shapes-sdxl.safetensors", *ema_texts, ema_unet, {"seed": config.seed})
+    (out / "training-sdxl.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    log(f"wrote {out / 'shapes-sdxl.safetensors'} and {out / 'training-sdxl.json'} in {record['wall_seconds']:.0f} s")
     return record
