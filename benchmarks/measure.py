@@ -160,6 +160,7 @@ def peak_memory(result: dict, device: str):
         yield result
         torch.cuda.synchronize()
         result["peak"] = int(torch.cuda.max_memory_allocated() - before)
+        result["total_peak"] = int(torch.cuda.max_memory_allocated())  # the weights included
         result["method"] = "torch.cuda.max_memory_allocated"
         return
     from torch.profiler import ProfilerActivity, profile
@@ -187,6 +188,15 @@ def text_transformer_stack(text_encoder):
     """The text encoder's transformer (the stack of layers) whose calls figure 2 counts."""
     transformer = getattr(text_encoder, "text_model", text_encoder)
     return transformer.encoder
+
+
+def text_modules(pipeline) -> dict:
+    """The text encoders' transformer stacks, labelled for FLOP counts (SDXL: both)."""
+    second = getattr(pipeline, "text_encoder_2", None)
+    modules = {"text encoder": text_transformer_stack(pipeline.text_encoder)}
+    if second is not None:
+        modules["text encoder 2"] = text_transformer_stack(second)
+    return modules
 
 
 @contextmanager

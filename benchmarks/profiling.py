@@ -53,6 +53,13 @@ def _retained_by_text_forward(fn, device: str) -> int:
     return int(record.get("retained", record.get("peak", 0)))
 
 
+def _caption_ids(trainer) -> list:
+    """The first template's caption, tokenized by each of the trainer's tokenizers."""
+    caption = [trainer.config.templates[0].format(trainer.token)]
+    return [tokenizer(caption, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids for tokenizer in trainer.tokenizers]
+
+
 def text_checkpoint_experiment(trainer, device: str, counts=(0, 8, 12)) -> dict:
     """The NeTI text-encoder forward and backward alone (16 rows, one caption, t = 500) with the
     first N transformer layers checkpointed: bytes kept for the backward, CPU seconds, and
@@ -63,9 +70,7 @@ def text_checkpoint_experiment(trainer, device: str, counts=(0, 8, 12)) -> dict:
     import torch
 
     layers = text_transformer_stack(trainer.text_encoder).layers
-    captions = [trainer.config.templates[0].format(trainer.token)]
-    ids = trainer.tokenizer(captions, padding="max_length", max_length=trainer.tokenizer.model_max_length,
-                            truncation=True, return_tensors="pt").input_ids
+    ids = _caption_ids(trainer)
     t = torch.tensor([500])
     mapper = trainer.unwrapped_mapper
     results, reference = {}, None
@@ -78,7 +83,7 @@ def text_checkpoint_experiment(trainer, device: str, counts=(0, 8, 12)) -> dict:
             del kept
             weights = torch.Generator().manual_seed(1)
             started = time.process_time()
-            cond = trainer.conditioning(ids, t, torch.Generator().manual_seed(0))
+            cond, _ = trainer.conditioning(ids, t, torch.Generator().manual_seed(0))
             loss = (cond.keys.float() * torch.randn(cond.keys.shape, generator=weights).to(cond.keys.device)).sum()
             loss = loss + (cond.values.float() * torch.randn(cond.values.shape, generator=weights)
                            .to(cond.values.device)).sum()
@@ -116,16 +121,14 @@ def profile_model(base, args, dtype, resolution, stock, training, bench, log) ->
             _table(fn, device, folder / f"train-{side}.txt", f"training step, {side}, {resolution}px, {dtype}")
             train[f"{side}_forward_seconds"] = _module_times(fn, modules, device)
 
-        captions = [trainer.config.templates[0].format(trainer.token)]
-        ids = trainer.tokenizer(captions, padding="max_length", max_length=trainer.tokenizer.model_max_length,
-                                truncation=True, return_tensors="pt").input_ids
+        ids = _caption_ids(trainer)
         t = torch.tensor([500])
         ti = steps["ti_object"] if "ti_object" in steps else None
         train["neti_text_forward_retained_bytes"] = _retained_by_text_forward(
             lambda: trainer.conditioning(ids, t, trainer.generator), device)
         if ti is not None:
             train["ti_text_forward_retained_bytes"] = _retained_by_text_forward(
-                lambda: ti.encode(ids.to(trainer.accelerator.device)), device)
+                lambda: ti.encode([row.to(trainer.accelerator.device) for row in ids]), device)
 
         log("profile: text-encoder layer checkpointing (text forward and backward alone)")
         train["text_layer_checkpointing"] = text_checkpoint_experiment(trainer, device)

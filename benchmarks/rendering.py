@@ -1,16 +1,17 @@
 """Figure 4: rendering through ``stc gen``'s path against plain diffusers on the same pipeline.
 
 stc: :class:`stc.render.generation.Renderer` with a random concept of the model's text width
-(as in ``tests/helpers.py``), ``render_requests``. Baseline: ``StableDiffusionPipeline.__call__``
-on the same components with diffusers' stock attention processors. Same scheduler (DPM-Solver
-multistep), steps, size and CFG 7.5; both decode to PIL images.
+(as in ``tests/helpers.py``), ``render_requests``. Baseline: the pipeline's own ``__call__``
+(``StableDiffusionPipeline``; ``StableDiffusionXLPipeline`` for SDXL) on the same components with
+diffusers' stock attention processors. Same scheduler (DPM-Solver multistep), steps, size and CFG
+7.5; both decode to PIL images.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .measure import FlopCount, ModuleTimer, Samples, alternate, instrumented, text_transformer_stack
+from .measure import FlopCount, ModuleTimer, Samples, alternate, instrumented, text_modules
 
 CONCEPT = "bench"
 STC_PROMPT = f"<{CONCEPT}> on the moon"
@@ -23,13 +24,17 @@ def random_concept(base, seed: int = 0):
     import torch
 
     from stc.method.mapper import MapperConfig, NeTIMapper
-    from stc.method.spacetime import cross_attention_layer_names
+    from stc.method.spacetime import cross_attention_layer_names, text_encoders, tokenizers
     from stc.store.concept import Concept
 
     pipe = base.pipeline
-    embedding = pipe.text_encoder.get_input_embeddings().weight
-    initializer_id = pipe.tokenizer.encode("cat", add_special_tokens=False)[0]
-    config = MapperConfig(text_width=base.text_width, norm_scale=float(embedding[initializer_id].float().norm()))
+    norms = [float(encoder.module.get_input_embeddings().weight[tokenizer.encode("cat", add_special_tokens=False)[0]]
+                   .float().norm()) for encoder, tokenizer in zip(text_encoders(pipe), tokenizers(pipe))]
+    widths = base.encoder_widths
+    several = len(widths) > 1
+    config = MapperConfig(text_width=base.text_width, norm_scale=norms[0],
+                          num_layers=len(cross_attention_layer_names(pipe.unet)),
+                          encoder_widths=widths if several else None, norm_scales=norms if several else None)
     mapper = NeTIMapper(config, generator=torch.Generator().manual_seed(seed)).eval().requires_grad_(False)
     concept = Concept(
         name=CONCEPT, base_model=base.spec, initializer="cat", text_width=base.text_width,
@@ -99,8 +104,8 @@ class RenderBench:
 
     def measure(self, batch: int, repeats: int, device: str, log) -> RenderResults:
         pipe = self.base.pipeline
-        modules = {"unet": pipe.unet, "text encoder": text_transformer_stack(pipe.text_encoder),
-                   "vae decoder": pipe.vae.decoder, "mapper": self.renderer.text.slots[CONCEPT].mapper}
+        modules = {"unet": pipe.unet, **text_modules(pipe), "vae decoder": pipe.vae.decoder,
+                   "mapper": self.renderer.text.slots[CONCEPT].mapper}
         stc, baseline = self.stc(batch), self.baseline(batch)
         log(f"render batch {batch}, {self.steps} steps at {self.resolution}px: warm-up (FLOPs, calls)")
         with instrumented(device, pipe.text_encoder, modules) as stc_record:

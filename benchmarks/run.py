@@ -13,18 +13,20 @@ import time
 from pathlib import Path
 
 from . import report
-from .models import SD15, default_cache, model_spec
+from .models import SD15, SDXL, default_cache, model_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "latest.json"
 QUICK_JSON = ROOT / "benchmarks" / "results" / "quick.json"
 MARKDOWN = ROOT / "BENCHMARKS.md"
-GROUPS = ("train", "render", "size", "cli", "errors")
+GROUPS = ("train", "render", "reference", "size", "cli", "errors")
 
 GOALS = {
     "train_step": {"kind": "ratio_max", "value": 1.30},
     "text_encoder_calls": {"kind": "value_eq", "value": 1},
     "train_peak_memory": {"kind": "ratio_max", "value": 1.15},
+    "train_vs_reference": {"kind": "ratio_max", "value": 0.5},
+    "train_memory_vs_reference": {"kind": "ratio_max", "value": 0.5},
     "render_bs1": {"kind": "ratio_max", "value": 1.15},
     "render_bs4": {"kind": "ratio_max", "value": 1.05},
     "render_bs1_denoise": {"kind": "ratio_max", "value": 1.15},
@@ -41,8 +43,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="stc side by side with its baselines (textual inversion, plain diffusers, the reference "
         "NeTI checkpoint, bare Python), in one run, as ratios.",
     )
-    parser.add_argument("--model", default=SD15, help="sd15 (SD 1.5's architecture, random weights, built "
-                        "once and cached), builtin:tiny, or any model spec stc accepts (default: sd15)")
+    parser.add_argument("--model", default=None, help="sd15 or sdxl (SD 1.5's or SDXL base's architecture, "
+                        "random weights, built once and cached), builtin:tiny, builtin:tiny-sdxl, or any model spec "
+                        "stc accepts (default: sd15)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu")
     parser.add_argument("--dtype", default=None, help="fp32, fp16, bf16, or several comma-separated "
@@ -57,7 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--concepts", type=int, default=None, help="concepts in the scratch registry for "
                         "stc ls (default 1000)")
     parser.add_argument("--only", default=None, help=f"comma-separated groups to run: {', '.join(GROUPS)} "
-                        "(default: all)")
+                        "(default: all; reference only on CUDA: stc's step at its defaults against the reference "
+                        "design as it runs, fp32, bmm attention, one text-encoder call per layer)")
     parser.add_argument("--no-bs4", action="store_true", help="skip the batch-4 render")
     parser.add_argument("--no-decode", action="store_true", help="renders stop at the latents on both sides "
                         "(stc: Renderer.latents, the same path as render_requests without the VAE decode; "
@@ -65,8 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "512 px on a CPU, costs more than a denoising step")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (sets STC_THREADS; "
                         "default: what stc chooses)")
-    parser.add_argument("--quick", action="store_true", help="builtin:tiny at 64 px, 2 steps, 1 repeat, "
-                        "100 concepts: checks that the benchmark works (what CI runs); ratios mean nothing")
+    parser.add_argument("--quick", action="store_true", help="builtin:tiny (or --model builtin:tiny-sdxl) at "
+                        "64 px, 2 steps, 1 repeat, 100 concepts: checks that the benchmark works (what CI runs); "
+                        "ratios mean nothing")
     parser.add_argument("--json", type=Path, default=None, help=f"JSON output (default "
                         f"{DEFAULT_JSON.relative_to(ROOT)}; --quick: {QUICK_JSON.relative_to(ROOT)})")
     parser.add_argument("--write-md", action="store_true", help=f"rewrite the generated part of "
@@ -80,11 +85,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "and one stc/diffusers render (batch 1) with torch.profiler; tables go to this folder")
     args = parser.parse_args(argv)
     if args.quick:
-        args.model = "builtin:tiny"
+        if args.model is not None and not args.model.startswith("builtin:tiny"):
+            parser.error("--quick runs a builtin random-weight model: builtin:tiny (the default) or builtin:tiny-sdxl")
+        args.model = args.model or "builtin:tiny"
         args.steps = args.steps or 2
         args.repeats = args.repeats if args.repeats is not None else 1
         args.cli_repeats = args.cli_repeats if args.cli_repeats is not None else 1
         args.concepts = args.concepts or 100
+    args.model = args.model or SD15
     if args.device is None:
         import torch
 
@@ -100,7 +108,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.repeats = args.repeats if args.repeats is not None else 3
     args.cli_repeats = args.cli_repeats if args.cli_repeats is not None else 7
     args.concepts = args.concepts or 1000
-    args.groups = set(GROUPS) if not args.only else {g.strip() for g in args.only.split(",")}
+    # the reference-design comparison loads the model twice more: by default on CUDA only
+    default_groups = set(GROUPS) - (set() if on_gpu else {"reference"})
+    args.groups = default_groups if not args.only else {g.strip() for g in args.only.split(",")}
     unknown = args.groups - set(GROUPS)
     if unknown:
         parser.error(f"--only: unknown group(s) {', '.join(sorted(unknown))}; choose from {', '.join(GROUPS)}")
@@ -170,6 +180,7 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
     log(f"loaded {args.model} ({dtype}) in {time.monotonic() - started:.1f} s; torch threads {threads}; "
         f"load average {report.load_average()}")
     stock = dict(base.pipeline.unet.attn_processors)
+    sdxl = getattr(base.pipeline, "text_encoder_2", None) is not None
     figures: list[dict] = []
     info = {"threads": threads, "resolution": resolution}
 
@@ -178,6 +189,7 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
         from .training import run_training
 
         t = training = run_training(base, args.device, dtype, resolution, args.repeats, log, stock_processors=stock)
+        layers = t.reference_calls
         flop_ratio = t.stc_flops.total / t.ti_flops.total if t.ti_flops.total else None
         details = {
             "stc_flops": t.stc_flops.to_dict(), "baseline_flops": t.ti_flops.to_dict(),
@@ -187,8 +199,9 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
         figures.append(report.figure(
             "train_step", 1, f"training step (fwd+bwd+AdamW), batch 1, {resolution} px", "s", t.stc_time,
             t.ti_time, GOALS["train_step"], dtype=dtype, flop_ratio=flop_ratio, details=details,
-            stc_label="NeTI: stc Trainer.train_step() (mapper, 16-row text batch, UNet, AdamW on the mapper)",
-            baseline_label="textual inversion: one vector, stock text encoder and attention, AdamW on the vector",
+            stc_label=f"NeTI: stc Trainer.train_step() (mapper, {layers}-row text batch, UNet, AdamW on the mapper)",
+            baseline_label=f"textual inversion: one vector{' per text encoder' if sdxl else ''}, stock text "
+            "encoder forward and attention, AdamW on the vector",
         ))
         figures.append(report.figure(
             "text_encoder_calls", 2, "text-encoder calls per training step", "calls", t.stc_calls,
@@ -221,8 +234,8 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
                 flop_ratio=flop_ratio,
                 stc_label="stc gen path: Renderer." + ("latents" if args.no_decode else "render_requests")
                 + " with a random concept of the model's text width",
-                baseline_label="diffusers StableDiffusionPipeline.__call__" + (" (output_type='latent')"
-                                                                              if args.no_decode else "")
+                baseline_label=f"diffusers {type(base.pipeline).__name__}.__call__" + (
+                    " (output_type='latent')" if args.no_decode else "")
                 + ", same components and DPM scheduler",
                 details={"stc_flops": r.stc_flops.to_dict(), "baseline_flops": r.base_flops.to_dict(),
                          "stc_text_encoder_calls": r.stc_calls, "baseline_text_encoder_calls": r.base_calls},
@@ -253,6 +266,38 @@ def model_figures(args, spec: str, dtype: str) -> tuple[list[dict], dict]:
     if args.device.startswith("cuda"):
         torch.cuda.empty_cache()
     return figures, info
+
+
+def reference_figures(args, spec: str) -> list[dict]:
+    """Figure 8: stc's training step at its defaults for the device (the first --dtype) against the
+    reference design as the reference implementation runs (fp32, bmm attention, a text-encoder call
+    per layer): time and peak memory, the weights included."""
+    from stc.models.base import load_base_model
+
+    from .training import run_reference
+
+    probe = load_base_model(spec, device="cpu")  # the size only
+    resolution = args.resolution or probe.default_resolution
+    del probe
+    dtype = args.dtypes[0]
+    r = run_reference(spec, args.device, dtype, resolution, args.repeats, log)
+    memory_key = "total_peak" if "total_peak" in r.stc_memory else "peak"
+    what = "weights included" if memory_key == "total_peak" else "above the level before it"
+    return [
+        report.figure(
+            "train_vs_reference", 8, f"training step, batch 1, {resolution} px, stc at {dtype} vs the reference "
+            "design at fp32", "s", r.stc_time, r.reference_time, GOALS["train_vs_reference"], dtype=dtype,
+            stc_label=f"stc Trainer.train_step() at its defaults here ({dtype}, SDPA, one batched text call)",
+            baseline_label=f"reference design: fp32, bmm attention, {r.reference_calls} text-encoder calls per step",
+            details={"stc_text_encoder_calls": r.stc_calls, "reference_text_encoder_calls": r.reference_calls},
+        ),
+        report.figure(
+            "train_memory_vs_reference", 8, f"peak memory of that training step ({what})", "bytes",
+            r.stc_memory[memory_key], r.reference_memory[memory_key], GOALS["train_memory_vs_reference"],
+            dtype=dtype, stc_label=f"stc step ({dtype})", baseline_label="reference design step (fp32)",
+            details={"method": r.stc_memory.get("method")},
+        ),
+    ]
 
 
 # --------------------------------------------------------------------------- main
@@ -290,14 +335,16 @@ def main(argv: list[str] | None = None) -> int:
         figures += command_figures(args, args.groups)
     model_info = {}
     model_note = "builtin, random weights" if args.model.startswith("builtin:") else "as given"
-    if args.groups & {"train", "render"}:
+    if args.groups & {"train", "render", "reference"}:
         import torch
 
         torch.manual_seed(0)
         spec = model_spec(args.model, args.cache, log=log)
         if args.model == SD15:
             model_note = "SD 1.5 architecture, random weights, built from its configuration"
-        for dtype in args.dtypes:
+        elif args.model == SDXL:
+            model_note = "SDXL base 1.0 architecture, random weights, built from stc's shipped configuration"
+        for dtype in args.dtypes if args.groups & {"train", "render"} else []:
             try:
                 more, model_info = model_figures(args, spec, dtype)
             except Exception as exc:  # keep what was measured (a later dtype or the files still come)
@@ -307,6 +354,14 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"{args.model} {dtype}: {type(exc).__name__}: {exc}")
                 continue
             figures += more
+        if "reference" in args.groups:
+            try:
+                figures += reference_figures(args, spec)
+            except Exception as exc:  # keep what was measured
+                import traceback
+
+                traceback.print_exc()
+                errors.append(f"{args.model} reference: {type(exc).__name__}: {exc}")
 
     meta = {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -50,3 +50,58 @@ def test_quick_benchmark_reports_every_figure(tmp_path):
     assert "goals met" in done.stdout
     text = markdown.read_text()
     assert "python -m benchmarks --quick" in text and "How to read it" in text and "| # | figure |" in text
+
+
+def test_quick_benchmark_runs_the_sdxl_layout(tmp_path):
+    """The sdxl architecture's code path at tiny scale: both text encoders on both sides, the
+    reference design's one call per layer (11 for SDXL)."""
+    out = tmp_path / "quick-sdxl.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks", "--quick", "--model", "builtin:tiny-sdxl", "--only", "train,render",
+         "--no-bs4", "--json", str(out)],
+        cwd=ROOT, env={**os.environ, "STC_BENCH_CACHE": str(tmp_path / "cache")}, capture_output=True, text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    figures = {f["id"]: f for f in json.loads(out.read_text())["figures"]}
+    assert set(figures) == {"train_step", "text_encoder_calls", "train_peak_memory", "render_bs1",
+                            "render_bs1_denoise"}
+    calls = figures["text_encoder_calls"]
+    assert calls["stc"]["value"] == 1 and calls["baseline"]["value"] == 11
+    assert {"text encoder", "text encoder 2"} <= set(figures["train_step"]["details"]["stc_flops"]["by_module"])
+    assert "StableDiffusionXLPipeline" in figures["render_bs1"]["baseline_label"]
+
+
+def test_the_reference_designs_bmm_attention_is_attention():
+    """The reference side's bmm attention computes what SDPA computes (so the ratio against it
+    measures kernels, not other math), with and without a scale and a mask, queries ≠ keys."""
+    import torch
+
+    from benchmarks.training import bmm_attention
+
+    generator = torch.Generator().manual_seed(0)
+    for queries, keys, scale in ((7, 7, None), (16, 77, None), (5, 9, 0.3)):
+        q = torch.randn(2, 3, queries, 8, generator=generator)
+        k, v = (torch.randn(2, 3, keys, 8, generator=generator) for _ in range(2))
+        mask = torch.randn(2, 3, queries, keys, generator=generator)
+        for attn_mask in (None, mask):
+            expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
+            # two kernels summing in other orders: float32 rounding, ~1e-7 of values of order 1
+            torch.testing.assert_close(bmm_attention(q, k, v, attn_mask=attn_mask, scale=scale), expected,
+                                       rtol=1e-5, atol=1e-5)
+
+
+def test_the_gpu_runs_precision_part_rehearses_on_the_cpu(tmp_path):
+    """``python -m benchmarks.gpu --quick --device cpu``: the precision part trains the same
+    batches in fp32 and bf16 and records every loss, finite, with bf16's distance from fp32."""
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmarks.gpu", "--quick", "--device", "cpu", "--only", "precision",
+         "--out", str(tmp_path)],
+        cwd=ROOT, env={**os.environ, "STC_HOME": str(tmp_path / "home")}, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((tmp_path / "gpu-run.json").read_text())
+    part = record["parts"]["precision"]
+    assert set(part["losses"]) == {"fp32", "bf16"} and all(len(v) == 4 for v in part["losses"].values())
+    assert part["finite"] == {"fp32": True, "bf16": True}
+    assert 0 < part["relative_to_fp32"]["bf16"] < 0.05  # bf16 rounds (≠ 0), yet trains the same batches
