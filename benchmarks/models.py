@@ -39,11 +39,11 @@ def build_sdxl_pipeline():
     """A ``StableDiffusionXLPipeline`` with SDXL base 1.0's architecture (stc's shipped configs) and
     seeded random weights (fp32, CPU)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from stc.models.families import SDXL as FAMILY
-    from stc.models.tiny import build_tiny_tokenizer
+    from stc.models.tiny import build_tiny_tokenizer, sdxl_pipeline
 
     folder = FAMILY.config_dir
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")
@@ -54,13 +54,7 @@ def build_sdxl_pipeline():
         unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder, subfolder="unet"))
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder, subfolder="vae"))
     scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(folder, subfolder="scheduler"))
-    for module in (text_encoder, text_encoder_2, unet, vae):
-        module.eval().requires_grad_(False)
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler)
 
 
 def build_sd15_pipeline():

@@ -56,7 +56,7 @@ STITCHED = (
                               "TextEncoder", "tokenizers", "text_encoders", "Encoding", "_text_transformer",
                               "_causal_mask", "spacetime_rows", "encode_context", "_same_rows", "_encode_one",
                               "_penultimate", "_pooled", "encode_layers")),
-    ("stc.method.conditioning", ("SCHEDULE_CHUNK", "Conditioning", "pooled_over_layers")),
+    ("stc.method.conditioning", ("SCHEDULE_CHUNK", "Conditioning", "pooled_over_layers", "encode_schedule")),
     ("stc.render.generation", ("_stack_step", "_with_uncond")),
     ("stc.render.prompts", ("check_rank",)),
     ("stc.method.placeholders", ("placeholder_tokens", "add_placeholder_tokens")),

@@ -7,8 +7,8 @@ attention and key/value assembly code, copied at export time from ``stc/method/m
 ``stc/method/spacetime.py``, ``stc/method/conditioning.py`` and ``stc/render/generation.py``, followed by the part
 of this file below the ``glue`` line, which uses their names (``NeTIMapper``,
 ``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
-``cross_attention_layer_names``, ``install_processors``, ``encode_layers``, ``_stack_step``,
-``_with_uncond``, ``SCHEDULE_CHUNK``, ``check_rank``, ``placeholder_tokens``,
+``cross_attention_layer_names``, ``install_processors``, ``encode_schedule``, ``_stack_step``,
+``_with_uncond``, ``check_rank``, ``placeholder_tokens``,
 ``add_placeholder_tokens``) and the constants the export writes (``EXPORT_FORMAT``,
 ``ModelError``, ``BadInput``). The imports above that line are the glue's own; the export adds those the
 copied code needs.
@@ -187,15 +187,12 @@ class SpaceTimeHooks:
 
     def _schedule(self, input_ids, hidden):
         """Each prompt's Conditioning for the whole schedule, as stc's TextConditioner.schedule
-        computes it: keys and values for every (step, layer) in chunks of SCHEDULE_CHUNK rows,
-        repeated timesteps encoded once. Prompts without a loaded concept read the
+        computes it (encode_schedule). Prompts without a loaded concept read the
         pipeline's own encoding (filled in per step). None: no prompt names a concept."""
         if any(ids is None for ids in input_ids):
             return None  # prompt embeddings passed in for some encoder: nothing to re-encode
         first = input_ids[0]
         timesteps = self.pipe.scheduler.timesteps.to(first.device)
-        unique, inverse = torch.unique(timesteps, return_inverse=True)
-        repeated = unique.shape[0] < timesteps.shape[0]
         conditionings, computed = [], {}
         for index, ids in enumerate(first):
             slots = {
@@ -209,15 +206,7 @@ class SpaceTimeHooks:
             prompt_ids = [encoder_ids[index].unsqueeze(0) for encoder_ids in input_ids]
             key = tuple(tuple(row.flatten().tolist()) for row in prompt_ids)
             if key not in computed:
-                with torch.no_grad():
-                    encoding = encode_layers(
-                        self.encoders, prompt_ids, unique if repeated else timesteps, self.num_layers, slots,
-                        chunk_size=SCHEDULE_CHUNK,
-                    )
-                keys, values, pooled = encoding.keys, encoding.values, pooled_over_layers(encoding.pooled)
-                if repeated:
-                    keys, values = keys[inverse], values[inverse]
-                    pooled = pooled[inverse] if pooled is not None else None
+                keys, values, pooled = encode_schedule(self.encoders, prompt_ids, timesteps, self.num_layers, slots)
                 ranks = {str(token_id): slot.rank for token_id, slot in slots.items()}
                 computed[key] = Conditioning(ranks=ranks, negative=None, positive=None, keys=keys, values=values,
                                              pooled=pooled)

@@ -167,7 +167,7 @@ TINY_SDXL_RESOLUTION = 64
 def build_tiny_sdxl_pipeline():
     """A ``StableDiffusionXLPipeline`` with random weights and the SDXL layout (fp32, CPU)."""
     import torch
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     from .families import SDXL
@@ -202,6 +202,14 @@ def build_tiny_sdxl_pipeline():
             latent_channels=4, norm_num_groups=8, sample_size=TINY_SDXL_RESOLUTION, scaling_factor=0.13025,
         )
     scheduler = EulerDiscreteScheduler.from_config(EulerDiscreteScheduler.load_config(SDXL.config_dir / "scheduler"))
+    return sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler)
+
+
+def sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler):
+    """A frozen ``StableDiffusionXLPipeline`` of these components with SDXL base's settings: an
+    empty negative prompt is zeros (``force_zeros_for_empty_prompt``), no watermark."""
+    from diffusers import StableDiffusionXLPipeline
+
     for module in (text_encoder, text_encoder_2, unet, vae):
         module.eval().requires_grad_(False)
     return StableDiffusionXLPipeline(

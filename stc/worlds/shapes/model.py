@@ -155,18 +155,10 @@ def build_sdxl_components(tokenizer):
 
 
 def assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae):
-    from diffusers import StableDiffusionXLPipeline
+    from ...models.tiny import WORDS, build_tiny_tokenizer, sdxl_pipeline
 
-    from ...models.tiny import WORDS, build_tiny_tokenizer
-
-    for module in (text_encoder, text_encoder_2, unet, vae):
-        module.eval().requires_grad_(False)
     tokenizer_2 = build_tiny_tokenizer(pad_token="!", words=tuple(WORDS) + WORLD_WORDS)
-    return StableDiffusionXLPipeline(
-        vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
-        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler(), force_zeros_for_empty_prompt=True,
-        add_watermarker=False,
-    )
+    return sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler())
 
 
 def save_sdxl_weights(path: Path, text_encoder, text_encoder_2, unet, metadata: dict) -> None:
