@@ -123,21 +123,15 @@ def test_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
 # ---------------------------------------------------------------- the shipped world
 
 
-@pytest.fixture(scope="module")
-def world():
+@pytest.mark.parametrize("spec", ["builtin:shapes", "builtin:shapes-sdxl"])
+def test_the_shipped_world_draws_what_a_plain_prompt_asks_for(spec):
+    """A cheap check that the weights were trained, in both layouts: the checker reads the
+    prompted background and shape colour back from the renders (random weights: about 1 in 6
+    by chance)."""
     from stc.models.base import load_base_model
-
-    return load_base_model("builtin:shapes", device="cpu")
-
-
-def test_the_shipped_world_draws_what_a_plain_prompt_asks_for(world):
-    """A cheap check that the weights were trained: the checker reads the prompted background
-    and shape colour back from the renders (random weights: about 1 in 6 by chance)."""
-    import copy
-
     from stc.render.generation import Renderer, RenderSettings
 
-    renderer = Renderer(copy.deepcopy(world), {})
+    renderer = Renderer(load_base_model(spec, device="cpu"), {})
     settings = RenderSettings(steps=20, cfg=5.0, batch_size=4)
     asks = [("red", "square", "blue"), ("white", "circle", "purple"), ("green", "triangle", "yellow")]
     hits = {"background": 0, "colour": 0}
@@ -166,9 +160,15 @@ def held_out_loss(world, mapper_state):
     return trainer.evaluate()
 
 
-def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(world):
+@pytest.mark.parametrize("spec", ["builtin:shapes", "builtin:shapes-sdxl"])
+def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(spec):
+    """60 steps on examples/wedge (a shape the world never saw) lower the denoising loss on 5
+    unseen photos of it by more than 15 %, in both layouts (SDXL: both text encoders, pooled
+    embedding, size ids). Random-weight models cannot show this: there a trained concept moves the
+    loss by 0.2 %, inside the spread between untrained seeds."""
     from pathlib import Path
 
+    from stc.models.base import load_base_model
     from stc.store.conceptio import load_mapper
     from stc.store.registry import Registry
     from stc.train.config import TrainConfig
@@ -176,9 +176,11 @@ def test_a_short_concept_training_on_the_world_lowers_the_held_out_loss_clearly(
 
     photos = Path(__file__).parent.parent / "examples" / "wedge"
     config = TrainConfig(steps=60, initializer="triangle", save_every=0, preview_steps=2, seed=0)
-    train_concept(photos, "wedge", "builtin:shapes", config, device="cpu")
+    train_concept(photos, "wedge", spec, config, device="cpu")
     concept = Registry().load("wedge")
+    assert len(concept.encoder_widths) == (2 if spec.endswith("sdxl") else 1)
     trained = load_mapper(concept).state_dict()
+    world = load_base_model(spec, device="cpu")
     before = held_out_loss(world, None)  # the same seed draws the same initial mapper
     after = held_out_loss(world, trained)
     assert after < 0.85 * before, (before, after)
