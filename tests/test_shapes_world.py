@@ -120,6 +120,24 @@ def test_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
     assert set(records[0]) >= {"config", "vae", "unet", "evaluation", "wall_seconds", "machine"}
 
 
+def test_sdxl_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
+    """``python -m stc.worlds.shapes train --sdxl`` in miniature: the same seed gives the same
+    weights, which load as builtin:shapes-sdxl does (on the shipped world's VAE)."""
+    from stc.method.spacetime import cross_attention_layers, uses_pooled_embedding
+    from stc.worlds.shapes.model import build_shapes_sdxl_pipeline
+    from stc.worlds.shapes.train import WorldConfig, train_sdxl_world
+
+    config = WorldConfig(scenes=64, unet_steps=2, unet_batch=4, warmup=1, eval_steps=1, checkpoint_every=0)
+    records = [train_sdxl_world(tmp_path / run, config, log=lambda m: None) for run in ("a", "b")]
+    a, b = (build_shapes_sdxl_pipeline(tmp_path / run / "shapes-sdxl.safetensors") for run in ("a", "b"))
+    for module in ("unet", "text_encoder", "text_encoder_2"):
+        sa, sb = getattr(a, module).state_dict(), getattr(b, module).state_dict()
+        assert all(torch.equal(sa[k], sb[k]) for k in sa), module
+    assert records[0]["unet"]["final_loss"] == records[1]["unet"]["final_loss"]
+    assert records[0]["layout"] == "sdxl" and uses_pooled_embedding(a.unet)
+    assert len(cross_attention_layers(a.unet)) == 11  # SDXL's attention modules, as the real model's
+
+
 # ---------------------------------------------------------------- the shipped world
 
 

@@ -154,11 +154,17 @@ def build_sdxl_components(tokenizer):
     return text_encoder, text_encoder_2, unet
 
 
-def assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae):
-    from ...models.tiny import WORDS, build_tiny_tokenizer, sdxl_pipeline
+def shapes_tokenizer_2():
+    """The second encoder's tokenizer: the world's words, padded with "!" as SDXL's second is."""
+    from ...models.tiny import WORDS, build_tiny_tokenizer
 
-    tokenizer_2 = build_tiny_tokenizer(pad_token="!", words=tuple(WORDS) + WORLD_WORDS)
-    return sdxl_pipeline(tokenizer, tokenizer_2, text_encoder, text_encoder_2, unet, vae, scheduler())
+    return build_tiny_tokenizer(pad_token="!", words=tuple(WORDS) + WORLD_WORDS)
+
+
+def assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae):
+    from ...models.tiny import sdxl_pipeline
+
+    return sdxl_pipeline(tokenizer, shapes_tokenizer_2(), text_encoder, text_encoder_2, unet, vae, scheduler())
 
 
 def save_sdxl_weights(path: Path, text_encoder, text_encoder_2, unet, metadata: dict) -> None:

@@ -354,6 +354,7 @@ def train_sdxl_world(out: Path, config: WorldConfig, threads: int | None = None,
         build_shapes_pipeline,
         save_sdxl_weights,
         shapes_tokenizer,
+        shapes_tokenizer_2,
     )
 
     if threads:
@@ -363,8 +364,7 @@ def train_sdxl_world(out: Path, config: WorldConfig, threads: int | None = None,
     vae = build_shapes_pipeline().vae
     tokenizer = shapes_tokenizer()
     text_encoder, text_encoder_2, unet = build_sdxl_components(tokenizer)
-    tokenizers = assemble_sdxl(tokenizer, text_encoder, text_encoder_2, unet, vae).tokenizer_2
-    tokenizers = [tokenizer, tokenizers]
+    tokenizers = [tokenizer, shapes_tokenizer_2()]
     log(f"rendering {config.scenes} scenes")
     scene_list = scenes(config.seed, config.scenes)
     latents = encode_latents(vae, _images(scene_list)) * vae.config.scaling_factor
