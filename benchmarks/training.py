@@ -100,8 +100,7 @@ def reference_design_conditioning(trainer):
     encoder(s) per UNet layer (16 per step for SD 1.x) instead of stc's one batched call."""
     import torch
 
-    from stc.method.conditioning import pooled_over_layers
-    from stc.method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_context
+    from stc.method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_context, pooled_over_layers
 
     def conditioning(input_ids, timesteps, generator):
         device = trainer.accelerator.device

@@ -177,7 +177,7 @@ def test_each_encoder_reads_its_part_keys_without_and_values_with_the_bypass(sdx
 
 
 def test_the_pooled_embedding_of_a_step_is_the_mean_over_its_layers(sdxl):
-    from stc.method.conditioning import pooled_over_layers
+    from stc.method.spacetime import pooled_over_layers
 
     pipe = copy.deepcopy(sdxl.pipeline)
     token_ids = [[tok.convert_tokens_to_ids(tok.add_tokens(["<thing>"]) and "<thing>")] for tok in tokenizers(pipe)]

@@ -49,7 +49,6 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput, ModelError
-from ..method.conditioning import pooled_over_layers
 from ..method.mapper import MapperConfig
 from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
 from ..method.spacetime import (
@@ -59,6 +58,7 @@ from ..method.spacetime import (
     encode_context,
     encode_layers,
     install_processors,
+    pooled_over_layers,
     size_time_ids,
     text_encoders,
     tokenizers,

@@ -12,9 +12,6 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import BadInput
-from .spacetime import Encoding, encode_layers, text_encoders, tokenizers
-
-SCHEDULE_CHUNK = 256  # (step, layer) rows per text-encoder call
 
 
 @dataclass
@@ -46,34 +43,12 @@ class Conditioning:
             self.pooled[step_index] if self.pooled is not None else None)
 
 
-def pooled_over_layers(pooled):
-    """N x L x P pooled embeddings of each (t, l) -> the N x P one the UNet reads at each t: their
-    mean over layers (the UNet takes one pooled embedding per call; docs/method.md, "SDXL")."""
-    return pooled.mean(dim=1) if pooled is not None else None
-
-
-def encode_schedule(encoders, input_ids, timesteps, num_layers: int, slots: dict):
-    """One prompt's keys and values for every (step, layer) of ``timesteps``, in chunks of
-    SCHEDULE_CHUNK rows, each distinct timestep encoded once, and the pooled embedding of every
-    step (the mean over layers): K x L x S x D, K x L x S x D, and K x P or None."""
-    import torch
-
-    unique, inverse = torch.unique(timesteps, return_inverse=True)
-    repeated = unique.shape[0] < timesteps.shape[0]
-    with torch.no_grad():
-        encoding = encode_layers(encoders, input_ids, unique if repeated else timesteps, num_layers, slots,
-                                 chunk_size=SCHEDULE_CHUNK)
-    keys, values, pooled = encoding.keys, encoding.values, pooled_over_layers(encoding.pooled)
-    if repeated:
-        keys, values = keys[inverse], values[inverse]
-        pooled = pooled[inverse] if pooled is not None else None
-    return keys, values, pooled
-
-
 class TextConditioner:
     """Encodes prompts for a pipeline whose tokenizers know the concepts' placeholder tokens."""
 
     def __init__(self, pipeline, device: str, slots: dict, num_layers: int, tokens: dict | None = None):
+        from .spacetime import text_encoders, tokenizers
+
         self.pipeline, self.device, self.slots, self.num_layers = pipeline, device, slots, num_layers
         self.tokens = tokens or {}  # concept name -> its placeholder tokens (several for n-vector concepts)
         self.tokenizers, self.encoders = tokenizers(pipeline), text_encoders(pipeline)
@@ -92,6 +67,8 @@ class TextConditioner:
         encoder, read as diffusers' pipelines read it (SD 1.x/2.x: the last state; SDXL: both
         encoders' penultimate states side by side, and the second one's projected pooled token)."""
         import torch
+
+        from .spacetime import Encoding
 
         with torch.no_grad():
             ids = self.tokenize(text)
@@ -112,6 +89,8 @@ class TextConditioner:
         StableDiffusionXLPipeline gives when no negative prompt is passed."""
         import torch
 
+        from .spacetime import Encoding
+
         encoding = self.plain(text)
         if text or not self.pipeline.config.get("force_zeros_for_empty_prompt", False) or len(self.encoders) == 1:
             return encoding
@@ -122,6 +101,8 @@ class TextConditioner:
         """Keys and values of ``text`` (concept references without inline ranks) for every
         (step, layer) of ``timesteps``, and the pooled embedding of every step: K x L x S x D,
         K x L x S x D, and K x P or None."""
+        from .spacetime import encode_schedule
+
         input_ids = self.tokenize(text)
         slots = {}
         for name, rank in ranks.items():

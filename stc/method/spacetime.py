@@ -501,3 +501,28 @@ def size_time_ids(height: int, width: int, batch: int, device, dtype) -> torch.T
     stc trains with: uncropped photos at the training size)."""
     ids = torch.tensor([[height, width, 0, 0, height, width]], device=device, dtype=dtype)
     return ids.expand(batch, -1)
+
+
+SCHEDULE_CHUNK = 256  # (step, layer) rows per text-encoder call of a whole schedule
+
+
+def pooled_over_layers(pooled):
+    """N x L x P pooled embeddings of each (t, l) -> the N x P one the UNet reads at each t: their
+    mean over layers (the UNet takes one pooled embedding per call; docs/method.md, "SDXL")."""
+    return pooled.mean(dim=1) if pooled is not None else None
+
+
+def encode_schedule(encoders, input_ids, timesteps, num_layers: int, slots: dict):
+    """One prompt's keys and values for every (step, layer) of ``timesteps``, in chunks of
+    SCHEDULE_CHUNK rows, each distinct timestep encoded once, and the pooled embedding of every
+    step (the mean over layers): K x L x S x D, K x L x S x D, and K x P or None."""
+    unique, inverse = torch.unique(timesteps, return_inverse=True)
+    repeated = unique.shape[0] < timesteps.shape[0]
+    with torch.no_grad():
+        encoding = encode_layers(encoders, input_ids, unique if repeated else timesteps, num_layers, slots,
+                                 chunk_size=SCHEDULE_CHUNK)
+    keys, values, pooled = encoding.keys, encoding.values, pooled_over_layers(encoding.pooled)
+    if repeated:
+        keys, values = keys[inverse], values[inverse]
+        pooled = pooled[inverse] if pooled is not None else None
+    return keys, values, pooled

@@ -126,8 +126,7 @@ class Trainer:
         """Per-layer keys (no bypass) and values (bypass) of a batch, in one call of each text
         encoder (``input_ids``: one B x S tensor per tokenizer), and its pooled embeddings (B x P,
         the mean over layers; None for models without them)."""
-        from ..method.conditioning import pooled_over_layers
-        from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers
+        from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, pooled_over_layers
 
         device = self.accelerator.device
         slot = ConceptSlot.of(self.token_ids, self.mapper, config=self.unwrapped_mapper.config)
