@@ -224,8 +224,11 @@ def stress(args: dict) -> None:
         # Readers take no lock: another process may have renamed, removed or re-saved the entry
         # between reading concept.yaml and hashing the weights. The sha256 check stops such a
         # torn read from being used; it must be reported as that, and never happen otherwise.
+        # Saved again with the same weights (A, then B, then A again) leaves the sha256 as it was:
+        # the stamp of concept.yaml (a new file each save) tells that re-save apart.
         try:
-            changed = registry.load(name).weights_sha256 != loaded.weights_sha256
+            again = registry.load(name)
+            changed = (again.weights_sha256, again.source_stamp) != (loaded.weights_sha256, loaded.source_stamp)
         except ConceptNotFound:
             changed = True
         except StcError:
