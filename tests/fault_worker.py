@@ -191,6 +191,23 @@ def crash(args: dict) -> None:
 # --------------------------------------------------------------------------- stress mode
 
 
+def raced_a_write(registry, name: str, loaded: Concept, check) -> bool:
+    """Whether a failed check of ``loaded`` is a torn read, not damage. Readers take no lock:
+    another process may have renamed, removed or re-saved the entry between reading concept.yaml
+    and hashing the weights. The sha256 check stops such a read from being used; it must be
+    reported as that, and never happen otherwise. A re-save with the same weights (A, then B,
+    then A again) leaves the sha256 as it was: the stamp of concept.yaml (a new file each save)
+    tells it apart, as the registry's own check does."""
+    try:
+        again = registry.load(name)
+        changed = (again.weights_sha256, again.source_stamp) != (loaded.weights_sha256, loaded.source_stamp)
+    except ConceptNotFound:
+        changed = True
+    except StcError:
+        changed = False
+    return changed and "by another process while it was being read" in (check.problem or "")
+
+
 def stress(args: dict) -> None:
     load_spec(args["spec"])
     from stc.store.listing import listing
@@ -221,19 +238,7 @@ def stress(args: dict) -> None:
             if loaded.extra.get("fault_version") not in ("A", "B"):
                 violations.append(f"load {name}: unknown version {loaded.extra.get('fault_version')!r}")
             return
-        # Readers take no lock: another process may have renamed, removed or re-saved the entry
-        # between reading concept.yaml and hashing the weights. The sha256 check stops such a
-        # torn read from being used; it must be reported as that, and never happen otherwise.
-        # Saved again with the same weights (A, then B, then A again) leaves the sha256 as it was:
-        # the stamp of concept.yaml (a new file each save) tells that re-save apart.
-        try:
-            again = registry.load(name)
-            changed = (again.weights_sha256, again.source_stamp) != (loaded.weights_sha256, loaded.source_stamp)
-        except ConceptNotFound:
-            changed = True
-        except StcError:
-            changed = False
-        if changed and "by another process while it was being read" in (check.problem or ""):
+        if raced_a_write(registry, name, loaded, check):
             count("read_raced_a_write")
         else:
             violations.append(f"verify {name}: {check.problem}")
