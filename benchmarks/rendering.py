@@ -23,8 +23,9 @@ def random_concept(base, seed: int = 0):
     """A concept with a seeded random mapper for ``base``'s text width (nothing is trained)."""
     import torch
 
+    from stc.method.encoding import text_encoders, tokenizers
     from stc.method.mapper import MapperConfig, NeTIMapper
-    from stc.method.spacetime import cross_attention_layer_names, text_encoders, tokenizers
+    from stc.method.spacetime import cross_attention_layer_names
     from stc.store.concept import Concept
 
     pipe = base.pipeline

@@ -100,7 +100,8 @@ def reference_design_conditioning(trainer):
     encoder(s) per UNet layer (16 per step for SD 1.x) instead of stc's one batched call."""
     import torch
 
-    from stc.method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_context, pooled_over_layers
+    from stc.method.encoding import ConceptSlot, encode_context, pooled_over_layers
+    from stc.method.spacetime import SpaceTimeConditioning
 
     def conditioning(input_ids, timesteps, generator):
         device = trainer.accelerator.device
@@ -148,7 +149,7 @@ class ReferenceAttnProcessor:
         from stc.method import spacetime
 
         functional = spacetime.F
-        spacetime.F = types.SimpleNamespace(scaled_dot_product_attention=bmm_attention, normalize=functional.normalize)
+        spacetime.F = types.SimpleNamespace(scaled_dot_product_attention=bmm_attention)
         try:
             return self.processor(*args, **kwargs)
         finally:

@@ -10,7 +10,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "stc"
 TORCH_FREE = ["store/registry.py", "store/concept.py", "store/storage.py", "store/listing.py", "names.py",
               "train/config.py", "render/prompts.py", "errors.py", "outputs.py"]
 HEAVY = {"torch", "safetensors.torch", "diffusers", "transformers", "stc.method.mapper", "stc.store.conceptio",
-         "stc.method.spacetime"}
+         "stc.method.spacetime", "stc.method.encoding"}
 
 
 # what every `stc` run imports before it knows the command: no command module, nothing heavy

@@ -8,15 +8,10 @@ from helpers import make_concept, make_mapper
 
 from stc.errors import BadInput
 from stc.exchange.distill import Distilled, _attend, distil
+from stc.method.encoding import ConceptSlot, encode_layers
 from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.method.placeholders import placeholder_tokens
-from stc.method.spacetime import (
-    ConceptSlot,
-    SpaceTimeConditioning,
-    cross_attention_layer_names,
-    encode_layers,
-    install_processors,
-)
+from stc.method.spacetime import SpaceTimeConditioning, cross_attention_layer_names, install_processors
 
 FAST = dict(samples=32, steps=20, queries=32)  # a few seconds each on a CPU
 

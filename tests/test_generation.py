@@ -11,7 +11,8 @@ from helpers import invoke, make_concept, make_mapper
 from PIL import Image
 
 from stc.errors import BadInput
-from stc.method.spacetime import _text_transformer, cross_attention_layer_names
+from stc.method.encoding import _text_transformer
+from stc.method.spacetime import cross_attention_layer_names
 from stc.render.generation import Renderer, RenderSettings
 from stc.render.pngmeta import a1111_parameters, parse_parameters, save_png
 from stc.render.prompts import parse_prompt, resolve_ranks

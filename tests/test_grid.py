@@ -8,7 +8,8 @@ import pytest
 from helpers import invoke, make_concept, make_mapper
 
 from stc.errors import BadInput
-from stc.method.spacetime import _text_transformer, cross_attention_layer_names
+from stc.method.encoding import _text_transformer
+from stc.method.spacetime import cross_attention_layer_names
 from stc.render.generation import Renderer, RenderSettings
 from stc.render.grid import (
     compose_grid,

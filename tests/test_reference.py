@@ -24,8 +24,8 @@ from stc.exchange.neti import (
     reference_mapper_config,
 )
 from stc.exchange.torchfiles import BadCheckpoint, UnsafeCheckpoint, read_torch_file
+from stc.method.encoding import ConceptSlot, encode_spacetime
 from stc.method.mapper import truncate
-from stc.method.spacetime import ConceptSlot, encode_spacetime
 
 DATA = Path(__file__).parent / "data"
 SAMPLE_MAPPER = DATA / "neti-sample-mapper.pt"

@@ -11,19 +11,9 @@ import torch
 import torch.nn.functional as F
 from helpers import assert_close_in_scale, assert_one_line_error, invoke, save_concept
 
+from stc.method.encoding import BYPASS_SCALE, ConceptSlot, encode_context, encode_layers, text_encoders, tokenizers
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.method.spacetime import (
-    BYPASS_SCALE,
-    SDXL_LAYER_NAMES,
-    ConceptSlot,
-    SpaceTimeConditioning,
-    cross_attention_layers,
-    encode_context,
-    encode_layers,
-    install_processors,
-    text_encoders,
-    tokenizers,
-)
+from stc.method.spacetime import SDXL_LAYER_NAMES, SpaceTimeConditioning, cross_attention_layers, install_processors
 from stc.models.families import SDXL
 from stc.render.generation import Renderer, RenderSettings
 from stc.store.conceptio import load_mapper, weights_bytes
@@ -177,7 +167,7 @@ def test_each_encoder_reads_its_part_keys_without_and_values_with_the_bypass(sdx
 
 
 def test_the_pooled_embedding_of_a_step_is_the_mean_over_its_layers(sdxl):
-    from stc.method.spacetime import pooled_over_layers
+    from stc.method.encoding import pooled_over_layers
 
     pipe = copy.deepcopy(sdxl.pipeline)
     token_ids = [[tok.convert_tokens_to_ids(tok.add_tokens(["<thing>"]) and "<thing>")] for tok in tokenizers(pipe)]

@@ -123,7 +123,8 @@ def test_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
 def test_sdxl_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
     """``python -m stc.worlds.shapes train --sdxl`` in miniature: the same seed gives the same
     weights, which load as builtin:shapes-sdxl does (on the shipped world's VAE)."""
-    from stc.method.spacetime import cross_attention_layers, uses_pooled_embedding
+    from stc.method.encoding import uses_pooled_embedding
+    from stc.method.spacetime import cross_attention_layers
     from stc.worlds.shapes.model import build_shapes_sdxl_pipeline
     from stc.worlds.shapes.train import WorldConfig, train_sdxl_world
 

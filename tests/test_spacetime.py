@@ -1,15 +1,8 @@
 import torch
 
+from stc.method.encoding import BYPASS_SCALE, ConceptSlot, encode_layers, encode_spacetime
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.method.spacetime import (
-    BYPASS_SCALE,
-    ConceptSlot,
-    SpaceTimeConditioning,
-    cross_attention_layer_names,
-    encode_layers,
-    encode_spacetime,
-    install_processors,
-)
+from stc.method.spacetime import SpaceTimeConditioning, cross_attention_layer_names, install_processors
 
 SD1_ORDER = [
     "down_blocks.0.attentions.0", "down_blocks.0.attentions.1",
@@ -147,7 +140,7 @@ def test_bypass_is_added_before_the_final_layernorm_only_at_the_placeholder(tiny
     final_ln = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
     # invert: the pre-LN state at the placeholder is reachable from the no-bypass run
     with torch.no_grad():
-        from stc.method.spacetime import _causal_mask, _text_transformer
+        from stc.method.encoding import _causal_mask, _text_transformer
 
         transformer = _text_transformer(pipe.text_encoder)
         state = transformer.encoder(inputs_embeds=hidden, attention_mask=_causal_mask(transformer, hidden),

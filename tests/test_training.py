@@ -93,7 +93,7 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
     each layer at its own (t, l); checked against a direct call of the pinned text encoding."""
     from accelerate import Accelerator
 
-    from stc.method.spacetime import ConceptSlot, encode_spacetime
+    from stc.method.encoding import ConceptSlot, encode_spacetime
     from stc.train.images import load_photos
     from stc.train.trainer import Trainer
 

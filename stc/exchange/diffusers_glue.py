@@ -4,9 +4,9 @@ render stc concepts.
 This file is a template, never imported by stc (it imports nothing from stc). An export's
 ``stc_concept.py`` is written by ``stc/exchange/diffusers_folder.py``: stc's own mapper, text-encoding,
 attention and key/value assembly code, copied at export time from ``stc/method/mapper.py``,
-``stc/method/spacetime.py``, ``stc/method/conditioning.py`` and ``stc/render/generation.py``, followed by the part
-of this file below the ``glue`` line, which uses their names (``NeTIMapper``,
-``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
+``stc/method/spacetime.py``, ``stc/method/encoding.py``, ``stc/method/conditioning.py`` and
+``stc/render/generation.py``, followed by the part of this file below the ``glue`` line, which
+uses their names (``NeTIMapper``, ``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
 ``cross_attention_layer_names``, ``install_processors``, ``encode_schedule``, ``_stack_step``,
 ``_with_uncond``, ``check_rank``, ``placeholder_tokens``,
 ``add_placeholder_tokens``) and the constants the export writes (``EXPORT_FORMAT``,

@@ -49,21 +49,19 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import BadInput, ModelError
-from ..method.mapper import MapperConfig
-from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
-from ..method.spacetime import (
+from ..method.encoding import (
     ConceptSlot,
-    SpaceTimeConditioning,
-    cross_attention_layers,
     encode_context,
     encode_layers,
-    install_processors,
     pooled_over_layers,
     size_time_ids,
     text_encoders,
     tokenizers,
     uses_pooled_embedding,
 )
+from ..method.mapper import MapperConfig
+from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
+from ..method.spacetime import SpaceTimeConditioning, cross_attention_layers, install_processors
 from ..method.templates import OBJECT_TEMPLATES
 from ..train.config import TrainConfig
 from .formats import FAST
@@ -235,7 +233,7 @@ def mean_token(mapper, rank: int | None = None) -> torch.Tensor:
     """The mapper's token embedding averaged over t in {0, 10, …, 990} and every layer: D (fp32,
     CPU). The "plain average" a textual-inversion export is compared with, and the embedding a
     neti export's learned_embeds.bin holds."""
-    from ..method.spacetime import spacetime_rows
+    from ..method.encoding import spacetime_rows
 
     device = next(mapper.parameters()).device
     rows_t, rows_l = spacetime_rows(torch.arange(0, 1000, 10, device=device), mapper.config.num_layers)

@@ -18,7 +18,7 @@ from ..errors import BadInput
 class Conditioning:
     """The text conditioning of one prompt at one set of ranks, for one schedule.
 
-    negative, positive: the stock :class:`~stc.method.spacetime.Encoding` of the negative
+    negative, positive: the stock :class:`~stc.method.encoding.Encoding` of the negative
     prompt and of the prompt (1 x S x D; its pooled embedding 1 x P on SDXL); the positive one
     is what every layer reads when the prompt names no concept. keys, values: K x L x S x D per
     (step, layer) sequences without and with the textual bypass, or None without concepts;
@@ -47,7 +47,7 @@ class TextConditioner:
     """Encodes prompts for a pipeline whose tokenizers know the concepts' placeholder tokens."""
 
     def __init__(self, pipeline, device: str, slots: dict, num_layers: int, tokens: dict | None = None):
-        from .spacetime import text_encoders, tokenizers
+        from .encoding import text_encoders, tokenizers
 
         self.pipeline, self.device, self.slots, self.num_layers = pipeline, device, slots, num_layers
         self.tokens = tokens or {}  # concept name -> its placeholder tokens (several for n-vector concepts)
@@ -68,7 +68,7 @@ class TextConditioner:
         encoders' penultimate states side by side, and the second one's projected pooled token)."""
         import torch
 
-        from .spacetime import Encoding
+        from .encoding import Encoding
 
         with torch.no_grad():
             ids = self.tokenize(text)
@@ -89,7 +89,7 @@ class TextConditioner:
         StableDiffusionXLPipeline gives when no negative prompt is passed."""
         import torch
 
-        from .spacetime import Encoding
+        from .encoding import Encoding
 
         encoding = self.plain(text)
         if text or not self.pipeline.config.get("force_zeros_for_empty_prompt", False) or len(self.encoders) == 1:
@@ -101,7 +101,7 @@ class TextConditioner:
         """Keys and values of ``text`` (concept references without inline ranks) for every
         (step, layer) of ``timesteps``, and the pooled embedding of every step: K x L x S x D,
         K x L x S x D, and K x P or None."""
-        from .spacetime import encode_schedule
+        from .encoding import encode_schedule
 
         input_ids = self.tokenize(text)
         slots = {}

@@ -109,8 +109,9 @@ class Renderer:
     """A base model with concepts attached; renders prompts that reference them."""
 
     def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
+        from ..method.encoding import ConceptSlot, tokenizers
         from ..method.placeholders import add_to_tokenizers, placeholder_tokens
-        from ..method.spacetime import ConceptSlot, install_processors, tokenizers
+        from ..method.spacetime import install_processors
 
         self.base = base
         pipe = base.pipeline
@@ -375,7 +376,7 @@ class _AddedConditioning:
     def of(cls, unet, conditionings: list[Conditioning], width: int, height: int) -> "_AddedConditioning | None":
         import torch
 
-        from ..method.spacetime import size_time_ids, uses_pooled_embedding
+        from ..method.encoding import size_time_ids, uses_pooled_embedding
 
         if not uses_pooled_embedding(unet):
             return None

@@ -114,7 +114,7 @@ def mapper_outputs(mapper, timesteps: list[int], num_layers: int, rank: int | No
     """Token and bypass outputs on the (layer, timestep) grid: L x K x D each (bypass may be None)."""
     import torch
 
-    from ..method.spacetime import spacetime_rows
+    from ..method.encoding import spacetime_rows
 
     row_timesteps, row_layers = spacetime_rows(torch.tensor(timesteps), num_layers)  # K·L, time-major
     with torch.no_grad():

@@ -54,9 +54,10 @@ class Trainer:
         import torch
         from diffusers import DDPMScheduler
 
+        from ..method.encoding import text_encoders, tokenizers, uses_pooled_embedding
         from ..method.mapper import MapperConfig, NeTIMapper
         from ..method.placeholders import add_to_tokenizers, single_token_id
-        from ..method.spacetime import install_processors, text_encoders, tokenizers, uses_pooled_embedding
+        from ..method.spacetime import install_processors
 
         self.base, self.config, self.accelerator = base, config, accelerator
         pipe = base.pipeline
@@ -126,7 +127,8 @@ class Trainer:
         """Per-layer keys (no bypass) and values (bypass) of a batch, in one call of each text
         encoder (``input_ids``: one B x S tensor per tokenizer), and its pooled embeddings (B x P,
         the mean over layers; None for models without them)."""
-        from ..method.spacetime import ConceptSlot, SpaceTimeConditioning, encode_layers, pooled_over_layers
+        from ..method.encoding import ConceptSlot, encode_layers, pooled_over_layers
+        from ..method.spacetime import SpaceTimeConditioning
 
         device = self.accelerator.device
         slot = ConceptSlot.of(self.token_ids, self.mapper, config=self.unwrapped_mapper.config)
@@ -141,7 +143,7 @@ class Trainer:
     def added_conditioning(self, pooled, latents) -> dict | None:
         """SDXL's added conditioning of a batch: its pooled embeddings and the size ids of
         uncropped photos at the training size ([H, W, 0, 0, H, W]); None for SD 1.x/2.x."""
-        from ..method.spacetime import size_time_ids
+        from ..method.encoding import size_time_ids
 
         if not self.pooled:
             return None
