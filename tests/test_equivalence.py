@@ -61,4 +61,6 @@ def test_prompt_without_concepts_is_plain_stable_diffusion(tiny):
         generator=[torch.Generator().manual_seed(4)], output_type="latent",
     ).images
     ours = Renderer(tiny, {}).latents("a cat on the beach", [4], RenderSettings(steps=5, cfg=5.0))
-    assert (ours - expected).abs().max() < 1e-4
+    # stc's denoising loop and attention processors vs diffusers' own: rounding relative to the
+    # latents' scale (~50), as above; a concept or CFG applied wrongly moves them by a sizeable part of it
+    assert_close_in_scale(ours, expected, 1e-4)

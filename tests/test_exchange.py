@@ -127,7 +127,9 @@ def test_neti_round_trip_and_the_reference_fixture_import(tmp_path):
     for index, rank in enumerate(expected["ranks"].tolist()):
         with torch.no_grad():
             ours = imported_mapper(t, l, rank=int(rank))
-        assert np.abs(ours.numpy() - expected["samples"][index]).max() < 1e-6, rank
+        # the reference code's outputs, computed by another torch on another CPU: rounding relative to
+        # their scale (~0.04; seen at 6e-7 of it); 2.5e-5 of it is the 1e-6 the reference pins hold
+        assert_close_in_scale(ours, expected["samples"][index], 2.5e-5)
 
 
 def test_neti_refuses_what_the_reference_cannot_hold_and_import_checks_widths(tmp_path):

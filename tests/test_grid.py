@@ -118,6 +118,7 @@ def test_grid_layout_labels_and_distinct_cells(renderer, tmp_path):
 
     # a cell equals the same image rendered on its own
     [alone] = renderer.render("<mydog> on the moon", [1], RenderSettings(steps=2, rank=8))
+    # batch 4 vs batch 1: other GEMM shapes, latents equal to rounding, pixels at most one level off
     diff = np.abs(np.asarray(alone.image).astype(int) - cells[1, 8]).max()
     assert diff <= 1
 
