@@ -1,11 +1,11 @@
 """Writing single-file (LDM-layout) checkpoints from diffusers pipelines: what the tests use to
-make real single files from the builtin models. stc only reads such files (``stc.models.ldm``)."""
+make real single files from the builtin models. stc only reads such files (``stc.models.backbones.single_file``)."""
 
 import re
 
 import torch
 
-from stc.models import ldm
+from stc.models.backbones import single_file as ldm
 
 
 def pipeline_to_ldm(pipeline, encoder: str | None = None) -> dict:

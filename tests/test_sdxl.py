@@ -14,7 +14,7 @@ from helpers import assert_close_in_scale, assert_one_line_error, invoke, save_c
 from stc.method.encoding import ConceptSlot, encode_context, encode_layers, text_encoders, tokenizers
 from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.method.spacetime import SDXL_LAYER_NAMES, SpaceTimeConditioning, cross_attention_layers, install_processors
-from stc.models.families import SDXL
+from stc.models.backbones.families import SDXL
 from stc.render.generation import Renderer, RenderSettings
 from stc.store.conceptio import load_mapper, weights_bytes
 from stc.store.registry import Registry

@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stc.errors import ModelError, StcError
-from stc.models import families, ldm
+from stc.models.backbones import families
+from stc.models.backbones import single_file as ldm
 from stc.models.base import load_base_model, text_width_of
 from stc.render.generation import Renderer, RenderSettings
 

@@ -340,8 +340,8 @@ def base_model_for(request: ImportRequest, width: int, recorded: str | None) -> 
     ``--model``; else the one the file records (a builtin, a local path or a hub id of that
     width); else the default model when it has that width; else the one builtin or model family
     of that width; else an error asking for ``--model``."""
+    from ..models.backbones.families import FAMILIES
     from ..models.base import BUILTINS, canonical_spec
-    from ..models.families import FAMILIES
 
     model_config, source = request.model_config, request.path.name
     if request.model:

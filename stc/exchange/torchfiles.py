@@ -14,7 +14,7 @@ loader accepts (``data.pkl``, ``data/<n>``, ``version``), which ``torch.load`` a
 ``weights_only=True`` read as well.
 
 Why two pickle-safety paths exist in stc: single-file *model* checkpoints (``.ckpt``, gigabytes)
-are read by torch's own ``torch.load(weights_only=True)`` (``stc.models.ldm``), which memory-maps
+are read by torch's own ``torch.load(weights_only=True)`` (``stc.models.backbones.single_file``), which memory-maps
 them and knows every tensor type a training framework pickles; files of the formats here are
 small, and some name classes ``weights_only`` refuses (the reference's encoder), which the
 stand-ins below read as inert data.

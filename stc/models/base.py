@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ModelError, one_line
 from ..settings import Settings, check_prediction_type
-from .families import family_of_hub_model, family_of_widths
+from .backbones.families import family_of_hub_model, family_of_widths
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
@@ -234,8 +234,8 @@ def _load_folder(path: Path, dtype):
 
 
 def _load_single_file(path: Path, config: str | None, dtype, prediction_type: str | None = None):
-    """A single-file (LDM-layout) checkpoint, offline: see stc/models/ldm.py."""
-    from .ldm import load_single_file
+    """A single-file (LDM-layout) checkpoint, offline: see stc/models/backbones/single_file.py."""
+    from .backbones.single_file import load_single_file
 
     return load_single_file(path, config, dtype, prediction_type)
 
@@ -245,7 +245,7 @@ def _load_hub(model_id: str, dtype, offline: bool):
     network request is made at all."""
     from diffusers import DiffusionPipeline
 
-    from .ldm import _hub_cache
+    from .backbones.single_file import _hub_cache
 
     cache = _hub_cache()  # HF_HUB_CACHE / HF_HOME as they are now, not at import
     try:
@@ -289,7 +289,7 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
                 SHAPES: SHAPES_TEXT_WIDTH, SHAPES_SDXL: sum(SDXL_TEXT_WIDTHS)}[spec]
     path = Path(spec).expanduser()
     if path.is_file():
-        from .ldm import checkpoint_text_width
+        from .backbones.single_file import checkpoint_text_width
 
         width = checkpoint_text_width(path)
         if width is not None:
@@ -322,7 +322,7 @@ def _cached(model_id: str, filename: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
-        from .ldm import _hub_cache
+        from .backbones.single_file import _hub_cache
 
         cached = try_to_load_from_cache(model_id, filename, cache_dir=_hub_cache())
     except Exception:  # no cache, no hub library: unknown

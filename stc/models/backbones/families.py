@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-CONFIGS = Path(__file__).with_name("configs")
+CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 @dataclass(frozen=True)

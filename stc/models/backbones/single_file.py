@@ -30,8 +30,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import ModelError, one_line
-from ..settings import check_prediction_type
+from ...errors import ModelError, one_line
+from ...settings import check_prediction_type
 from .families import FAMILIES, Family
 
 UNET_PREFIX = "model.diffusion_model."
