@@ -9,12 +9,11 @@ writes through :func:`staged`, beside the target, moved into place when complete
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
+from .atomic import atomic_write
 from .errors import BadInput
 
 
@@ -56,25 +55,4 @@ def refuse_existing(paths: list[Path], force: bool, flag: str = "--out") -> None
         raise BadInput(f"{existing[0]} exists already; pass --force to replace it, or choose another {flag}")
 
 
-@contextlib.contextmanager
-def staged(target: Path, is_dir: bool = False):
-    """A temporary file or folder beside ``target``, moved onto it when the block succeeds; on any
-    failure (a full disk, Ctrl-C) the target is as it was and the temporary is gone."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    if is_dir:
-        temporary = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=f".{target.name}-", dir=target.parent)
-        os.close(handle)
-        temporary = Path(name)
-    try:
-        yield temporary
-        os.chmod(temporary, 0o755 if is_dir else 0o644)
-        if is_dir and target.is_dir() and not target.is_symlink():
-            shutil.rmtree(target)
-        os.replace(temporary, target)
-    finally:
-        if temporary.is_dir():
-            shutil.rmtree(temporary, ignore_errors=True)
-        elif temporary.exists():
-            temporary.unlink()
+staged = atomic_write  # written beside the target, fsynced, swapped in whole (stc/atomic.py)

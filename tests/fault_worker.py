@@ -26,6 +26,7 @@ import sys
 import time
 from pathlib import Path
 
+from stc import atomic
 from stc.errors import ConceptExists, ConceptNotFound, StcError
 from stc.store import registry as registry_module
 from stc.store import storage
@@ -80,11 +81,11 @@ def instrument(mark: Marker, no_exchange: bool) -> None:
 
     original_sweep = storage.sweep
     original_staging = storage.staging_folder
-    original_fsync_tree = storage.fsync_tree
-    original_commit = storage.commit_folder
+    original_fsync_tree = atomic.fsync_tree
+    original_commit = atomic.commit_folder
     original_discard = storage.discard_folder
     original_check = registry_module.check_weights
-    original_exchange = storage._exchange
+    original_exchange = atomic._exchange
     original_replace = os.replace
 
     def sweep(parent):
@@ -135,7 +136,7 @@ def instrument(mark: Marker, no_exchange: bool) -> None:
         mark(after)
 
     os.replace = replace
-    storage.fsync_tree = fsync_tree  # called from storage.commit_folder
+    atomic.fsync_tree = fsync_tree  # called from atomic.commit_folder
     for module in (storage, registry_module):
         for name, function in (("sweep", sweep), ("staging_folder", staging_folder),
                                ("commit_folder", commit_folder), ("discard_folder", discard_folder)):
@@ -143,7 +144,7 @@ def instrument(mark: Marker, no_exchange: bool) -> None:
     registry_module.check_weights = check_weights
     # The portable path (no atomic exchange): the previous entry is set aside in .old-*, then
     # the new one renamed in; a crash between the two renames is undone by the next sweep.
-    storage._exchange = (lambda first, second: False) if no_exchange else exchange
+    atomic._exchange = (lambda first, second: False) if no_exchange else exchange
 
 
 def crash(args: dict) -> None:

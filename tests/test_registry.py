@@ -322,9 +322,9 @@ def test_a_failed_swap_puts_the_previous_entry_back(monkeypatch):
             raise OSError(5, "Input/output error")
         return real_replace(source, target)
 
-    import stc.store.storage
+    import stc.atomic
 
-    monkeypatch.setattr(stc.store.storage, "_exchange", lambda first, second: False)  # two renames, not one swap
+    monkeypatch.setattr(stc.atomic, "_exchange", lambda first, second: False)  # two renames, not one swap
     monkeypatch.setattr(registry_module.os, "replace", failing_replace)
     with pytest.raises(RegistryWriteError, match="Input/output"):
         retrain(registry, "blob")
@@ -413,6 +413,7 @@ def test_rename_waits_for_the_concept_lock():
 def test_every_staged_file_is_fsynced_before_the_entry_is_swapped_in(monkeypatch, overwrite):
     """The durability promise, file by file: when a save makes its staging folder the entry (a
     rename or the atomic exchange), every file and folder in it has been fsynced."""
+    import stc.atomic as atomic
     import stc.store.storage as storage
 
     if overwrite:
@@ -433,7 +434,7 @@ def test_every_staged_file_is_fsynced_before_the_entry_is_swapped_in(monkeypatch
         swaps.append(staging)
         assert staged and not missing, f"swapped in before fsync: {missing}"
 
-    real_replace, real_exchange = storage.os.replace, storage._exchange
+    real_replace, real_exchange = storage.os.replace, atomic._exchange
 
     def replace(source, target):
         if os.path.basename(str(source)).startswith(".tmp-durable-"):
@@ -446,7 +447,7 @@ def test_every_staged_file_is_fsynced_before_the_entry_is_swapped_in(monkeypatch
 
     monkeypatch.setattr(storage.os, "fsync", recording_fsync)
     monkeypatch.setattr(storage.os, "replace", replace)
-    monkeypatch.setattr(storage, "_exchange", exchange)
+    monkeypatch.setattr(atomic, "_exchange", exchange)
     registry = Registry()
     concept = registry.load("durable") if overwrite else helpers.make_concept("durable")
     registry.save(concept, weights_bytes(make_mapper(2), "durable"), overwrite=overwrite,

@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .. import __version__
+from ..atomic import commit_folder, write_file
 from ..errors import (
     BadInput,
     ConceptBusy,
@@ -39,7 +40,6 @@ from ..settings import registry_root
 from .concept import CONCEPT_FILE, KNOWN_KEYS, WEIGHTS_FILE, Concept
 from .storage import (
     clone_tree,
-    commit_folder,
     discard_folder,
     file_lock,
     folder_size,
@@ -50,7 +50,6 @@ from .storage import (
     sweep,
     try_lock,
     with_header_metadata,
-    write_file,
 )
 
 PREVIEW_FILE = "preview.png"

@@ -1,14 +1,14 @@
-"""Files and folders that survive crashes: atomic folder swaps, fsync, locks, checks.
+"""Files and folders that survive crashes: locks, checks, sweeping up after killed writers; the
+one atomic write itself is ``stc/atomic.py``'s.
 
 A folder is written complete in a hidden staging folder beside its target, fsynced, then
-swapped in with ``os.replace``; a failure at any point leaves the previous folder intact.
+swapped in (``atomic.commit_folder``); a failure at any point leaves the previous folder intact.
 Weights files are checked from their safetensors header (JSON) without torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import math
 import os
@@ -17,6 +17,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+from ..atomic import fsync_path, remove_tree
 
 # --------------------------------------------------------------------------- checks
 
@@ -147,43 +149,6 @@ def with_header_metadata(content: bytes, **metadata: str) -> bytes:
 # --------------------------------------------------------------------------- atomic folders
 
 
-def write_file(path: Path, content: bytes | str) -> None:
-    """Write ``path`` as a new file (never in place: it may be a hard link shared with another entry)."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    if isinstance(content, str):
-        temporary.write_text(content, encoding="utf-8")
-    else:
-        temporary.write_bytes(content)
-    os.replace(temporary, path)
-
-
-def fsync_path(path: Path) -> None:
-    with contextlib.suppress(OSError):  # directories cannot be fsynced everywhere
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """fsync every file and folder below ``folder`` (and ``folder`` itself)."""
-    for directory, _, files in os.walk(folder):
-        for file_name in files:
-            with open(Path(directory) / file_name, "rb") as handle:
-                os.fsync(handle.fileno())
-        fsync_path(Path(directory))
-
-
-def apply_umask(folder: Path) -> None:
-    """mkdtemp makes private folders; give the entry the permissions of a normal write."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for item in folder.rglob("*"):
-        os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~umask)
-    os.chmod(folder, 0o777 & ~umask)
-
-
 def clone_tree(source: Path, target: Path, hard_links: bool) -> None:
     """Copy the files of ``source`` into the existing folder ``target`` (hard links when asked
     and possible: a rename must not double the disk use). Symlinks are not followed."""
@@ -209,15 +174,6 @@ WORK_FOLDER = re.compile(r"\.(tmp|old|trash)-(?P<name>.+)-(?P<pid>\d+)-[^-]+")
 STALE_WITHOUT_PID = 600  # seconds: work folders written before pids were recorded
 
 
-def remove_tree(path: Path) -> None:
-    """Delete a folder, or only the link when ``path`` is a symbolic link (never its target)."""
-    if path.is_symlink():
-        with contextlib.suppress(OSError):
-            path.unlink()
-    else:
-        shutil.rmtree(path, ignore_errors=True)
-
-
 @contextlib.contextmanager
 def staging_folder(parent: Path, name: str):
     """A private hidden folder in ``parent``; removed unless committed (moved away)."""
@@ -227,46 +183,6 @@ def staging_folder(parent: Path, name: str):
         yield staging
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _exchange(first: Path, second: Path) -> bool:
-    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
-    import ctypes  # here, not at the top (nor hashlib below): stc ls and stc --help start faster
-
-    try:
-        function = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    at_fdcwd, rename_exchange = -100, 2
-    if function(at_fdcwd, os.fsencode(first), at_fdcwd, os.fsencode(second), rename_exchange) == 0:
-        return True
-    code = ctypes.get_errno()
-    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(code, os.strerror(code), str(second))
-
-
-def commit_folder(staging: Path, path: Path) -> None:
-    """Make ``staging`` durable, then swap it in at ``path``. Where the system can exchange two
-    folders atomically, ``path`` is never absent; elsewhere the previous folder waits in
-    ``.old-…`` for the moment between two renames and :func:`sweep` puts it back after a crash."""
-    apply_umask(staging)
-    fsync_tree(staging)
-    if not path.exists():
-        os.replace(staging, path)
-    elif _exchange(staging, path):
-        remove_tree(staging)  # now the previous entry (a link, if the entry was one)
-    else:
-        trash = Path(tempfile.mkdtemp(prefix=f".old-{path.name}-{os.getpid()}-", dir=path.parent))
-        os.replace(path, trash / "entry")
-        try:
-            os.replace(staging, path)
-        except BaseException:
-            os.replace(trash / "entry", path)  # put the previous state back
-            raise
-        finally:
-            shutil.rmtree(trash, ignore_errors=True)
-    fsync_path(path.parent)
 
 
 def discard_folder(path: Path) -> None:

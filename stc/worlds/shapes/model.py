@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ...atomic import atomic_write
 from . import RESOLUTION, WORLD_WORDS
 
 WEIGHTS = Path(__file__).with_name("shapes.safetensors")
@@ -85,9 +86,8 @@ def save_weights(path: Path, text_encoder, unet, vae, metadata: dict) -> None:
             tensors[f"{prefix}.{key}"] = value.detach().to(torch.float16).contiguous()
     meta = {"format": FORMAT, "scaling_factor": repr(float(vae.config.scaling_factor))}
     meta.update({key: json.dumps(value) for key, value in metadata.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_write(path) as temporary:
+        save_file(tensors, str(temporary), metadata=meta)
 
 
 def build_shapes_pipeline(weights: Path = WEIGHTS):
@@ -179,9 +179,8 @@ def save_sdxl_weights(path: Path, text_encoder, text_encoder_2, unet, metadata: 
             tensors[f"{prefix}.{key}"] = value.detach().to(torch.float16).contiguous()
     meta = {"format": SDXL_FORMAT}
     meta.update({key: json.dumps(value) for key, value in metadata.items()})
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    tmp.replace(path)
+    with atomic_write(path) as temporary:
+        save_file(tensors, str(temporary), metadata=meta)
 
 
 def _read_weights(weights: Path, kind: str, fmt: str, how: str):
