@@ -61,7 +61,7 @@ def make_registry(count: int, root: Path | None = None) -> Path:
     import torch
 
     from stc.method.mapper import MapperConfig, NeTIMapper
-    from stc.method.spacetime import SD_LAYER_NAMES
+    from stc.models.backbones import SD_LAYER_NAMES
     from stc.store.concept import Concept, TrainingRecord
     from stc.store.conceptio import weights_bytes
     from stc.store.registry import Registry

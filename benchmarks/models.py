@@ -42,7 +42,7 @@ def build_sdxl_pipeline():
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from stc.models.backbones.families import SDXL as FAMILY
+    from stc.models.backbones import SDXL as FAMILY
     from stc.models.tiny import build_tiny_tokenizer, sdxl_pipeline
 
     folder = FAMILY.config_dir

@@ -182,6 +182,7 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
 
     from stc.exchange.distill import distil, mean_token
     from stc.exchange.ti import write_ti
+    from stc.models.backbones import backbone_of
     from stc.models.base import load_base_model
 
     candidates, results = {}, {}
@@ -199,8 +200,8 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
     results["plain average"] = {}
     for label, vectors in candidates.items():
         path = folder / f"{label.replace(' ', '-')}.safetensors"
-        write_ti(vectors, path, MODEL)
         pipe = load_base_model(MODEL).pipeline
+        write_ti(vectors, path, MODEL, backbone_of(pipe))
         pipe.load_textual_inversion(str(path), token="<exported>")
         with torch.no_grad():
             results[label].update(vars(measure_plain(pipe, "<exported>", seeds, settings)))
@@ -242,7 +243,7 @@ def run(args) -> dict:
             log(f"  rank {rank}: {_brief(per_rank[str(rank)])}")
         results["variants"][variant] = {"training": record, "ranks": per_rank}
         if variant == "neti" and args.exports:
-            from stc.exchange.formats import FAST, THOROUGH
+            from stc.exchange.common import FAST, THOROUGH
 
             log("exports: ti, loaded into plain diffusers")
             with tempfile.TemporaryDirectory(prefix="stc-quality-exports-") as folder:

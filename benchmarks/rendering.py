@@ -23,19 +23,16 @@ def random_concept(base, seed: int = 0):
     """A concept with a seeded random mapper for ``base``'s text width (nothing is trained)."""
     import torch
 
-    from stc.method.encoding import text_encoders, tokenizers
     from stc.method.mapper import MapperConfig, NeTIMapper
     from stc.method.spacetime import cross_attention_layer_names
     from stc.store.concept import Concept
 
     pipe = base.pipeline
     norms = [float(encoder.module.get_input_embeddings().weight[tokenizer.encode("cat", add_special_tokens=False)[0]]
-                   .float().norm()) for encoder, tokenizer in zip(text_encoders(pipe), tokenizers(pipe))]
-    widths = base.encoder_widths
-    several = len(widths) > 1
-    config = MapperConfig(text_width=base.text_width, norm_scale=norms[0],
-                          num_layers=len(cross_attention_layer_names(pipe.unet)),
-                          encoder_widths=widths if several else None, norm_scales=norms if several else None)
+                   .float().norm())
+             for encoder, tokenizer in zip(base.backbone.text_encoders(pipe), base.backbone.tokenizers(pipe))]
+    layers = len(cross_attention_layer_names(pipe.unet))
+    config = MapperConfig.for_encoders(base.encoder_widths, norms, num_layers=layers)
     mapper = NeTIMapper(config, generator=torch.Generator().manual_seed(seed)).eval().requires_grad_(False)
     concept = Concept(
         name=CONCEPT, base_model=base.spec, initializer="cat", text_width=base.text_width,

@@ -119,3 +119,75 @@ def test_code_cites_only_files_of_the_project():
         for cited in ("docs/method.md", "docs/concept-format.md"):
             if cited in text:
                 assert (PACKAGE.parent / cited).is_file(), f"{path.name} cites {cited}, which does not exist"
+
+
+def module_graph(package: str) -> dict[str, set[str]]:
+    """Module -> the modules of the same package it imports (functions included)."""
+    root = PACKAGE / package
+    names = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): path
+             for path in root.rglob("*.py")}
+    return {module: {imported for imported in imported_modules(path) if imported in names and imported != module}
+            for module, path in names.items()}
+
+
+def cycle_in(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a list of modules, or None."""
+    state: dict[str, str] = {}
+
+    def visit(module, trail):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            if state.get(target) == "open":
+                return trail[trail.index(target):] + [target]
+            if target not in state:
+                found = visit(target, trail + [target])
+                if found:
+                    return found
+        state[module] = "done"
+        return None
+
+    for module in sorted(graph):
+        if module not in state:
+            found = visit(module, [module])
+            if found:
+                return found
+    return None
+
+
+@pytest.mark.parametrize("package", sorted(path.name for path in PACKAGE.iterdir()
+                                            if path.is_dir() and (path / "__init__.py").is_file()))
+def test_no_package_has_an_import_cycle(package):
+    """Inside a package, imports form no cycle, even through imports inside functions (exchange's
+    format modules import the shared helpers of common.py, never the dispatcher)."""
+    assert cycle_in(module_graph(package)) is None, " -> ".join(cycle_in(module_graph(package)))
+
+
+def test_the_cycle_check_finds_a_cycle():
+    assert cycle_in({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert cycle_in({"a": {"b"}, "b": set()}) is None
+
+
+# What tells one model family from another: asked only of the family's backbone (stc/models/backbones);
+# the builders of models of a family (the random-weight test models, the shapes world) name its parts.
+FAMILY_QUESTIONS = ("text_encoder_2", '== "sgm"', "len(widths) > 1", "encoders > 1", "len(self.encoders) == 1",
+                    "len(concept.encoder_widths) > 1", "tokenizer_2")
+FAMILY_BUILDERS = ("models/backbones/", "models/tiny.py", "worlds/")
+
+
+def test_only_the_backbones_ask_which_family_a_model_is():
+    for path in sorted(PACKAGE.rglob("*.py")):
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative.startswith(FAMILY_BUILDERS):
+            continue
+        text = path.read_text(encoding="utf-8")
+        for question in FAMILY_QUESTIONS:
+            assert question not in text, f"stc/{relative} asks {question!r}: ask the family's backbone instead"
+
+
+@pytest.mark.parametrize("module", ["models/backbones/__init__.py", "models/backbones/backbone.py",
+                                    "models/backbones/sd.py", "models/backbones/sdxl.py", "exchange/registry.py",
+                                    "exchange/common.py"])
+def test_the_family_and_format_tables_import_nothing_heavy(module):
+    """What the CLI asks before any work (a family's label, the formats and what they keep) costs no torch."""
+    own = matching(imported_modules(PACKAGE / module, top_level=True), HEAVY | {"stc.models.base"})
+    assert own == [], f"stc/{module} imports {own} when imported"

@@ -13,7 +13,7 @@ from helpers import assert_close_in_scale, assert_one_line_error, invoke, make_c
 from torch import nn
 
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.method.spacetime import SD_LAYER_NAMES
+from stc.models.backbones import SD_LAYER_NAMES
 from stc.store.conceptio import load_mapper, weights_bytes
 from stc.store.registry import Registry
 
@@ -136,7 +136,7 @@ def test_neti_refuses_what_the_reference_cannot_hold_and_import_checks_widths(tm
     save_concept("narrow")  # builtin:tiny's width is 32
     out = tmp_path / "out"
     assert_one_line_error(invoke("export", "narrow", "--format", "neti", "--out", out), "768", "narrow")
-    assert not list(out.iterdir())
+    assert not out.exists()  # refused before anything was created
     assert_one_line_error(invoke("import", DATA / "neti-sample-mapper.pt", "--model", "builtin:tiny"),
                           "768", "builtin:tiny has 32")
     assert Registry().names() == ["narrow"]  # nothing imported

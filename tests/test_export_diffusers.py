@@ -171,8 +171,8 @@ def test_the_export_folder_holds_the_weights_config_module_and_model_card(tmp_pa
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names}
     imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"__future__", "hashlib", "json", "collections", "dataclasses", "functools", "pathlib", "torch",
-                        "transformers", "safetensors"}
+    assert imported <= {"__future__", "hashlib", "json", "collections", "dataclasses", "functools", "pathlib", "types",
+                        "torch", "transformers", "safetensors"}
     defined = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
     assert {"NeTIMapper", "SpaceTimeAttnProcessor", "encode_layers", "load_concept", "unload_concepts"} <= defined
 
@@ -286,6 +286,45 @@ def test_stitching_fails_loudly_when_the_module_would_lack_a_name(monkeypatch):
         for module, names in export_diffusers.STITCHED
     )
     monkeypatch.setattr(export_diffusers, "STITCHED", stitched)
-    config = {"name": "cat", "token": "<cat>", "base_model": "builtin:tiny", "rank": None, "rank_max": 128}
+    config = {"name": "cat", "token": "<cat>", "base_model": "builtin:tiny", "rank": None, "rank_max": 128,
+              "pipeline_class": "StableDiffusionPipeline"}
     with pytest.raises(RuntimeError, match="names it does not define: split_outputs"):
+        module_source(config)
+
+
+def test_the_export_stitches_public_functions_that_exist():
+    """STITCHED is the list of the functions stc_concept.py copies: each exists in its module and
+    is public there (part of the module's interface: a private helper could be renamed without a
+    thought for the export)."""
+    import importlib
+
+    import stc.exchange.diffusers_folder as export_diffusers
+
+    for module_name, names in export_diffusers.STITCHED:
+        module = importlib.import_module(module_name)
+        for name in names:
+            assert hasattr(module, name), f"{module_name}.{name} is stitched but does not exist"
+            assert not name.startswith("_"), f"{module_name}.{name} is private: stitch public functions only"
+
+
+def test_a_stitched_function_that_imports_from_stc_or_is_renamed_fails_the_export(monkeypatch):
+    import inspect
+
+    import stc.method.encoding as encoding
+
+    config = {"name": "cat", "token": "<cat>", "base_model": "builtin:tiny", "rank": None, "rank_max": 128,
+              "pipeline_class": "StableDiffusionPipeline"}
+    module_source(config)  # as it is: self-contained
+
+    source = "def spacetime_rows(timesteps, num_layers):\n    from stc.errors import BadInput\n    return BadInput\n"
+    namespace = {}
+    exec(compile(source, encoding.__file__, "exec"), namespace)  # a stitched function that gained an stc import
+    real_getsource = inspect.getsource
+    monkeypatch.setattr(encoding, "spacetime_rows", namespace["spacetime_rows"])
+    monkeypatch.setattr(inspect, "getsource",
+                        lambda value: source if value is namespace["spacetime_rows"] else real_getsource(value))
+    with pytest.raises(RuntimeError, match="import from stc"):
+        module_source(config)
+    monkeypatch.delattr(encoding, "spacetime_rows")  # renamed away
+    with pytest.raises(AttributeError, match="spacetime_rows"):
         module_source(config)

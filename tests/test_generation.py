@@ -11,7 +11,7 @@ from helpers import invoke, make_concept, make_mapper
 from PIL import Image
 
 from stc.errors import BadInput
-from stc.method.encoding import _text_transformer
+from stc.method.encoding import text_transformer
 from stc.method.spacetime import cross_attention_layer_names
 from stc.render.generation import Renderer, RenderSettings
 from stc.render.pngmeta import a1111_parameters, parse_parameters, save_png
@@ -33,7 +33,7 @@ def saved_concepts(tiny):
 def count_text_encoder_calls(renderer) -> list:
     """Instrument the text encoder: every call (batched or not) appends its batch size."""
     calls = []
-    encoder = _text_transformer(renderer.base.pipeline.text_encoder).encoder
+    encoder = text_transformer(renderer.base.pipeline.text_encoder).encoder
     encoder.register_forward_hook(lambda module, args, kwargs, output: calls.append(kwargs.get(
         "inputs_embeds", args[0] if args else None).shape[0]), with_kwargs=True)
     return calls
@@ -81,7 +81,7 @@ def test_inline_rank_overrides_the_default_rank(tiny):
 def placeholder_inputs(renderer, prompt: str, settings: RenderSettings) -> dict[str, torch.Tensor]:
     """The token embeddings the text encoder receives at each concept's position: name -> K·L x D."""
     captured = []
-    embeddings = _text_transformer(renderer.base.pipeline.text_encoder).embeddings
+    embeddings = text_transformer(renderer.base.pipeline.text_encoder).embeddings
     handle = embeddings.register_forward_pre_hook(
         lambda module, args, kwargs: captured.append(kwargs["inputs_embeds"]) if "inputs_embeds" in kwargs else None,
         with_kwargs=True,

@@ -8,7 +8,7 @@ import pytest
 from helpers import invoke, make_concept, make_mapper
 
 from stc.errors import BadInput
-from stc.method.encoding import _text_transformer
+from stc.method.encoding import text_transformer
 from stc.method.spacetime import cross_attention_layer_names
 from stc.render.generation import Renderer, RenderSettings
 from stc.render.grid import (
@@ -124,7 +124,7 @@ def test_grid_layout_labels_and_distinct_cells(renderer, tmp_path):
 
 
 def test_grid_text_encoder_calls_do_not_depend_on_seeds(renderer):
-    encoder = _text_transformer(renderer.base.pipeline.text_encoder).encoder
+    encoder = text_transformer(renderer.base.pipeline.text_encoder).encoder
     calls, unet_calls = count_calls(encoder), count_calls(renderer.base.pipeline.unet)
     ranks, steps = [1, 4, 16, 128], 4
     budget = 1 + len(ranks) * math.ceil(steps * 16 / 256)  # negative + one schedule per rank
@@ -227,7 +227,7 @@ def test_grid_cli_empty_prompts_file(tmp_path):
 
 
 def test_prompts_that_differ_only_in_inline_ranks_share_the_encoding_not_the_metadata(renderer):
-    calls = count_calls(_text_transformer(renderer.base.pipeline.text_encoder).encoder)
+    calls = count_calls(text_transformer(renderer.base.pipeline.text_encoder).encoder)
     grid = render_grid(renderer, ["<mydog:8> on the moon", "<mydog> on the moon"], [8], [0], RenderSettings(steps=2))
     assert len(calls) == 1 + 1  # the negative + one schedule for both rows
     first, second = (cell.rendered for cell in grid.cells)

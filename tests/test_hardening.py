@@ -111,7 +111,7 @@ def test_leftovers_of_killed_writers_are_reported_then_swept_and_an_interrupted_
 
 
 def test_os_errors_outside_the_registry_are_one_line(monkeypatch, tmp_path):
-    from stc.method.spacetime import SD_LAYER_NAMES
+    from stc.models.backbones import SD_LAYER_NAMES
 
     save_concept("pup", layer_names=SD_LAYER_NAMES)
     import stc.render.pngmeta

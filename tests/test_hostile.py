@@ -537,7 +537,7 @@ def test_10000_character_prompts_are_refused_or_parsed_at_once(stc_home):
 
 
 def test_a_10000_character_prompt_renders_normally_or_fails_in_one_line(tmp_path, stc_home):
-    from stc.method.spacetime import SD_LAYER_NAMES
+    from stc.models.backbones import SD_LAYER_NAMES
 
     save_concept("pup", layer_names=SD_LAYER_NAMES)
     prompt = "<pup> " + ("sitting on the moon, " * 500)[:9_994]

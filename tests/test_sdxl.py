@@ -9,12 +9,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import assert_close_in_scale, assert_one_line_error, invoke, save_concept
+from helpers import assert_close_in_scale, invoke
 
-from stc.method.encoding import ConceptSlot, encode_context, encode_layers, text_encoders, tokenizers
+from stc.method.encoding import ConceptSlot, encode_context, encode_layers
 from stc.method.mapper import MapperConfig, NeTIMapper
-from stc.method.spacetime import SDXL_LAYER_NAMES, SpaceTimeConditioning, cross_attention_layers, install_processors
-from stc.models.backbones.families import SDXL
+from stc.method.spacetime import cross_attention_layers
+from stc.models.backbones import SDXL, SDXL_LAYER_NAMES
 from stc.render.generation import Renderer, RenderSettings
 from stc.store.conceptio import load_mapper, weights_bytes
 from stc.store.registry import Registry
@@ -24,8 +24,6 @@ from stc.store.registry import Registry
 # block 1; up block k uses the reversed list. So, in execution order, modules of 2, 2, 10, 10 (down),
 # 10 (mid), 10, 10, 10, 2, 2, 2 (up) transformer blocks: 70 cross-attentions in 11 modules.
 SDXL_BLOCKS = [2, 2, 10, 10, 10, 10, 10, 10, 2, 2, 2]
-# builtin:tiny-sdxl: transformer_layers_per_block (1, 2, 3), the same blocks: 2, 2, 3, 3, 3, 3, 3, 3, 2, 2, 2.
-TINY_SDXL_BLOCKS = [2, 2, 3, 3, 3, 3, 3, 3, 2, 2, 2]
 WIDTHS = [32, 48]  # builtin:tiny-sdxl's two text encoders
 
 
@@ -73,37 +71,6 @@ def test_the_real_sdxl_unet_has_11_layers_of_70_cross_attentions_in_execution_or
     assert sorted(attn2) == sorted(module for _, modules in layers for module in modules)
 
 
-def test_every_cross_attention_reads_its_layers_keys_and_values(sdxl):
-    """Each of the 28 cross-attentions of builtin:tiny-sdxl, run in a real UNet call, projects its
-    layer's keys (to_k) and values (to_v): distinct random sequences per layer, so a block that
-    reads another layer's, or the plain prompt, fails."""
-    unet = copy.deepcopy(sdxl.pipeline.unet)
-    names = install_processors(unet)
-    assert names == list(SDXL_LAYER_NAMES)
-    layers = cross_attention_layers(unet)
-    assert [len(modules) for _, modules in layers] == TINY_SDXL_BLOCKS
-    seen, order = {}, []
-    for _, modules in layers:
-        for name in modules:
-            attn = unet.get_submodule(name)
-            attn.to_k.register_forward_pre_hook(lambda m, a, n=name: seen.setdefault(n, {}).__setitem__("k", a[0]))
-            attn.to_v.register_forward_pre_hook(lambda m, a, n=name: seen[n].__setitem__("v", a[0]))
-            attn.register_forward_pre_hook(lambda m, a, n=name: order.append(n))
-    generator = torch.Generator().manual_seed(0)
-    keys = torch.randn(11, 2, 77, 80, generator=generator)
-    values = torch.randn(11, 2, 77, 80, generator=generator)
-    plain = torch.zeros(2, 77, 80)  # what a layer without the conditioning would read
-    added = {"text_embeds": torch.randn(2, 48, generator=generator),
-             "time_ids": torch.tensor([[64, 64, 0, 0, 64, 64]] * 2)}
-    with torch.no_grad():
-        unet(torch.randn(2, 4, 8, 8, generator=generator), 500, encoder_hidden_states=plain,
-             cross_attention_kwargs={"spacetime": SpaceTimeConditioning(keys, values)}, added_cond_kwargs=added)
-    assert order == [name for _, modules in layers for name in modules]  # the layers run in this order
-    for layer, (_, modules) in enumerate(layers):
-        for name in modules:
-            assert torch.equal(seen[name]["k"], keys[layer]) and torch.equal(seen[name]["v"], values[layer]), name
-
-
 # --------------------------------------------------------------------------- text: both encoders
 
 
@@ -126,7 +93,7 @@ def test_each_encoder_reads_its_part_keys_without_and_values_with_the_bypass(sdx
     0.2 x bypass_k rescaled to the state's norm at the placeholder; the pooled embedding is the
     second encoder's projected, final-LayerNorm'd state at the end-of-text token."""
     pipe = copy.deepcopy(sdxl.pipeline)
-    toks = tokenizers(pipe)
+    toks = SDXL.tokenizers(pipe)
     token_ids = [tok.convert_tokens_to_ids(tok.add_tokens(["<thing>"]) and "<thing>") for tok in toks]
     mapper = sdxl_mapper(3)
     slot = ConceptSlot.of([[token_ids[0]], [token_ids[1]]], mapper)
@@ -134,7 +101,7 @@ def test_each_encoder_reads_its_part_keys_without_and_values_with_the_bypass(sdx
     ids = [tok(texts, padding="max_length", max_length=77, return_tensors="pt").input_ids for tok in toks]
     t, l = torch.tensor([700.0, 40.0]), torch.tensor([2.0, 9.0])
     with torch.no_grad():
-        encoding = encode_context(text_encoders(pipe), ids, t, l, {token_ids[0]: slot})
+        encoding = encode_context(SDXL.text_encoders(pipe), ids, t, l, {token_ids[0]: slot})
         outputs = mapper(t, l)
     # the output layout: one group per encoder, [token_l (32), bypass_l (32), token_g (48), bypass_g (48)] ...
     parts = [(outputs[:, :32], outputs[:, 32:64]), (outputs[:, 64:112], outputs[:, 112:160])]  # (token, bypass)
@@ -170,13 +137,14 @@ def test_the_pooled_embedding_of_a_step_is_the_mean_over_its_layers(sdxl):
     from stc.method.encoding import pooled_over_layers
 
     pipe = copy.deepcopy(sdxl.pipeline)
-    token_ids = [[tok.convert_tokens_to_ids(tok.add_tokens(["<thing>"]) and "<thing>")] for tok in tokenizers(pipe)]
+    token_ids = [[tok.convert_tokens_to_ids(tok.add_tokens(["<thing>"]) and "<thing>")]
+                 for tok in SDXL.tokenizers(pipe)]
     slot = ConceptSlot.of(token_ids, sdxl_mapper(1))
     ids = [tok(["a <thing>"], padding="max_length", max_length=77, return_tensors="pt").input_ids
-           for tok in tokenizers(pipe)]
+           for tok in SDXL.tokenizers(pipe)]
     with torch.no_grad():
-        encoding = encode_layers(text_encoders(pipe), ids, torch.tensor([900, 100]), 11, {token_ids[0][0]: slot})
-        single = encode_context(text_encoders(pipe), ids, torch.tensor([100.0]), torch.tensor([7.0]),
+        encoding = encode_layers(SDXL.text_encoders(pipe), ids, torch.tensor([900, 100]), 11, {token_ids[0][0]: slot})
+        single = encode_context(SDXL.text_encoders(pipe), ids, torch.tensor([100.0]), torch.tensor([7.0]),
                                 {token_ids[0][0]: slot})
     assert encoding.pooled.shape == (2, 11, 48)
     assert_close_in_scale(encoding.pooled[1, 7], single.pooled[0], 1e-5)  # batched vs one row
@@ -251,37 +219,6 @@ def test_a_prompt_without_concepts_renders_as_the_plain_sdxl_pipeline(sdxl):
     from helpers import assert_same_render
 
     assert_same_render(np.asarray(image), np.asarray(plain))  # the same weights, another loop: rounding only
-
-
-def test_an_sd1_concept_on_sdxl_and_back_is_a_one_line_error_naming_both(photos):
-    save_concept("one")  # builtin:tiny (SD 1.x layout)
-    save_sdxl_concept("xl")
-    result = invoke("gen", "<one> at the beach", "--model", "builtin:tiny-sdxl", "--steps", 1)
-    assert_one_line_error(result, "SD 1.x/2.x", "SDXL", "builtin:tiny")
-    result = invoke("gen", "<xl> at the beach", "--model", "builtin:tiny", "--steps", 1)
-    assert_one_line_error(result, "is for SDXL", "builtin:tiny is SD 1.x/2.x")
-
-
-def test_train_gen_grid_inspect_export_import_run_on_tiny_sdxl(photos, tmp_path):
-    result = invoke("train", photos, "--name", "blob", "--model", "builtin:tiny-sdxl", "--steps", 3,
-                    "--batch-size", 1, "--preview-every", 0)
-    assert result.exit_code == 0, result.output
-    stored = Registry().load("blob")
-    assert stored.layer_names == list(SDXL_LAYER_NAMES) and stored.mapper["encoder_widths"] == WIDTHS
-    assert stored.text_width == 80 and stored.mapper["num_layers"] == 11
-    for args in (("gen", "<blob> on the moon", "--steps", 2, "--out", tmp_path / "gen"),
-                 ("grid", "<blob> on the moon", "--steps", 2, "--ranks", "1,128", "--out", tmp_path / "grid.png"),
-                 ("inspect", "blob"), ("show", "blob"),
-                 ("export", "blob", "--format", "ti", "--out", tmp_path / "ti", "--samples", 8, "--fit-steps", 2),
-                 ("export", "blob", "--format", "diffusers", "--out", tmp_path / "d")):
-        result = invoke(*args)
-        assert result.exit_code == 0, (args, result.output)
-    result = invoke("import", tmp_path / "d" / "blob", "--name", "back")
-    assert result.exit_code == 0, result.output
-    back, trained = load_mapper(Registry().load("back")).state_dict(), load_mapper(stored).state_dict()
-    assert back.keys() == trained.keys() and all(torch.equal(back[key], trained[key]) for key in back)
-    result = invoke("export", "blob", "--format", "neti", "--out", tmp_path / "neti")
-    assert_one_line_error(result, "SDXL", "SD 1.x only")
 
 
 # --------------------------------------------------------------------------- exports

@@ -123,7 +123,6 @@ def test_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
 def test_sdxl_world_training_is_reproducible_and_writes_loadable_weights(tmp_path):
     """``python -m stc.worlds.shapes train --sdxl`` in miniature: the same seed gives the same
     weights, which load as builtin:shapes-sdxl does (on the shipped world's VAE)."""
-    from stc.method.encoding import uses_pooled_embedding
     from stc.method.spacetime import cross_attention_layers
     from stc.worlds.shapes.model import build_shapes_sdxl_pipeline
     from stc.worlds.shapes.train import WorldConfig, train_sdxl_world
@@ -135,7 +134,7 @@ def test_sdxl_world_training_is_reproducible_and_writes_loadable_weights(tmp_pat
         sa, sb = getattr(a, module).state_dict(), getattr(b, module).state_dict()
         assert all(torch.equal(sa[k], sb[k]) for k in sa), module
     assert records[0]["unet"]["final_loss"] == records[1]["unet"]["final_loss"]
-    assert records[0]["layout"] == "sdxl" and uses_pooled_embedding(a.unet)
+    assert records[0]["layout"] == "sdxl" and a.unet.config.addition_embed_type == "text_time"
     assert len(cross_attention_layers(a.unet)) == 11  # SDXL's attention modules, as the real model's
 
 

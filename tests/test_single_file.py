@@ -18,7 +18,8 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from stc.errors import ModelError, StcError
-from stc.models.backbones import families
+from stc.models import backbones as families
+from stc.models.backbones import backbone as backbone_module
 from stc.models.backbones import single_file as ldm
 from stc.models.base import load_base_model, text_width_of
 from stc.render.generation import Renderer, RenderSettings
@@ -183,10 +184,10 @@ def tiny_family(written, tmp_path, monkeypatch):
     folder, path = written["builtin:tiny"]
     configs = tmp_path / "configs"
     shutil.copytree(folder, configs / "tiny", ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer"))
-    family = families.Family("tiny", "tiny SD 1.x", 32, "clip", "tiny-org/tiny-sd",
-                             (("tiny-org/tiny-sd", "tokenizer"),))
-    monkeypatch.setattr(families, "CONFIGS", configs)
-    monkeypatch.setattr(ldm, "FAMILIES", ldm.FAMILIES + (family,))
+    family = families.StableDiffusion("tiny", "tiny SD 1.x", (32,), "tiny-org/tiny-sd",
+                                      (("tiny-org/tiny-sd", "tokenizer"),), checkpoint_layout="clip")
+    monkeypatch.setattr(backbone_module, "CONFIGS", configs)
+    monkeypatch.setattr(ldm, "BACKBONES", ldm.BACKBONES + (family,))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     return folder, path
 
@@ -372,10 +373,10 @@ def test_an_sdxl_file_with_shipped_configs_takes_a_tokenizer_folder_and_derives_
     configs = tmp_path / "configs"
     shutil.copytree(folder, configs / "tinyxl",
                     ignore=shutil.ignore_patterns("*.safetensors", "*.bin", "tokenizer", "tokenizer_2"))
-    family = families.Family("tinyxl", "tiny SDXL", 80, "sgm", "tiny-org/tiny-sdxl",
-                             (("tiny-org/tiny-sdxl", "tokenizer"),), encoder_widths=(32, 48))
-    monkeypatch.setattr(families, "CONFIGS", configs)
-    monkeypatch.setattr(ldm, "FAMILIES", ldm.FAMILIES + (family,))
+    family = families.StableDiffusionXL("tinyxl", "tiny SDXL", (32, 48), "tiny-org/tiny-sdxl",
+                                        (("tiny-org/tiny-sdxl", "tokenizer"),), checkpoint_layout="sgm")
+    monkeypatch.setattr(backbone_module, "CONFIGS", configs)
+    monkeypatch.setattr(ldm, "BACKBONES", ldm.BACKBONES + (family,))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(ModelError, match="tiny SDXL checkpoint: stc ships its configs but cannot ship"):
         load_base_model(str(path), device="cpu")

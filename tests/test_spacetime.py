@@ -145,10 +145,10 @@ def test_bypass_is_added_before_the_final_layernorm_only_at_the_placeholder(tiny
     final_ln = getattr(pipe.text_encoder, "text_model", pipe.text_encoder).final_layer_norm
     # invert: the pre-LN state at the placeholder is reachable from the no-bypass run
     with torch.no_grad():
-        from stc.method.encoding import _causal_mask, _text_transformer
+        from stc.method.encoding import causal_mask, text_transformer
 
-        transformer = _text_transformer(pipe.text_encoder)
-        state = transformer.encoder(inputs_embeds=hidden, attention_mask=_causal_mask(transformer, hidden),
+        transformer = text_transformer(pipe.text_encoder)
+        state = transformer.encoder(inputs_embeds=hidden, attention_mask=causal_mask(transformer, hidden),
                                     is_causal=True).last_hidden_state
         expected_plain = final_ln(state)
         existing = state[0, position]

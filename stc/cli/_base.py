@@ -52,7 +52,7 @@ ModelConfigOpt = Annotated[
     Optional[Path],
     typer.Option(
         "--model-config", help="For a single-file --model: a local diffusers folder of its architecture (its "
-        "configs and tokenizer), or just a CLIP tokenizer folder (SD 1.x/2.x configs ship with stc)."
+        "configs and tokenizer), or just a CLIP tokenizer folder (SD 1.x, 2.x and SDXL configs ship with stc)."
     ),
 ]
 

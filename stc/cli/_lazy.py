@@ -58,9 +58,8 @@ class LazyGroup(TyperGroup):
         return command
 
     def _load(self, name: str):
-        from ._base import app  # the Typer the command modules register on
-
-        importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+        module = importlib.import_module(f"{__package__}.{COMMANDS[name][0]}")
+        app = module.app  # the Typer the command modules register on (_base's, which builds this group)
         for info in app.registered_commands:
             if command_name(info) == name:
                 command = typer.main.get_command_from_info(

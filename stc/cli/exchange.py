@@ -8,7 +8,8 @@ from typing import Annotated, Optional
 import typer
 from rich.text import Text
 
-from ..exchange.formats import FAST, FORMATS, THOROUGH
+from ..exchange.common import FAST, THOROUGH
+from ..exchange.registry import export_formats
 from ._base import (
     DeviceOpt,
     ModelConfigOpt,
@@ -27,14 +28,14 @@ from ._base import (
 
 @app.command("export", help=(
     "Export a concept for other tools; prints the written paths. Formats (each keeps and loses):\n\n"
-    + "\n\n".join(f"- {f.name}: keeps {f.keeps}; loses {f.loses}." for f in FORMATS.values())
+    + "\n\n".join(f"- {f.name}: keeps {f.keeps}; loses {f.loses}." for f in export_formats().values())
 ))
 @handle_errors
 def export(
     ctx: typer.Context,
     name: Annotated[str, typer.Argument(help="Concept to export.", metavar="NAME", show_default=False)],
     format_name: Annotated[
-        str, typer.Option("--format", "-f", help=f"One of: {', '.join(FORMATS)}.", show_default=False)
+        str, typer.Option("--format", "-f", help=f"One of: {', '.join(export_formats())}.", show_default=False)
     ],
     out_dir: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Folder to write into.  [default: the current folder]")
@@ -59,7 +60,7 @@ def export(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
 ) -> None:
-    from ..exchange.formats import check_format
+    from ..exchange.registry import check_format
 
     export_format = check_format(format_name)
     env = command_env(ctx, prediction_type=prediction_type)
@@ -68,7 +69,7 @@ def export(
 
     from ..exchange.formats import export_concept
 
-    distils = format_name in ("ti", "a1111")
+    distils = export_format.distils
     with progress_bar(f"distilling {name} into {vectors} vector(s)") if distils else nullcontext() as progress:
         result = export_concept(
             open_registry(env), name, format_name, out=out_dir, rank=rank, vectors=vectors, force=force, model=model,

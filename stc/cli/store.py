@@ -217,7 +217,9 @@ def _show_record(registry, concept) -> dict:
 
 def _fits(concept) -> str:
     """Which base models a concept works with, in words."""
-    family = {768: "SD 1.x", 1024: "SD 2.x"}.get(concept.text_width, f"text width {concept.text_width}")
+    from ..models.backbones import label_of_widths
+
+    family = label_of_widths(concept.encoder_widths)
     exact = f"; exactly {concept.base_model}" + (f" (token embeddings {concept.base_fingerprint})"
                                                   if concept.base_fingerprint else "")
     return (f"base models with a {concept.text_width}-wide text encoder and these {len(concept.layer_names)} "

@@ -47,18 +47,20 @@ PREVIEW_FILE = "preview.png"
 EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODULE_FILE, CARD_FILE, PREVIEW_FILE)  # all a folder export writes
 CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-inversion")
 
-# stc's code the module carries, in this order: (module, top-level names)
+# stc's code the module carries, in this order: (module, top-level names). Only public names: a
+# function stitched here is part of its module's interface (tests/test_export_diffusers.py checks each
+# one exists, is public and uses only what the export carries)
 STITCHED = (
     ("stc.method.mapper", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig", "FourierEncoding", "NeTIMapper",
-                           "group_factor", "encoder_outputs", "split_outputs", "truncate", "_seeded_init")),
-    ("stc.method.spacetime", ("_unet_blocks", "cross_attention_layers", "cross_attention_layer_names",
+                           "group_factor", "encoder_outputs", "split_outputs", "truncate", "seeded_init")),
+    ("stc.method.spacetime", ("unet_blocks", "cross_attention_layers", "cross_attention_layer_names",
                               "SpaceTimeConditioning", "SpaceTimeAttnProcessor", "install_processors")),
-    ("stc.method.encoding", ("BYPASS_SCALE", "ConceptSlot", "TextEncoder", "tokenizers", "text_encoders", "Encoding",
-                             "_text_transformer", "_causal_mask", "spacetime_rows", "encode_context", "_same_rows",
-                             "_encode_one", "_penultimate", "_pooled", "encode_layers", "SCHEDULE_CHUNK",
-                             "pooled_over_layers", "encode_schedule")),
+    ("stc.method.encoding", ("BYPASS_SCALE", "ConceptSlot", "TextEncoder", "pipeline_text_encoders",
+                             "pipeline_tokenizers", "Encoding", "text_transformer", "causal_mask", "spacetime_rows",
+                             "encode_context", "same_rows", "encode_one", "penultimate_state", "pooled_state",
+                             "encode_layers", "SCHEDULE_CHUNK", "pooled_over_layers", "encode_schedule")),
     ("stc.method.conditioning", ("Conditioning",)),
-    ("stc.render.generation", ("_stack_step", "_with_uncond")),
+    ("stc.render.generation", ("stack_step", "with_uncond")),
     ("stc.render.prompts", ("check_rank",)),
     ("stc.method.placeholders", ("placeholder_tokens", "add_placeholder_tokens")),
 )
@@ -80,6 +82,23 @@ _RULE = "# " + "-" * 60
 
 
 # --------------------------------------------------------------------------- writing
+
+
+owned_files = EXPORT_FILES  # what --force may replace in an existing export folder
+
+
+def targets(name: str, out: Path, backbone) -> list[Path]:
+    return [out / name]
+
+
+def export(job, result, folder: Path) -> None:
+    """Write the export into ``folder`` (staged beside its target by the caller)."""
+    from ..store.registry import preview_paths
+
+    concept = job.concept
+    previews = [path for path in preview_paths(concept.path) if path.name == PREVIEW_FILE]
+    write_diffusers_export(concept, concept.weights_path.read_bytes(), folder, rank=job.rank,
+                           preview=previews[0] if previews else None)
 
 
 def write_diffusers_export(
@@ -113,7 +132,13 @@ def write_diffusers_export(
 
 
 def export_config(concept: Concept, weights_sha256: str, rank: int | None = None) -> dict:
-    """``config.json``: everything that rebuilds and uses the mapper without stc."""
+    """``config.json``: everything that rebuilds and uses the mapper without stc (and, from the
+    concept's backbone, the pipeline class it goes with and where that holds its text encoders)."""
+    import dataclasses
+
+    from ..models.backbones import backbone_for_widths
+
+    backbone = backbone_for_widths(concept.encoder_widths)
     return {
         "format": EXPORT_FORMAT,
         "stc_version": __version__,
@@ -133,6 +158,8 @@ def export_config(concept: Concept, weights_sha256: str, rank: int | None = None
         "metrics": concept.metrics.to_dict(),
         "weights_file": WEIGHTS_FILE,
         "weights_sha256": weights_sha256,
+        "pipeline_class": backbone.pipeline_class,
+        "text_encoders": [dataclasses.asdict(reading) for reading in backbone.readings],  # in context order
     }
 
 
@@ -274,11 +301,12 @@ def _global_loads(code: types.CodeType) -> set[str]:
     return names
 
 
-def pipeline_class_name(config: dict) -> str:
-    """The diffusers pipeline an export's concept renders with: SDXL concepts (two text encoders) need
-    StableDiffusionXLPipeline."""
-    several = config.get("mapper", {}).get("encoder_widths")
-    return "StableDiffusionXLPipeline" if several else "StableDiffusionPipeline"
+def _backbone(config: dict):
+    """The family of an export's concept (stc.models.backbones), from its mapper's text encoders."""
+    from ..method.mapper import MapperConfig
+    from ..models.backbones import backbone_for_widths
+
+    return backbone_for_widths(MapperConfig.from_dict(config["mapper"]).widths)
 
 
 def usage_snippet(config: dict, folder: str = "path/to/this/folder") -> str:
@@ -289,7 +317,7 @@ def usage_snippet(config: dict, folder: str = "path/to/this/folder") -> str:
         note = (f"# {base} is stc's random test model: load the folder written by\n"
                 f'# stc.models.base.load_base_model("{base}").pipeline.save_pretrained(DIR)\n')
     default = "full" if config.get("rank") is None else f"{config['rank']}"
-    pipeline = pipeline_class_name(config)
+    pipeline = config["pipeline_class"]
     return (
         f"import sys\n\nimport torch\nfrom diffusers import DPMSolverMultistepScheduler, {pipeline}\n\n"
         f'folder = "{folder}"  # config.json, mapper.safetensors, stc_concept.py\n'
@@ -340,8 +368,7 @@ def model_card(config: dict, has_preview: bool = False) -> str:
     """``README.md``: a Hugging Face model card for the export."""
     base = config["base_model"]
     hub_id = re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", base) is not None
-    sd2_or_xl = config["text_width"] == 1024 or pipeline_class_name(config) == "StableDiffusionXLPipeline"
-    license_id = "openrail++" if sd2_or_xl else "creativeml-openrail-m"  # SD 2.x and SDXL; SD 1.x
+    license_id = _backbone(config).license
     front = (["---", f"base_model: {base}"] if hub_id else ["---"]) + [
         "tags:", *(f"- {tag}" for tag in CARD_TAGS), f"license: {license_id}", "library_name: diffusers",
         "inference: false", "---",
@@ -452,12 +479,12 @@ def _state_dict(weights: bytes, mapper_config: dict, source: str) -> dict:
     return state
 
 
-def import_diffusers_export(request):
-    """``stc import`` of an stc diffusers export (a :class:`~stc.exchange.formats.ImportRequest`):
+def read(request):
+    """``stc import`` of an stc diffusers export (a :class:`~stc.exchange.common.ImportRequest`):
     the concept as it was exported, with its preview."""
     from ..store.concept import MetricsRecord, TrainingRecord
     from ..store.conceptio import mapper_from_state
-    from .formats import Imported, concept_name
+    from .common import Imported, concept_name
 
     folder, name, model = request.path, request.name, request.model
     config, state_dict = read_diffusers_export(folder)

@@ -7,8 +7,8 @@ attention and key/value assembly code, copied at export time from ``stc/method/m
 ``stc/method/spacetime.py``, ``stc/method/encoding.py``, ``stc/method/conditioning.py`` and
 ``stc/render/generation.py``, followed by the part of this file below the ``glue`` line, which
 uses their names (``NeTIMapper``, ``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
-``cross_attention_layer_names``, ``install_processors``, ``encode_schedule``, ``_stack_step``,
-``_with_uncond``, ``check_rank``, ``placeholder_tokens``,
+``cross_attention_layer_names``, ``install_processors``, ``encode_schedule``, ``stack_step``,
+``with_uncond``, ``check_rank``, ``placeholder_tokens``, ``pipeline_text_encoders``, ``pipeline_tokenizers``,
 ``add_placeholder_tokens``) and the constants the export writes (``EXPORT_FORMAT``,
 ``ModelError``, ``BadInput``). The imports above that line are the glue's own; the export adds those the
 copied code needs.
@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import types
 from pathlib import Path
 
 import torch
@@ -76,7 +77,9 @@ def load_concept(pipe, folder, rank: int | None = None) -> str:
     rank = config.get("rank") if rank is None else int(rank)
     if rank is not None:
         check_rank(config["name"], rank, mapper.config.rank_max)
-    widths = [encoder.module.config.hidden_size for encoder in text_encoders(pipe)]
+    readings = [types.SimpleNamespace(**reading) for reading in config["text_encoders"]]
+    encoders = pipeline_text_encoders(pipe, readings)
+    widths = [encoder.module.config.hidden_size for encoder in encoders]
     wanted = mapper.config.encoder_widths or [config["text_width"]]
     if widths != list(wanted):
         raise ModelError(
@@ -87,10 +90,10 @@ def load_concept(pipe, folder, rank: int | None = None) -> str:
         raise ModelError(
             f"{config['token']} was trained on a UNet with other cross-attention layers ({config['base_model']})"
         )
-    hooks = SpaceTimeHooks.of(pipe)
+    hooks = SpaceTimeHooks.of(pipe, encoders)
     tokens = placeholder_tokens(config["token"], mapper.config.num_vectors)
     token_ids = [_add_tokens(tokenizer, encoder.module, tokens, config["initializer"])
-                 for tokenizer, encoder in zip(tokenizers(pipe), text_encoders(pipe))]
+                 for tokenizer, encoder in zip(pipeline_tokenizers(pipe, readings), encoders)]
     slot = ConceptSlot.of(token_ids, mapper.to(pipe.text_encoder.device), rank)
     hooks.slots[slot.token_id] = slot
     return config["token"]
@@ -131,19 +134,19 @@ class SpaceTimeHooks:
     ATTRIBUTE = "_stc_spacetime"
 
     @classmethod
-    def of(cls, pipe) -> "SpaceTimeHooks":
+    def of(cls, pipe, encoders) -> "SpaceTimeHooks":
         hooks = getattr(pipe, cls.ATTRIBUTE, None)
         if hooks is None:
-            hooks = cls(pipe)
+            hooks = cls(pipe, encoders)
             setattr(pipe, cls.ATTRIBUTE, hooks)
         return hooks
 
-    def __init__(self, pipe):
+    def __init__(self, pipe, encoders):
         self.pipe = pipe
         self.slots = {}  # token id -> ConceptSlot
         self.original_processors = dict(pipe.unet.attn_processors)
         self.num_layers = len(install_processors(pipe.unet))
-        self.encoders = text_encoders(pipe)
+        self.encoders = encoders  # the pipeline's text encoders, as config.json's text_encoders read them
         self.encoded_ids = [[] for _ in self.encoders]  # per text encoder: the input ids it read since the UNet ran
         self.render = None  # the current render's space-time conditioning; None: plain diffusers
         self.handles = [
@@ -245,10 +248,10 @@ class SpaceTimeHooks:
             for index, conditioning in enumerate(render.conditionings)
         ]
         samples = [conditionings[index // per_prompt] for index in range(count)]
-        keys, values, pooled = _stack_step(samples, step_index, self.num_layers)  # L x B x S x D; B x P
+        keys, values, pooled = stack_step(samples, step_index, self.num_layers)  # L x B x S x D; B x P
         if cfg:
             negative = hidden[: batch // 2]
-            keys, values = _with_uncond(negative, keys), _with_uncond(negative, values)
+            keys, values = with_uncond(negative, keys), with_uncond(negative, values)
             if pooled is not None:
                 pooled = torch.cat([pipeline_pooled[: batch // 2], pooled.to(pipeline_pooled.dtype)])
         spacetime = SpaceTimeConditioning(keys=keys.to(hidden.device), values=values.to(hidden.device))

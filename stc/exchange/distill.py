@@ -54,17 +54,13 @@ from ..method.encoding import (
     encode_context,
     encode_layers,
     pooled_over_layers,
-    size_time_ids,
-    text_encoders,
-    tokenizers,
-    uses_pooled_embedding,
 )
 from ..method.mapper import MapperConfig
 from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
 from ..method.spacetime import SpaceTimeConditioning, cross_attention_layers, install_processors
 from ..method.templates import OBJECT_TEMPLATES
 from ..train.config import TrainConfig
-from .formats import FAST
+from .common import FAST
 
 QUERIES_PER_LAYER = 256  # query tokens recorded per layer and sample (SD 1.5's layer 0 has 4096)
 REFERENCE_MODULES = 16  # SD 1.x/2.x's cross-attentions: a UNet with more (SDXL: 70) records fewer per module
@@ -129,7 +125,7 @@ class _Context:
 
     @property
     def encoders(self):
-        return text_encoders(self.base.pipeline)
+        return self.base.backbone.text_encoders(self.base.pipeline)
 
     @property
     def device(self):
@@ -164,7 +160,7 @@ def _prepare(base, concept, mapper, vectors: int, rank: int | None) -> _Context:
 
     layer_names = cross_attention_layer_names(base.pipeline.unet)
     check_compatible(concept, base, layer_names)
-    copies = [copy.deepcopy(tokenizer) for tokenizer in tokenizers(base.pipeline)]
+    copies = [copy.deepcopy(tokenizer) for tokenizer in base.backbone.tokenizers(base.pipeline)]
     vector_tokens = placeholder_tokens(concept.token, vectors)
     for tokenizer in copies:
         single_token_id(tokenizer, concept.initializer)  # a BadInput with suggestions otherwise
@@ -202,10 +198,7 @@ class _Constant:
 def _vector_slots(token_ids: list[list[int]], vectors: torch.Tensor, widths: list[int]) -> dict[int, ConceptSlot]:
     """Plain textual inversion as stc's text encoder sees it: the i-th token (``token_ids[k][i]`` in
     tokenizer k) -> vectors[i], each text encoder taking its part of it (SDXL: [768 | 1280])."""
-    several = len(widths) > 1
-    config = MapperConfig(text_width=vectors.shape[-1], norm_scale=1.0, bypass=False,
-                          encoder_widths=list(widths) if several else None,
-                          norm_scales=[1.0] * len(widths) if several else None)
+    config = MapperConfig.for_encoders(widths, [1.0] * len(widths), bypass=False)
     slots = {}
     for index, vector in enumerate(vectors):
         slot = ConceptSlot.of([[ids[index]] for ids in token_ids], _Constant(vector), config=config)
@@ -275,11 +268,10 @@ def _predict(ctx: _Context, latents, timesteps, hidden, spacetime=None, pooled=N
     kwargs = {"spacetime": spacetime} if spacetime is not None else None
     unet = ctx.unet
     added = None
-    if uses_pooled_embedding(unet):
+    if pooled is not None:  # the model reads a pooled embedding: the backbone's added conditioning
         factor = ctx.base.pipeline.vae_scale_factor
         height, width = (side * factor for side in latents.shape[-2:])
-        added = {"text_embeds": pooled.to(ctx.device, hidden.dtype),
-                 "time_ids": size_time_ids(height, width, latents.shape[0], ctx.device, hidden.dtype)}
+        added = ctx.base.backbone.added_conditioning(pooled.to(ctx.device, hidden.dtype), height, width)
     return unet(
         latents.to(ctx.device, unet.dtype), timesteps.to(ctx.device), encoder_hidden_states=hidden,
         cross_attention_kwargs=kwargs, added_cond_kwargs=added,
@@ -423,7 +415,8 @@ def _attend(attn, query: torch.Tensor, states: torch.Tensor, rows: torch.Tensor 
 def _check_attention(modules: list) -> None:
     for attn in modules:
         if attn.residual_connection or attn.group_norm is not None or attn.spatial_norm is not None:
-            raise ModelError("distillation supports Stable Diffusion 1.x/2.x cross-attention layers only")
+            raise ModelError("distillation supports the cross-attention layers of Stable Diffusion UNets "
+                             "(SD 1.x, 2.x, SDXL) only")
 
 
 def _fp32(module):

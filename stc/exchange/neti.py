@@ -34,6 +34,7 @@ import torch
 from ..errors import BadInput
 from ..method.mapper import MapperConfig, NeTIMapper
 from ..outputs import staged
+from .common import ExportJob, ExportResult, Imported, ImportRequest, base_model_for, concept_name, new_concept
 from .torchfiles import BadCheckpoint, portable_torch_save, read_torch_file
 
 # The reference's ModelConfig defaults (training/config.py), for checkpoints whose cfg is partial.
@@ -274,10 +275,8 @@ def mapper_from_reference(ckpt: ReferenceCheckpoint) -> NeTIMapper:
     return mapper_from_state(config, state_dict_from_reference(ckpt), source=str(ckpt.path))
 
 
-def import_reference(request):
-    """``stc import`` of a reference ``*-mapper.pt`` (a :class:`~stc.exchange.formats.ImportRequest`)."""
-    from .formats import Imported, base_model_for, concept_name, new_concept
-
+def read(request: ImportRequest) -> Imported:
+    """``stc import`` of a reference ``*-mapper.pt``."""
     path = request.path
     checkpoint = read_reference_mapper(path)
     mapper = mapper_from_reference(checkpoint)
@@ -376,6 +375,14 @@ def _reference_modules(cls):
                 sys.modules.pop(name, None)
             else:
                 sys.modules[name] = previous
+
+
+def targets(name: str, out: Path, backbone) -> list[Path]:
+    return [out / f"{name}-mapper.pt", out / f"{name}-learned_embeds.bin"]
+
+
+def export(job: ExportJob, result: ExportResult) -> None:
+    write_neti(job.concept, job.mapper, job.paths)  # the mapper alone: no base model needed
 
 
 def write_neti(concept, mapper, paths: list[Path]) -> None:

@@ -1,10 +1,9 @@
-"""Plain textual-inversion embeddings: ``ti`` (one safetensors tensor ``emb_params`` [n, D]) and
-``a1111`` (the webui's ``.pt``), written by ``stc export`` and read by ``stc import`` together
-with the layouts other tools write (diffusers' single-key files, kohya's, the webui's original
-``nn.ParameterDict`` one). An SDXL embedding is one safetensors file with a tensor per text
-encoder, ``clip_l`` [n, 768] and ``clip_g`` [n, 1280], and nothing else (the layout kohya writes and
-the webui, ComfyUI and InvokeAI read; diffusers loads each tensor into its encoder): both ``ti``
-and ``a1111`` write that for SDXL concepts.
+"""Plain textual-inversion embeddings: ``ti`` (one safetensors file, a tensor per text encoder:
+``emb_params`` [n, D] for SD 1.x/2.x; ``clip_l`` [n, 768] and ``clip_g`` [n, 1280] for SDXL, the
+layout kohya writes and the webui, ComfyUI and InvokeAI read; the family's backbone names the
+keys), written by ``stc export`` and read by ``stc import`` together with the layouts other
+tools write (diffusers' single-key files, kohya's, the webui's ``.pt`` in its current and original
+``nn.ParameterDict`` forms; ``a1111.py`` writes the webui's).
 
 An embedding is n fixed vectors, the same at every timestep and layer, with no bypass. Exporting
 a NeTI concept distils them (:mod:`stc.exchange.distill`); importing one builds a *constant*
@@ -21,9 +20,8 @@ from pathlib import Path
 from .. import __version__
 from ..errors import BadInput
 from ..outputs import staged
-from .torchfiles import portable_torch_save, read_torch_file
-
-A1111_STAR_TOKEN = 265  # CLIP's id of '*', the key every A1111 embedding uses
+from .common import ExportJob, ExportResult, Imported, ImportRequest, base_model_for, concept_name, new_concept
+from .torchfiles import read_torch_file
 
 MAX_TEXT_WIDTH = 8192  # wider than any text encoder; a larger claimed width is refused before allocating
 
@@ -39,12 +37,14 @@ class Embedding:
     source: str  # "ti", "a1111" or "diffusers-ti"
     token: str | None = None  # the token the file names (diffusers' single key)
     base_model: str | None = None  # the model the file says it was made for
-    widths: list[int] | None = None  # SDXL's: the width of each text encoder's part of a vector (clip_l, clip_g)
+    widths: list[int] | None = None  # each text encoder's part of a vector (SDXL: clip_l, clip_g); None: one encoder
 
 
 def read_embedding(path: Path) -> Embedding:
     """The vectors [n, D] of a textual-inversion file, its layout, and what it records."""
     import torch
+
+    from ..models.backbones import backbone_of_ti_keys
 
     metadata = {}
     if path.suffix == ".safetensors":
@@ -65,10 +65,8 @@ def read_embedding(path: Path) -> Embedding:
             raise BadInput(f"{path}: an A1111 embedding with {len(params)} tensors; expected one")
         checkpoint = data.get("sd_checkpoint_name")
         embedding = Embedding(params[0], "a1111", base_model=checkpoint if isinstance(checkpoint, str) else None)
-    elif isinstance(data, dict) and {"clip_l", "clip_g"} <= set(data):
-        embedding = _sdxl_embedding(path, data, metadata)
-    elif isinstance(data, dict) and isinstance(data.get("emb_params"), torch.Tensor):
-        embedding = Embedding(data["emb_params"], "ti", base_model=metadata.get("base_model"))
+    elif isinstance(data, dict) and backbone_of_ti_keys(data) is not None:
+        embedding = _layout_embedding(path, data, metadata, backbone_of_ti_keys(data).ti_keys)
     elif isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), torch.Tensor):
         token, vectors = next(iter(data.items()))
         embedding = Embedding(vectors, "diffusers-ti", token=str(token))
@@ -84,42 +82,42 @@ def read_embedding(path: Path) -> Embedding:
     return embedding
 
 
-def _sdxl_embedding(path: Path, data: dict, metadata: dict) -> Embedding:
-    """An SDXL embedding: ``clip_l`` [n, D_l] and ``clip_g`` [n, D_g] -> n vectors [clip_l | clip_g]."""
+def _layout_embedding(path: Path, data: dict, metadata: dict, keys: tuple[str, ...]) -> Embedding:
+    """A family's embedding file: a tensor per text encoder under its key (``emb_params``; SDXL's
+    ``clip_l`` [n, D_l] and ``clip_g`` [n, D_g]) -> n vectors [first | second …]."""
     import torch
 
-    parts = [data["clip_l"], data["clip_g"]]
+    parts = [data[key] for key in keys]
     if not all(isinstance(part, torch.Tensor) for part in parts):
-        raise BadInput(f"{path.name}: clip_l and clip_g must be tensors")
+        raise BadInput(f"{path.name}: {' and '.join(keys)} must be tensors")
     parts = [part.detach().float().reshape(-1, part.shape[-1]) if part.ndim else part for part in parts]
-    if any(part.ndim != 2 for part in parts) or parts[0].shape[0] != parts[1].shape[0]:
-        raise BadInput(f"{path.name}: clip_l {list(data['clip_l'].shape)} and clip_g {list(data['clip_g'].shape)} "
-                       "must hold as many vectors each")
-    checkpoint = metadata.get("base_model") or data.get("sd_checkpoint_name")
+    if any(part.ndim != 2 for part in parts) or len({part.shape[0] for part in parts}) != 1:
+        shapes = " and ".join(f"{key} {list(data[key].shape)}" for key in keys)
+        raise BadInput(f"{path.name}: {shapes} must hold as many vectors each")
+    checkpoint = metadata.get("base_model")
     return Embedding(torch.cat(parts, dim=-1), "ti", base_model=checkpoint if isinstance(checkpoint, str) else None,
-                     widths=[parts[0].shape[-1], parts[1].shape[-1]])
+                     widths=[part.shape[-1] for part in parts])
 
 
 def constant_mapper(vectors, widths: list[int] | None = None):
     """A mapper whose output is ``vectors`` (n x D: the n tokens of the placeholder) at every
-    (t, l) and rank, without bypass. ``widths``: SDXL's text encoders' parts of a vector (their
-    output groups hold the n vectors' parts of each encoder in turn, each at its own norm)."""
+    (t, l) and rank, without bypass. ``widths``: each text encoder's part of a vector (SDXL's two:
+    the output groups hold the n vectors' parts of each encoder in turn, each at its own norm;
+    None: one encoder)."""
     import torch
 
     from ..method.mapper import MapperConfig, NeTIMapper
 
-    several = widths is not None and len(widths) > 1
-    parts = list(vectors.split(list(widths), dim=-1)) if several else [vectors]
+    widths = list(widths or [vectors.shape[-1]])
+    parts = list(vectors.split(widths, dim=-1))
     flat = torch.cat([part.reshape(-1) for part in parts])  # per encoder, its n vectors one after the other
     if not bool(torch.isfinite(flat).all()):
         raise BadInput("the embedding holds NaN or infinite values")
     norms = [float(part.norm()) for part in parts]
     if not min(norms) > 0:
         raise BadInput("the embedding is all zeros")
-    norm_scale = norms[0] if several else float(flat.norm())
-    config = MapperConfig(text_width=vectors.shape[-1], norm_scale=norm_scale, bypass=False, nested_dropout=False,
-                          num_vectors=vectors.shape[0], encoder_widths=list(widths) if several else None,
-                          norm_scales=norms if several else None)
+    config = MapperConfig.for_encoders(widths, norms, bypass=False, nested_dropout=False,
+                                       num_vectors=vectors.shape[0])
     mapper = NeTIMapper(config, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         mapper.output_layer[0].weight.zero_()
@@ -127,10 +125,8 @@ def constant_mapper(vectors, widths: list[int] | None = None):
     return mapper.eval().requires_grad_(False)
 
 
-def import_embedding(request):
-    """``stc import`` of a textual-inversion file (a :class:`~stc.exchange.formats.ImportRequest`)."""
-    from .formats import Imported, base_model_for, concept_name, new_concept
-
+def read(request: ImportRequest) -> Imported:
+    """``stc import`` of a textual-inversion file (every layout :func:`read_embedding` knows)."""
     path = request.path
     embedding = read_embedding(path)
     mapper = constant_mapper(embedding.vectors, embedding.widths)
@@ -166,36 +162,43 @@ def constant_vectors(mapper):
     return torch.cat(parts, dim=-1)
 
 
-def write_ti(vectors, path: Path, base_model: str = "", widths: list[int] | None = None) -> None:
-    """``emb_params`` [n, D]: the single-key layout diffusers, A1111, ComfyUI and kohya load; with
-    ``widths`` (SDXL's two text encoders) ``clip_l`` [n, D_l] and ``clip_g`` [n, D_g] and no other
-    tensor. The header's metadata (strings only) names the base model, so ``stc import`` gives the
-    concept back its model."""
+def targets(name: str, out: Path, backbone) -> list[Path]:
+    return [out / f"{name}.safetensors"]
+
+
+def export(job: ExportJob, result: ExportResult) -> None:
+    vectors, spec = embedding_vectors(job, result)
+    write_ti(vectors, job.paths[0], spec, job.backbone)
+
+
+def embedding_vectors(job: ExportJob, result: ExportResult):
+    """The vectors an embedding export writes and the base model they are for: a textual-inversion
+    concept's own (nothing to fit), else the concept distilled on its base model (or ``--model``)."""
+    exact = constant_vectors(job.mapper)
+    if exact is not None:
+        result.exact = True
+        return exact, job.concept.base_model
+    from ..models.base import load_base_model
+    from .distill import distil
+
+    spec = job.model or job.concept.base_model
+    if job.on_status:
+        job.on_status(f"loading {spec}")
+    base = load_base_model(spec, device=job.device, config=job.model_config, env=job.env)
+    distilled = distil(base, job.concept, job.mapper, vectors=job.vectors, rank=job.rank, samples=job.samples,
+                       steps=job.fit_steps, progress=job.progress)
+    result.fidelity = distilled.fidelity
+    return distilled.vectors, base.spec
+
+
+def write_ti(vectors, path: Path, base_model: str, backbone) -> None:
+    """The family's textual-inversion safetensors (``backbone.ti_tensors``: ``emb_params`` [n, D],
+    the single-key layout diffusers, A1111, ComfyUI and kohya load; SDXL's ``clip_l`` [n, D_l] and
+    ``clip_g`` [n, D_g] and no other tensor). The header's metadata (strings only) names the base
+    model, so ``stc import`` gives the concept back its model."""
     from safetensors.torch import save
 
     metadata = {"format": "stc-ti", "stc_version": __version__, "base_model": base_model}
-    vectors = vectors.detach().float().cpu()
-    if widths is not None and len(widths) > 1:
-        clip_l, clip_g = vectors.split(list(widths), dim=-1)
-        tensors = {"clip_l": clip_l.contiguous(), "clip_g": clip_g.contiguous()}
-    else:
-        tensors = {"emb_params": vectors.contiguous()}
+    tensors = backbone.ti_tensors(vectors.detach().float().cpu())
     with staged(path) as temporary:
         temporary.write_bytes(save(tensors, metadata=metadata))
-
-
-def a1111_embedding(vectors, name: str, steps: int, checkpoint_name: str) -> dict:
-    """The webui's native embedding dict: tensors, strings and ints only."""
-    return {
-        "string_to_token": {"*": A1111_STAR_TOKEN},
-        "string_to_param": {"*": vectors.detach().float().cpu().clone()},
-        "name": name,
-        "step": int(steps),
-        "sd_checkpoint": "",  # the webui's short hash of the base checkpoint: unknown here
-        "sd_checkpoint_name": checkpoint_name,
-    }
-
-
-def write_a1111(vectors, path: Path, name: str, steps: int, checkpoint_name: str) -> None:
-    with staged(path) as temporary:
-        temporary.write_bytes(portable_torch_save(a1111_embedding(vectors, name, steps, checkpoint_name), name))

@@ -44,14 +44,19 @@ class Conditioning:
 
 
 class TextConditioner:
-    """Encodes prompts for a pipeline whose tokenizers know the concepts' placeholder tokens."""
+    """Encodes prompts with a model's text encoders (:class:`~stc.method.encoding.TextEncoder`, in
+    context order) and their tokenizers, which know the concepts' placeholder tokens.
 
-    def __init__(self, pipeline, device: str, slots: dict, num_layers: int, tokens: dict | None = None):
-        from .encoding import text_encoders, tokenizers
+    ``zero_empty_negative``: an empty negative prompt is zeros, not its encoding (a pipeline made
+    with ``force_zeros_for_empty_prompt``, as SDXL base is).
+    """
 
-        self.pipeline, self.device, self.slots, self.num_layers = pipeline, device, slots, num_layers
+    def __init__(self, encoders: list, tokenizers: list, device: str, slots: dict, num_layers: int,
+                 tokens: dict | None = None, zero_empty_negative: bool = False):
+        self.encoders, self.tokenizers = encoders, tokenizers
+        self.device, self.slots, self.num_layers = device, slots, num_layers
         self.tokens = tokens or {}  # concept name -> its placeholder tokens (several for n-vector concepts)
-        self.tokenizers, self.encoders = tokenizers(pipeline), text_encoders(pipeline)
+        self.zero_empty_negative = zero_empty_negative
 
     def tokenize(self, text: str) -> list:
         """The token ids of ``text`` in each tokenizer (1 x S each), placeholders expanded."""
@@ -64,35 +69,32 @@ class TextConditioner:
 
     def plain(self, text: str):
         """The stock text encoding of ``text`` (an Encoding, 1 x S x D): one call of each text
-        encoder, read as diffusers' pipelines read it (SD 1.x/2.x: the last state; SDXL: both
-        encoders' penultimate states side by side, and the second one's projected pooled token)."""
+        encoder, read as diffusers' pipelines read it (each encoder's context state, "final" or
+        "penultimate", side by side, and the pooling one's projected pooled token)."""
         import torch
 
         from .encoding import Encoding
 
         with torch.no_grad():
-            ids = self.tokenize(text)
-            if len(self.encoders) == 1:
-                hidden = self.pipeline.text_encoder(ids[0])[0]
-                return Encoding(hidden, hidden)
             states, pooled = [], None
-            for encoder, encoder_ids in zip(self.encoders, ids):
-                output = encoder.module(encoder_ids, output_hidden_states=True)
-                states.append(output.hidden_states[-2])
-                pooled = output[0] if encoder.pooled else pooled
+            for encoder, encoder_ids in zip(self.encoders, self.tokenize(text)):
+                penultimate = encoder.context == "penultimate"
+                output = encoder.module(encoder_ids, output_hidden_states=penultimate)
+                states.append(output.hidden_states[-2] if penultimate else output.last_hidden_state)
+                pooled = output.text_embeds if encoder.pooled else pooled
             hidden = torch.cat(states, dim=-1)
             return Encoding(hidden, hidden, pooled)
 
     def negative(self, text: str):
-        """The encoding of the negative prompt: :meth:`plain`, except that an SDXL pipeline made
-        to zero an empty one (``force_zeros_for_empty_prompt``, as SDXL base is) gets zeros, as
-        StableDiffusionXLPipeline gives when no negative prompt is passed."""
+        """The encoding of the negative prompt: :meth:`plain`, except that an empty one is zeros
+        with ``zero_empty_negative``, as StableDiffusionXLPipeline gives when no negative prompt
+        is passed."""
         import torch
 
         from .encoding import Encoding
 
         encoding = self.plain(text)
-        if text or not self.pipeline.config.get("force_zeros_for_empty_prompt", False) or len(self.encoders) == 1:
+        if text or not self.zero_empty_negative:
             return encoding
         pooled = torch.zeros_like(encoding.pooled) if encoding.pooled is not None else None
         return Encoding(torch.zeros_like(encoding.keys), torch.zeros_like(encoding.values), pooled)

@@ -85,21 +85,19 @@ class TextEncoder:
     end_token_id: int | None = None
 
 
-def tokenizers(pipeline) -> list:
-    """The tokenizers of a diffusers pipeline, one per text encoder, in encoder order."""
-    second = getattr(pipeline, "tokenizer_2", None)
-    return [pipeline.tokenizer] if second is None else [pipeline.tokenizer, second]
+def pipeline_text_encoders(pipeline, readings) -> list[TextEncoder]:
+    """The text encoders of a diffusers pipeline as ``readings`` describe them: one per encoder, in
+    context order, each naming the pipeline's attributes of the encoder (``component``) and its
+    tokenizer (``tokenizer``) and how its output is read (``context``, ``pooled``), as a model
+    family's backbone lists them (``stc/models/backbones``)."""
+    return [TextEncoder(getattr(pipeline, reading.component), reading.context, reading.pooled,
+                        getattr(pipeline, reading.tokenizer).eos_token_id if reading.pooled else None)
+            for reading in readings]
 
 
-def text_encoders(pipeline) -> list[TextEncoder]:
-    """The text encoders of a diffusers pipeline, in the order their outputs are concatenated:
-    SD 1.x/2.x's one (final states), or SDXL's CLIP ViT-L and OpenCLIP ViT-bigG (penultimate
-    states; the second pools)."""
-    second = getattr(pipeline, "text_encoder_2", None)
-    if second is None:
-        return [TextEncoder(pipeline.text_encoder)]
-    return [TextEncoder(pipeline.text_encoder, "penultimate"),
-            TextEncoder(second, "penultimate", pooled=True, end_token_id=pipeline.tokenizer_2.eos_token_id)]
+def pipeline_tokenizers(pipeline, readings) -> list:
+    """The tokenizers of a diffusers pipeline, one per text encoder of ``readings``, in encoder order."""
+    return [getattr(pipeline, reading.tokenizer) for reading in readings]
 
 
 @dataclass
@@ -113,11 +111,11 @@ class Encoding:
     pooled: torch.Tensor | None = None
 
 
-def _text_transformer(text_encoder):
+def text_transformer(text_encoder):
     return getattr(text_encoder, "text_model", text_encoder)
 
 
-def _causal_mask(transformer, hidden: torch.Tensor):
+def causal_mask(transformer, hidden: torch.Tensor):
     """The text encoder's causal mask, from transformers' own mask helper. Its arguments were
     renamed across transformers 5.x (input_embeds/inputs_embeds, past_key_values/cache,
     cache_position): they are passed by the names this version has."""
@@ -197,11 +195,11 @@ def encode_context(
             if index:
                 token_id = slot.token_ids_for(index)[vector]
                 rows_k, cols = (ids == token_id).nonzero(as_tuple=True)
-                match = _same_rows(rows, rows_k)
+                match = same_rows(rows, rows_k)
                 token, bypass = token[match], (bypass[match] if bypass is not None else None)
                 rows = rows_k
             placements.append((rows, cols, token[:, piece], bypass[:, piece] if bypass is not None else None))
-        plain, bypassed, encoder_pooled = _encode_one(encoder, ids, placements)
+        plain, bypassed, encoder_pooled = encode_one(encoder, ids, placements)
         keys.append(plain)
         values.append(bypassed)
         pooled = encoder_pooled if encoder_pooled is not None else pooled
@@ -210,7 +208,7 @@ def encode_context(
     return Encoding(torch.cat(keys, dim=-1), torch.cat(values, dim=-1), pooled)
 
 
-def _same_rows(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+def same_rows(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """For each occurrence in ``other`` (rows of another tokenizer's placeholder positions), the
     index of an occurrence in ``rows`` of the same row, in order (both are sorted)."""
     if rows.shape == other.shape and torch.equal(rows, other):
@@ -221,23 +219,23 @@ def _same_rows(rows: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return match
 
 
-def _encode_one(encoder: TextEncoder, input_ids: torch.Tensor, placements):
+def encode_one(encoder: TextEncoder, input_ids: torch.Tensor, placements):
     """One text encoder's (keys, values, pooled or None): its token embeddings with the
     concepts' put in, its context state (the bypass added at their positions for the values)."""
-    transformer = _text_transformer(encoder.module)
+    transformer = text_transformer(encoder.module)
     token_embedding = transformer.embeddings.token_embedding
     embeds = token_embedding(input_ids.clamp(max=token_embedding.num_embeddings - 1))  # N, S, D
     for rows, cols, token, _ in placements:
         embeds = embeds.index_put((rows, cols), token.to(embeds.dtype))
     hidden = transformer.embeddings(inputs_embeds=embeds)
-    mask = _causal_mask(transformer, hidden)
+    mask = causal_mask(transformer, hidden)
     if encoder.context == "final":
         state = transformer.encoder(inputs_embeds=hidden, attention_mask=mask, is_causal=True).last_hidden_state
         plain, normalize, pooled = transformer.final_layer_norm(state), transformer.final_layer_norm, None
     else:  # the state before the last layer, as is; the last layer runs only for the pooled embedding
-        state, last = _penultimate(transformer, hidden, mask, need_last=encoder.pooled)
+        state, last = penultimate_state(transformer, hidden, mask, need_last=encoder.pooled)
         plain, normalize = state, None
-        pooled = _pooled(encoder, transformer, last, input_ids) if encoder.pooled else None
+        pooled = pooled_state(encoder, transformer, last, input_ids) if encoder.pooled else None
     bypasses = [(rows, cols, bypass) for rows, cols, _, bypass in placements if bypass is not None]
     if not bypasses:
         return plain, plain, pooled
@@ -249,7 +247,7 @@ def _encode_one(encoder: TextEncoder, input_ids: torch.Tensor, placements):
     return plain, (normalize(bypassed) if normalize is not None else bypassed), pooled
 
 
-def _penultimate(transformer, hidden: torch.Tensor, mask, need_last: bool):
+def penultimate_state(transformer, hidden: torch.Tensor, mask, need_last: bool):
     """(the hidden state before the encoder's last layer, the last hidden state or None): what
     transformers' ``hidden_states[-2]`` and ``last_hidden_state`` are."""
     layers = transformer.encoder.layers
@@ -274,7 +272,7 @@ def _penultimate(transformer, hidden: torch.Tensor, mask, need_last: bool):
     return captured[0], last
 
 
-def _pooled(encoder: TextEncoder, transformer, last: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+def pooled_state(encoder: TextEncoder, transformer, last: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
     """The projected pooled embedding: the final-LayerNorm'd last state at the first end-of-text
     token. (transformers' CLIP pools at the largest token id when its config has the legacy end
     id 2, as SDXL's second encoder does: that is the end-of-text token until placeholder tokens

@@ -51,6 +51,21 @@ class MapperConfig:
                 raise ValueError(f"encoder_widths {self.encoder_widths} must be positive and add up to text_width "
                                  f"{self.text_width}, one norm_scale each")
 
+    @classmethod
+    def for_encoders(cls, widths, norms, **settings) -> "MapperConfig":
+        """The config of a mapper feeding text encoders of ``widths`` whose initializer norms are
+        ``norms`` (one output group each). The one home of how a config records them: one encoder
+        in the keys concepts have always had, several in ``encoder_widths``/``norm_scales``."""
+        widths, norms = [int(width) for width in widths], [float(norm) for norm in norms]
+        grouped = len(widths) != 1
+        return cls(text_width=sum(widths), norm_scale=norms[0], encoder_widths=widths if grouped else None,
+                   norm_scales=norms if grouped else None, **settings)
+
+    @property
+    def widths(self) -> list[int]:
+        """The width of each text encoder the mapper feeds, in order."""
+        return [width for width, _ in self.encoders]
+
     @property
     def encoders(self) -> list[tuple[int, float]]:
         """(width, initializer norm) of each text encoder the mapper feeds, in order."""
@@ -116,7 +131,7 @@ class NeTIMapper(nn.Module):
         self.config = config
         num_anchors = config.num_time_anchors * config.num_layers
         self.encoding = FourierEncoding(config.num_fourier_features, config.sigma_t, config.sigma_l, generator)
-        with _seeded_init(generator):
+        with seeded_init(generator):
             input_layer = nn.Linear(2 * config.num_fourier_features, num_anchors)
             self.net = nn.Sequential(
                 input_layer,
@@ -225,7 +240,7 @@ def truncate(hidden: torch.Tensor, rank: int) -> torch.Tensor:
     return hidden * mask
 
 
-class _seeded_init:
+class seeded_init:
     """Context manager: module initialisation draws from ``generator``'s seed when given."""
 
     def __init__(self, generator: torch.Generator | None):

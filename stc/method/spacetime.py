@@ -20,31 +20,8 @@ from ..errors import ModelError
 
 # --------------------------------------------------------------------------- layer order
 
-# The 16 cross-attention layers of SD 1.x/2.x UNets in execution order (docs/method.md, "Space").
-SD_LAYER_NAMES = tuple(
-    f"{block}.attentions.{index}.transformer_blocks.0.attn2"
-    for block, count in (("down_blocks.0", 2), ("down_blocks.1", 2), ("down_blocks.2", 2), ("mid_block", 1),
-                         ("up_blocks.1", 3), ("up_blocks.2", 3), ("up_blocks.3", 3))
-    for index in range(count)
-)
 
-
-# The 11 layers (attention modules; 70 cross-attentions) of SDXL's UNet in execution order.
-SDXL_LAYER_NAMES = tuple(
-    f"{block}.attentions.{index}.transformer_blocks.*.attn2"
-    for block, count in (("down_blocks.1", 2), ("down_blocks.2", 2), ("mid_block", 1), ("up_blocks.0", 3),
-                         ("up_blocks.1", 3))
-    for index in range(count)
-)
-
-
-def layer_names_for(encoders: int) -> tuple[str, ...]:
-    """The layers of a UNet whose context comes from ``encoders`` text encoders: SD 1.x/2.x's 16 or
-    SDXL's 11 (what an imported embedding, which names no layers, is given)."""
-    return SDXL_LAYER_NAMES if encoders > 1 else SD_LAYER_NAMES
-
-
-def _unet_blocks(unet) -> Iterator[tuple[str, object]]:
+def unet_blocks(unet) -> Iterator[tuple[str, object]]:
     for index, block in enumerate(unet.down_blocks):
         yield f"down_blocks.{index}", block
     if getattr(unet, "mid_block", None) is not None:
@@ -66,7 +43,7 @@ def cross_attention_layers(unet) -> list[tuple[str, list[str]]]:
     and up blocks, which is the order the method indexes layers by.
     """
     layers = []
-    for block_name, block in _unet_blocks(unet):
+    for block_name, block in unet_blocks(unet):
         for attn_index, transformer in enumerate(getattr(block, "attentions", None) or []):
             prefix = f"{block_name}.attentions.{attn_index}.transformer_blocks"
             modules = [f"{prefix}.{index}.attn2"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..errors import ModelError, one_line
 from ..settings import Settings, check_prediction_type
-from .backbones.families import family_of_hub_model, family_of_widths
+from .backbones import LAYOUTS, backbone_of, backbone_of_hub_model, encoder_components
 
 TINY = "builtin:tiny"
 TINY_SD2 = "builtin:tiny-sd2"
@@ -20,7 +20,6 @@ SHAPES_SDXL = "builtin:shapes-sdxl"
 # random-weight test models in the SD 1.x, SD 2.x and SDXL layouts (stc/models/tiny.py), and the
 # trained shapes world in the SD 1.x and SDXL layouts (stc/worlds/shapes)
 BUILTINS = (TINY, TINY_SD2, TINY_SDXL, SHAPES, SHAPES_SDXL)
-PIPELINE_CLASSES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")  # what stc loads
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
@@ -35,9 +34,14 @@ class BaseModel:
     dtype: object  # torch.dtype of the frozen models
 
     @property
+    def backbone(self):
+        """The model's family (stc/models/backbones): what stc asks about it."""
+        return backbone_of(self.pipeline)
+
+    @property
     def text_encoders(self) -> list:
         """The text encoder modules, in the order their states make up the UNet's context."""
-        return text_encoder_modules(self.pipeline)
+        return self.backbone.encoder_modules(self.pipeline)
 
     @property
     def encoder_widths(self) -> list[int]:
@@ -51,7 +55,7 @@ class BaseModel:
     @property
     def family_label(self) -> str:
         """How messages name this model's family: SD 1.x, SD 2.x, SDXL."""
-        return family_label(self.encoder_widths)
+        return self.backbone.label
 
     @property
     def default_resolution(self) -> int:
@@ -168,26 +172,11 @@ def _builtin_pipeline(spec: str):
     return {TINY: build_tiny_pipeline, TINY_SD2: build_tiny_sd2_pipeline, TINY_SDXL: build_tiny_sdxl_pipeline}[spec]()
 
 
-def family_label(widths) -> str:
-    """SD 1.x, SD 2.x or SDXL for a model (or a concept) with text encoders of these widths; the
-    tiny test models (other widths) by their layout."""
-    family = family_of_widths(widths)
-    if family is not None:
-        return family.label
-    return "SDXL" if len(widths) > 1 else "SD 1.x/2.x"
-
-
-def text_encoder_modules(pipeline) -> list:
-    """A pipeline's text encoders (SDXL: both), in context order."""
-    second = getattr(pipeline, "text_encoder_2", None)
-    return [pipeline.text_encoder] if second is None else [pipeline.text_encoder, second]
-
-
 def pipeline_class(name: str | None, where: str):
     """The diffusers pipeline class of a model_index ``_class_name``; other pipelines are refused."""
     import diffusers
 
-    if name not in PIPELINE_CLASSES:
+    if name not in [layout.pipeline_class for layout in LAYOUTS]:
         raise ModelError(
             f"{where} is a {name or 'pipeline of unknown class'}; stc trains and renders Stable Diffusion 1.x/2.x "
             "(StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) models"
@@ -196,11 +185,10 @@ def pipeline_class(name: str | None, where: str):
 
 
 def _pretrained_kwargs(cls) -> dict:
-    """What from_pretrained gets besides the dtype: SD 1.x/2.x pipelines load without their
-    safety checker (stc renders for the user; diffusers' own default prints a warning)."""
-    if cls.__name__ == "StableDiffusionPipeline":
-        return {"safety_checker": None, "requires_safety_checker": False}
-    return {}
+    """What from_pretrained gets besides the dtype: the layout's (SD 1.x/2.x pipelines load without
+    their safety checker: stc renders for the user; diffusers' own default prints a warning)."""
+    layout = next(layout for layout in LAYOUTS if layout.pipeline_class == cls.__name__)
+    return dict(layout.pretrained_kwargs)
 
 
 def canonical_spec(spec: str) -> str:
@@ -278,6 +266,14 @@ def _hub_failure(exc: Exception, offline: bool) -> str:
 def text_width_of(spec: str, model_config: str | None = None) -> int | None:
     """The width of a base model's text context (its text encoders' widths added up) from its
     config alone (no weights load, no network); None when it cannot be known offline."""
+    widths = encoder_widths_of(spec, model_config)
+    return sum(widths) if widths is not None else None
+
+
+def encoder_widths_of(spec: str, model_config: str | None = None) -> tuple[int, ...] | None:
+    """The width of each of a base model's text encoders from its config alone (no weights load,
+    no network): a builtin's, a single file's header, a folder's (or ``model_config``'s) configs,
+    a cached hub model's configs, a known family's hub model; None when it cannot be known offline."""
     import json
 
     if spec in BUILTINS:
@@ -285,36 +281,35 @@ def text_width_of(spec: str, model_config: str | None = None) -> int | None:
         from ..worlds.shapes.model import TEXT_WIDTH as SHAPES_TEXT_WIDTH
         from .tiny import TINY_SD2_TEXT_WIDTH, TINY_SDXL_TEXT_WIDTHS, TINY_TEXT_WIDTH
 
-        return {TINY: TINY_TEXT_WIDTH, TINY_SD2: TINY_SD2_TEXT_WIDTH, TINY_SDXL: sum(TINY_SDXL_TEXT_WIDTHS),
-                SHAPES: SHAPES_TEXT_WIDTH, SHAPES_SDXL: sum(SDXL_TEXT_WIDTHS)}[spec]
+        return {TINY: (TINY_TEXT_WIDTH,), TINY_SD2: (TINY_SD2_TEXT_WIDTH,), TINY_SDXL: tuple(TINY_SDXL_TEXT_WIDTHS),
+                SHAPES: (SHAPES_TEXT_WIDTH,), SHAPES_SDXL: tuple(SDXL_TEXT_WIDTHS)}[spec]
     path = Path(spec).expanduser()
     if path.is_file():
-        from .backbones.single_file import checkpoint_text_width
+        from .backbones.single_file import checkpoint_encoder_widths
 
-        width = checkpoint_text_width(path)
-        if width is not None:
-            return width
+        widths = checkpoint_encoder_widths(path)
+        if widths is not None:
+            return widths
     folder = path if path.is_dir() else Path(model_config).expanduser() if model_config else None
+    components = encoder_components()
     if folder is not None:
-        configs = {name: folder / name / "config.json" for name in ("text_encoder", "text_encoder_2")}
+        configs = [folder / name / "config.json" for name in components]
     elif spec.count("/") == 1 and not path.exists():
-        configs = {name: _cached(spec, f"{name}/config.json") for name in ("text_encoder", "text_encoder_2")}
+        configs = [_cached(spec, f"{name}/config.json") for name in components]
     else:
-        configs = {}
+        configs = []
     widths = []
-    for name, candidate in configs.items():
+    for candidate in configs:  # the encoders a pipeline has come first: stop at the first one it lacks
         if candidate is None or not candidate.is_file():
-            if name == "text_encoder":
-                widths = None
             break
         try:
             widths.append(int(json.loads(candidate.read_text(encoding="utf-8"))["hidden_size"]))
         except (OSError, ValueError, KeyError, TypeError):
             return None
     if widths:
-        return sum(widths)
-    family = family_of_hub_model(spec)
-    return family.text_width if family else None
+        return tuple(widths)
+    family = backbone_of_hub_model(spec)
+    return family.widths if family else None
 
 
 def _cached(model_id: str, filename: str) -> Path | None:
@@ -328,17 +323,6 @@ def _cached(model_id: str, filename: str) -> Path | None:
     except Exception:  # no cache, no hub library: unknown
         return None
     return Path(cached) if isinstance(cached, str) else None
-
-
-def vae_dtype(pipeline, weight_dtype):
-    """The VAE's precision: ``weight_dtype``, except fp32 for an SDXL VAE in fp16 whose config asks
-    to be upcast (``force_upcast``: SDXL's VAE overflows in fp16), as StableDiffusionXLPipeline
-    upcasts it to decode."""
-    import torch
-
-    upcast = (getattr(pipeline, "text_encoder_2", None) is not None and weight_dtype == torch.float16
-              and pipeline.vae.config.get("force_upcast", False))
-    return torch.float32 if upcast else weight_dtype
 
 
 def load_base_model(
@@ -373,9 +357,10 @@ def load_base_model(
     if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                   prediction_type=prediction_type)
-    for module in (*text_encoder_modules(pipeline), pipeline.unet, pipeline.vae):
+    backbone = backbone_of(pipeline)
+    for module in (*backbone.encoder_modules(pipeline), pipeline.unet, pipeline.vae):
         module.to(device)
-        wanted = vae_dtype(pipeline, weight_dtype) if module is pipeline.vae else weight_dtype
+        wanted = backbone.vae_dtype(pipeline, weight_dtype) if module is pipeline.vae else weight_dtype
         if module.dtype != wanted:
             module.to(dtype=wanted)
         module.eval().requires_grad_(False)

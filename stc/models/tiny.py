@@ -170,7 +170,7 @@ def build_tiny_sdxl_pipeline():
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .backbones.families import SDXL
+    from .backbones import SDXL
 
     tokenizer, tokenizer_2 = build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")
     first, second = TINY_SDXL_TEXT_WIDTHS

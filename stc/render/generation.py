@@ -109,12 +109,13 @@ class Renderer:
     """A base model with concepts attached; renders prompts that reference them."""
 
     def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
-        from ..method.encoding import ConceptSlot, tokenizers
+        from ..method.encoding import ConceptSlot
         from ..method.placeholders import add_to_tokenizers, placeholder_tokens
         from ..method.spacetime import install_processors
 
         self.base = base
-        pipe = base.pipeline
+        pipe, backbone = base.pipeline, base.backbone
+        self.backbone = backbone
         self.layer_names = install_processors(pipe.unet)
         self.concepts = {name: concept for name, (concept, _) in concepts.items()}
         self.notes = compatibility_notes(list(self.concepts.values()), base) if self.concepts else []
@@ -122,9 +123,12 @@ class Renderer:
         for name, (concept, mapper) in concepts.items():
             check_compatible(concept, base, self.layer_names)
             tokens[name] = placeholder_tokens(concept.token, mapper.config.num_vectors)
-            token_ids = add_to_tokenizers(tokenizers(pipe), tokens[name])
+            token_ids = add_to_tokenizers(backbone.tokenizers(pipe), tokens[name])
             slots[name] = ConceptSlot.of(token_ids, mapper.to(base.device))
-        self.text = TextConditioner(pipe, base.device, slots, len(self.layer_names), tokens)
+        self.text = TextConditioner(
+            backbone.text_encoders(pipe), backbone.tokenizers(pipe), base.device, slots, len(self.layer_names), tokens,
+            zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+        )
 
     @classmethod
     def from_registry(
@@ -281,25 +285,26 @@ class Renderer:
         latents = latents * scheduler.init_noise_sigma
         negative = torch.cat([c.negative.keys for c in conditionings])  # B, S, D
         use_spacetime = any(c.keys is not None for c in conditionings)
-        added = _AddedConditioning.of(unet, conditionings, width, height)
-        hidden = added_kwargs = pooled = None
+        negative_pooled = _pooled_batch([c.negative for c in conditionings])  # B, P (SDXL) or None
+        hidden = pooled = None
         if not use_spacetime:
             hidden = torch.cat([negative, torch.cat([c.positive.keys for c in conditionings])])  # 2B, S, D
-            if added is not None:
-                pooled = torch.cat([c.positive.pooled for c in conditionings])  # B, P
+            pooled = _pooled_batch([c.positive for c in conditionings])
         num_layers = len(self.layer_names)
         with torch.no_grad():
             for step_index, timestep in enumerate(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 kwargs = None
                 if use_spacetime:
-                    keys, values, pooled = _stack_step(conditionings, step_index, num_layers)  # L, B, S, D; B, P
+                    keys, values, pooled = stack_step(conditionings, step_index, num_layers)  # L, B, S, D; B, P
                     kwargs = {"spacetime": SpaceTimeConditioning(
-                        keys=_with_uncond(negative, keys), values=_with_uncond(negative, values)
+                        keys=with_uncond(negative, keys), values=with_uncond(negative, values)
                     )}
                     hidden = kwargs["spacetime"].keys[0]  # read by no layer; sets the batch shape
-                if added is not None:
-                    added_kwargs = added.at(pooled)
+                added_kwargs = None
+                if negative_pooled is not None:  # the negative prompt's first, then each sample's at the step
+                    both = torch.cat([negative_pooled, pooled.to(negative_pooled.dtype)])
+                    added_kwargs = self.backbone.added_conditioning(both, height, width)
                 noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs,
                              added_cond_kwargs=added_kwargs).sample
                 uncond, cond = noise.chunk(2)
@@ -339,7 +344,7 @@ def _report_progress(progress: ProgressCallback, done_before: int, batch: int, t
     progress(done_before + steps_done * batch, total)
 
 
-def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
+def stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
     """Per-sample keys and values of one step, L x B x S x D each (a view when all samples share
     one), and their pooled embeddings (B x P; None for models without one)."""
     import torch
@@ -355,7 +360,7 @@ def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: 
     return torch.stack([k for k, _, _ in steps], dim=1), torch.stack([v for _, v, _ in steps], dim=1), pooled
 
 
-def _with_uncond(negative, conditional):
+def with_uncond(negative, conditional):
     """L x B x S x D conditional sequences -> L x 2B x S x D with the plain negative first (CFG)."""
     import torch
 
@@ -364,38 +369,19 @@ def _with_uncond(negative, conditional):
     return torch.cat([uncond, conditional], dim=1)
 
 
-class _AddedConditioning:
-    """SDXL's added conditioning of a CFG batch: the pooled embeddings (the negative prompt's
-    first, then each sample's at the step) and the size "time ids" [H, W, 0, 0, H, W] (original
-    size = target size = the image's, no crop: StableDiffusionXLPipeline's defaults)."""
+def _pooled_batch(encodings) -> object | None:
+    """The pooled embeddings of these encodings (1 x P each) as one B x P batch; None for a model without them."""
+    import torch
 
-    def __init__(self, negative_pooled, time_ids):
-        self.negative_pooled, self.time_ids = negative_pooled, time_ids
-
-    @classmethod
-    def of(cls, unet, conditionings: list[Conditioning], width: int, height: int) -> "_AddedConditioning | None":
-        import torch
-
-        from ..method.encoding import size_time_ids, uses_pooled_embedding
-
-        if not uses_pooled_embedding(unet):
-            return None
-        negative = torch.cat([c.negative.pooled for c in conditionings])  # B, P
-        time_ids = size_time_ids(height, width, 2 * len(conditionings), negative.device, negative.dtype)
-        return cls(negative, time_ids)
-
-    def at(self, pooled) -> dict:
-        import torch
-
-        return {"text_embeds": torch.cat([self.negative_pooled, pooled.to(self.negative_pooled.dtype)]),
-                "time_ids": self.time_ids}
+    pooled = [encoding.pooled for encoding in encodings]
+    return torch.cat(pooled) if pooled[0] is not None else None
 
 
 def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
-    from ..models.base import family_label
+    from ..models.backbones import label_of_widths
 
     if concept.encoder_widths != base.encoder_widths:
-        ours, theirs = family_label(concept.encoder_widths), base.family_label
+        ours, theirs = label_of_widths(concept.encoder_widths), base.family_label
         if ours == theirs:  # the same layout at other widths
             ours, theirs = f"{ours} at text width {concept.text_width}", f"{theirs} at text width {base.text_width}"
         raise ModelError(

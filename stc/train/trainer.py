@@ -54,7 +54,6 @@ class Trainer:
         import torch
         from diffusers import DDPMScheduler
 
-        from ..method.encoding import text_encoders, tokenizers, uses_pooled_embedding
         from ..method.mapper import MapperConfig, NeTIMapper
         from ..method.placeholders import add_to_tokenizers, single_token_id
         from ..method.spacetime import install_processors
@@ -62,8 +61,8 @@ class Trainer:
         self.base, self.config, self.accelerator = base, config, accelerator
         pipe = base.pipeline
         self.tokenizer, self.text_encoder, self.unet, self.vae = pipe.tokenizer, pipe.text_encoder, pipe.unet, pipe.vae
-        self.tokenizers, self.encoders = tokenizers(pipe), text_encoders(pipe)
-        self.pooled = uses_pooled_embedding(self.unet)  # SDXL: a pooled embedding and size ids too
+        self.backbone = base.backbone
+        self.tokenizers, self.encoders = self.backbone.tokenizers(pipe), self.backbone.text_encoders(pipe)
         self.vae_scale_factor = pipe.vae_scale_factor
         initializer_ids = [single_token_id(tokenizer, config.initializer_word) for tokenizer in self.tokenizers]
         self.token_ids = add_to_tokenizers(self.tokenizers, [token])
@@ -75,13 +74,8 @@ class Trainer:
         # each encoder's initializer norm: the mapper's output for it is normalised to that
         norms = [float(encoder.module.get_input_embeddings().weight[index].float().norm())
                  for encoder, index in zip(self.encoders, initializer_ids)]
-        widths = [int(encoder.module.config.hidden_size) for encoder in self.encoders]
-        several = len(widths) > 1
-        mapper_config = MapperConfig(
-            text_width=sum(widths),
-            norm_scale=norms[0],
-            encoder_widths=widths if several else None,
-            norm_scales=norms if several else None,
+        mapper_config = MapperConfig.for_encoders(
+            [int(encoder.module.config.hidden_size) for encoder in self.encoders], norms,
             num_layers=len(self.layer_names),
             bypass=config.bypass,
             nested_dropout=config.nested_dropout,
@@ -141,15 +135,11 @@ class Trainer:
         return spacetime, pooled_over_layers(encoding.pooled)
 
     def added_conditioning(self, pooled, latents) -> dict | None:
-        """SDXL's added conditioning of a batch: its pooled embeddings and the size ids of
-        uncropped photos at the training size ([H, W, 0, 0, H, W]); None for SD 1.x/2.x."""
-        from ..method.encoding import size_time_ids
-
-        if not self.pooled:
-            return None
+        """What the UNet reads besides the text of a batch (the backbone's added conditioning:
+        SDXL's pooled embeddings and size ids of uncropped photos at the training size); None
+        for models that read nothing else."""
         height, width = (side * self.vae_scale_factor for side in latents.shape[-2:])
-        time_ids = size_time_ids(height, width, latents.shape[0], pooled.device, pooled.dtype)
-        return {"text_embeds": pooled, "time_ids": time_ids}
+        return self.backbone.added_conditioning(pooled, height, width)
 
     def denoising_inputs(self, image_index, flip, noise, timesteps, captions, generator):
         """What the UNet reads and must predict for (image, noise, t, caption) samples: the noisy

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from ...errors import ModelError, one_line
 from ...settings import check_prediction_type
-from .families import FAMILIES, Family
+from . import BACKBONES, Backbone
 
 UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
@@ -57,25 +57,37 @@ SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth")
 class CheckpointInfo:
     """What the keys and shapes of a single file say about its model."""
 
-    encoder: str  # "clip" (SD 1.x layout), "openclip" (SD 2.x layout) or "sgm" (SDXL's two)
+    encoder: str  # the text encoders' key layout, a backbone's checkpoint_layout: "clip", "openclip", "sgm"
     text_width: int  # the encoders' widths added up
     cross_attention_width: int | None
     v_prediction_marker: bool
-    encoder_widths: tuple[int, ...] = ()  # "sgm": each encoder's
+    encoder_widths: tuple[int, ...] = ()  # each encoder's; () = one, text_width wide
 
     @property
-    def family(self) -> Family | None:
-        for family in FAMILIES:
-            if family.encoder == self.encoder and family.widths == (self.encoder_widths or (self.text_width,)):
-                return family
-        return None
+    def widths(self) -> tuple[int, ...]:
+        return self.encoder_widths or (self.text_width,)
+
+    @property
+    def family(self) -> Backbone | None:
+        """The known family of this layout and these widths, or None."""
+        return next((family for family in BACKBONES
+                     if family.checkpoint_layout == self.encoder and family.widths == self.widths), None)
+
+    @property
+    def layout(self) -> Backbone:
+        """The family, else the layout of its key layout at its widths (how it is loaded)."""
+        family = self.family
+        if family is not None:
+            return family
+        layout = next(backbone for backbone in BACKBONES if backbone.checkpoint_layout == self.encoder)
+        return layout.with_widths(self.widths)
 
     def describe(self) -> str:
         family = self.family
         if family:
             return family.label
-        if self.encoder == "sgm":
-            return f"SDXL-layout text encoders {'+'.join(map(str, self.encoder_widths))} wide"
+        if len(self.widths) > 1:
+            return f"{self.layout.layout_label}-layout text encoders {'+'.join(map(str, self.widths))} wide"
         return f"a {self.text_width}-wide {self.encoder} text encoder"
 
 
@@ -99,7 +111,7 @@ def read_checkpoint(path: Path) -> dict:
             data = load_file(str(path))
         except Exception as exc:  # safetensors raises its own error types
             raise ModelError(
-                f"{path.name} is not a readable .safetensors checkpoint ({one_line(exc)}); pass an SD 1.x/2.x "
+                f"{path.name} is not a readable .safetensors checkpoint ({one_line(exc)}); pass an SD 1.x/2.x/SDXL "
                 "single file, with --model-config DIR for other architectures"
             ) from exc
     else:
@@ -211,13 +223,13 @@ def _inspect_sgm(shapes, name: str, cross_width: int | None) -> CheckpointInfo:
                           v_prediction_marker=V_PREDICTION_KEY in shapes, encoder_widths=widths)
 
 
-def checkpoint_text_width(path: Path) -> int | None:
-    """The text width of a .safetensors single file from its header; None when unknown."""
+def checkpoint_encoder_widths(path: Path) -> tuple[int, ...] | None:
+    """The width of each text encoder of a .safetensors single file from its header; None when unknown."""
     shapes = header_shapes(path)
     if shapes is None:
         return None
     try:
-        return inspect_checkpoint(shapes).text_width
+        return inspect_checkpoint(shapes).widths
     except ModelError:
         return None
 
@@ -269,7 +281,7 @@ def _config_text_width(folder: Path) -> int | None:
     return total
 
 
-def _family_tokenizer(family: Family, folder: Path | None, name: str):
+def _family_tokenizer(family: Backbone, folder: Path | None, name: str):
     """The CLIP tokenizer for a checkpoint loaded with stc's configs: from ``folder`` (a
     tokenizer folder, or a folder with a tokenizer/ subfolder), else from the local cache."""
     if folder is not None:
@@ -333,7 +345,7 @@ def _hub_cache() -> str:
 def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenizer, dtype, prediction_type,
                               shipped: bool):
     import diffusers
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
 
     where = f"the {info.describe()} configs stc ships" if shipped else f"the config in {config_dir}"
     try:
@@ -341,14 +353,13 @@ def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenize
             checkpoint, config=str(config_dir), subfolder="unet", local_files_only=True, torch_dtype=dtype)
         vae = AutoencoderKL.from_single_file(
             checkpoint, config=str(config_dir), subfolder="vae", local_files_only=True, torch_dtype=dtype)
-        if info.encoder == "sgm":
-            encoders = [_load_text_encoder(checkpoint, "sgm-clip", config_dir, "text_encoder", dtype, path.name),
-                        _load_text_encoder(checkpoint, "sgm-openclip", config_dir, "text_encoder_2", dtype, path.name)]
-        else:
-            encoders = [_load_text_encoder(checkpoint, info.encoder, config_dir, "text_encoder", dtype, path.name)]
+        layout = info.layout
+        encoders = [_load_text_encoder(checkpoint, key_layout, config_dir, subfolder, dtype, path.name)
+                    for key_layout, subfolder in layout.single_file_encoders]
         if tokenizer is None:
             tokenizer = _load_tokenizer(config_dir / "tokenizer")
-        tokenizer_2 = _second_tokenizer(config_dir, tokenizer) if info.encoder == "sgm" else None
+        tokenizers = [tokenizer] + [_further_tokenizer(config_dir, reading.tokenizer, tokenizer)
+                                    for reading in layout.readings[1:]]
         index = json.loads((config_dir / "model_index.json").read_text(encoding="utf-8"))
         scheduler_class = getattr(diffusers, str((index.get("scheduler") or [None, "DDIMScheduler"])[1]),
                                   diffusers.DDIMScheduler)
@@ -366,28 +377,23 @@ def _pipeline_from_checkpoint(path, checkpoint, info, config_dir: Path, tokenize
         prediction_type = "v_prediction"
     if prediction_type is not None and scheduler.config.get("prediction_type") != prediction_type:
         scheduler = type(scheduler).from_config(scheduler.config, prediction_type=prediction_type)
-    if shipped and info.encoder == "openclip" and scheduler.config.prediction_type == "epsilon":
+    family = info.family
+    if (shipped and family is not None and family.prediction_type == "v_prediction"
+            and scheduler.config.prediction_type == "epsilon"):
         unet.register_to_config(sample_size=64)  # SD 2.x-base: 512 px epsilon; 2.x: 768 px v-prediction
-    if info.encoder == "sgm":
-        return StableDiffusionXLPipeline(
-            vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1], tokenizer=tokenizer, tokenizer_2=tokenizer_2,
-            unet=unet, scheduler=scheduler, force_zeros_for_empty_prompt=bool(index.get("force_zeros_for_empty_prompt",
-                                                                                        True)),
-            add_watermarker=False,
-        )
-    return StableDiffusionPipeline(
-        vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet, scheduler=scheduler,
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    components = {"vae": vae, "unet": unet, "scheduler": scheduler}
+    for reading, encoder, encoder_tokenizer in zip(layout.readings, encoders, tokenizers):
+        components[reading.component], components[reading.tokenizer] = encoder, encoder_tokenizer
+    return layout.assemble(components, index)
 
 
-def _second_tokenizer(config_dir: Path, tokenizer):
-    """SDXL's second tokenizer: the folder's ``tokenizer_2``, else the first with ``!`` padding (SDXL's
-    two tokenizers share vocabulary and merges; the second pads with ``!``)."""
+def _further_tokenizer(config_dir: Path, subfolder: str, tokenizer):
+    """A second tokenizer (SDXL's ``tokenizer_2``): the folder's, else the first with ``!`` padding
+    (SDXL's two tokenizers share vocabulary and merges; the second pads with ``!``)."""
     import copy
 
-    if _has_tokenizer(config_dir / "tokenizer_2"):
-        return _load_tokenizer(config_dir / "tokenizer_2")
+    if _has_tokenizer(config_dir / subfolder):
+        return _load_tokenizer(config_dir / subfolder)
     second = copy.deepcopy(tokenizer)
     second.pad_token = "!"
     return second
