@@ -74,12 +74,16 @@ def _rank_table(report) -> Table:
 
 
 def _print_inspection(report) -> None:
-    from ..render.inspection import AGREEMENT_THRESHOLD, rank_label
+    from ..render.inspection import AGREEMENT_THRESHOLD, rank_label, value_range
 
     grid = report.grid
     label = rank_label(grid.rank)
     out.print(_heatmap_table(f"<{report.name}> token embedding norm ({label})", grid, grid.token))
     out.print(_legend(grid.token))
+    if grid.token_deviation is not None:
+        low, high = value_range(grid.token_deviation)
+        out.print(f"  NeTI rescales every token embedding to the initializer's norm; their direction varies: "
+                  f"|e - mean| / |mean| from {low:.3f} to {high:.3f} (drawn by --plot).", highlight=False)
     if grid.bypass is not None:
         out.print()
         out.print(_heatmap_table(f"<{report.name}> bypass vector norm ({label})", grid, grid.bypass))
@@ -112,7 +116,8 @@ def inspect_concept(
     ] = 10,
     as_json: JsonOpt = False,
     plot: Annotated[
-        Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap (token and bypass side by side).")
+        Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap: the token embeddings' "
+                                               "deviation from their mean and the bypass norms, side by side.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
 ) -> None:
