@@ -169,7 +169,7 @@ def test_grid_title_and_cell_size_on_real_models(spec, side, cell, tmp_path):
     title = grid_title(grid, grid_layout(side, side))
     assert title[0] == "“a photo of <blob>”"
     assert title[1] == f"concept blob · model {spec}"
-    assert title[2].startswith("1 steps · CFG 3.0 · ") and "seeds 0, 1" in title[2]
+    assert title[2].startswith("1 step · CFG 3.0 · ") and "seeds 0, 1" in title[2]
     assert title[3] == f"{side}x{side} px images shown {cell // side}x larger (nearest neighbour)"
 
     saved = save_grid(grid, tmp_path / "grid.png")
@@ -202,7 +202,7 @@ def test_grid_layout_labels_and_distinct_cells(renderer, tmp_path):
     height, width, _ = image.shape
     label_width = width - len(ranks) * (CELL + 4)
     header_height = height - len(seeds) * (CELL + 4)
-    assert label_width > 10 and header_height > 5  # room for "seed 1" and "r=128"
+    assert label_width > 10 and header_height > 5  # room for "seed 1" and "rank 128"
     header = image[:header_height, label_width:]
     labels = image[header_height:, :label_width]
     assert (header < 128).any() and (labels < 128).any()  # dark text drawn on white

@@ -317,8 +317,9 @@ def grid_title(grid: Grid, layout: GridLayout | None = None) -> list[str]:
     else:
         what = f"{len(grid.prompts)} prompts (one row per prompt and seed)"
     concepts = f"concept{'s' if len(names) != 1 else ''} {', '.join(names) if names else '(none)'}"
-    settings = [f"{first.get('steps')} steps", f"CFG {first.get('cfg')}", str(first.get("scheduler")),
-                _seed_text(grid.seeds), "columns: rank"]
+    steps = first.get("steps")
+    settings = [f"{steps} step{'' if steps == 1 else 's'}", f"CFG {first.get('cfg')}", str(first.get("scheduler")),
+                _seed_text(grid.seeds)]
     lines = [what, f"{concepts} · model {first.get('base_model')}", " · ".join(settings)]
     if layout is not None and layout.scale_note:
         lines.append(layout.scale_note)
@@ -327,7 +328,7 @@ def grid_title(grid: Grid, layout: GridLayout | None = None) -> list[str]:
 
 def compose_grid(grid: Grid, padding: int = 4):
     """The labelled grid image: a title (prompt, concepts, model, settings), a header row of
-    ranks ("r=8"), a left column of row labels; cells scaled by :func:`grid_layout`."""
+    ranks ("rank 8"), a left column of row labels; cells scaled by :func:`grid_layout`."""
     from PIL import Image, ImageDraw
 
     layout = grid_layout(*grid.cells[0].rendered.image.size)
@@ -340,7 +341,7 @@ def compose_grid(grid: Grid, padding: int = 4):
     max_lines = max(1, cell_height // line_height)
     labels = [fit_label(*grid.row_label(row), chars_per_line, max_lines) for row in range(len(grid.rows))]
     rows = [[cell.rendered.image for cell in grid.cells if cell.row == row] for row in range(len(grid.rows))]
-    return tile_images(rows, [f"r={rank}" for rank in grid.ranks], labels, padding, grid_title(grid, layout), layout)
+    return tile_images(rows, [f"rank {rank}" for rank in grid.ranks], labels, padding, grid_title(grid, layout), layout)
 
 
 # --------------------------------------------------------------------------- saving
