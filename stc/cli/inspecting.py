@@ -26,9 +26,9 @@ def _cell_style(fraction: float) -> str:
 
 
 def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
-    from ..render.inspection import fraction_in, short_layer_name, value_range
+    from ..render.inspection import colour_scale, fraction_in, short_layer_name
 
-    low, high = value_range(values)
+    low, high = colour_scale(values)  # from 0, as in the plot: near-constant norms get nearly one colour
     numbers = out.width >= 16 + 6 * len(grid.timesteps)
     table = Table(title=title, title_justify="left", box=None, padding=(0, 1), collapse_padding=True,
                   header_style="bold", pad_edge=False)
@@ -43,14 +43,14 @@ def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
 
 
 def _legend(values: list[list[float]]) -> Text:
-    from ..render.inspection import value_range
+    from ..render.inspection import colour_scale, value_range
 
-    low, high = value_range(values)
+    low, high = colour_scale(values)
     legend = Text("  legend: ")
     legend.append(f"{low:.3f} ")
     for step in range(16):
         legend.append("  ", style=_cell_style(step / 15))
-    legend.append(f" {high:.3f}")
+    legend.append(f" {high:.3f}  (values from {value_range(values)[0]:.3f} to {value_range(values)[1]:.3f})")
     return legend
 
 
