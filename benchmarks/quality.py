@@ -192,10 +192,11 @@ def measure_exports(concept, mapper, seeds: list[int], settings, fits: dict, fol
         distilled = distil(base, concept, mapper, samples=samples, steps=steps)
         candidates[label] = distilled.vectors
         results[label] = {"seconds": round(time.time() - start, 1), "samples": samples, "fit_steps": steps,
-                          "denoiser_error": distilled.fidelity.distilled,
-                          "denoiser_error_average": distilled.fidelity.average}
+                          "denoiser_error": distilled.fidelity.written_error,  # of what the export writes
+                          "denoiser_error_average": distilled.fidelity.average, "written": distilled.fidelity.written}
         log(f"  distilled ({label}: {samples} samples, {steps} steps) in {results[label]['seconds']} s, "
-            f"denoiser error {distilled.fidelity.distilled:.4f} (average {distilled.fidelity.average:.4f})")
+            f"denoiser error {distilled.fidelity.distilled:.4f} (average {distilled.fidelity.average:.4f}); "
+            f"writes {distilled.fidelity.written}")
     candidates["plain average"] = mean_token(mapper).unsqueeze(0)
     results["plain average"] = {}
     for label, vectors in candidates.items():

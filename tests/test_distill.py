@@ -7,7 +7,8 @@ import torch
 from helpers import assert_close_in_scale, make_concept, make_mapper
 
 from stc.errors import BadInput
-from stc.exchange.distill import Distilled, _attend, distil
+from stc.exchange import distill as distill_module
+from stc.exchange.distill import MIN_HELDOUT, Distilled, _attend, distil, heldout_count
 from stc.method.encoding import ConceptSlot, encode_layers
 from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.method.placeholders import placeholder_tokens
@@ -130,7 +131,7 @@ def test_fidelity_is_what_plain_textual_inversion_gives(random_run, tiny_model, 
             prediction = ti.unet(heldout.latents, heldout.timesteps, encoder_hidden_states=hidden).sample.flatten(1)
             return float(((prediction - reference).norm(dim=1) / reference.norm(dim=1)).mean())
 
-        assert error("<ti>", result.vectors[0]) == pytest.approx(result.fidelity.distilled, rel=1e-3)
+        assert error("<ti>", result.fitted[0]) == pytest.approx(result.fidelity.distilled, rel=1e-3)
         assert error("<ti>", average) == pytest.approx(result.fidelity.average, rel=1e-3)
         assert error(concept.initializer) == pytest.approx(result.fidelity.initializer, rel=1e-3)
 
@@ -164,6 +165,40 @@ def test_two_vectors(tiny_model, concept):
     assert placeholder_tokens("<dog>", 3) == ["<dog>", "<dog>_1", "<dog>_2"]
 
 
+# --------------------------------------------------------------------------- choosing what is written
+
+
+def test_a_fit_that_beats_the_average_is_written(random_run):
+    result, _, _, _ = random_run
+    fidelity = result.fidelity
+    assert fidelity.samples == heldout_count(FAST["samples"]) == MIN_HELDOUT == result.heldout.timesteps.shape[0]
+    assert fidelity.written == "distilled" and torch.equal(result.vectors, result.fitted)
+    assert fidelity.difference == pytest.approx(fidelity.distilled - fidelity.average, rel=1e-9)
+    assert fidelity.difference + 2 * fidelity.difference_se < 0  # better by more than its noise
+    assert 0 < fidelity.difference_se < fidelity.average_se  # paired: its spread is the smaller
+    assert fidelity.decision().startswith("the distilled vectors") and "64 held-out samples" in fidelity.decision()
+
+
+def test_an_export_never_scores_worse_than_the_average_it_reports(tiny_model, concept, monkeypatch):
+    """A fit that ends far from where it started (the average plus noise as large as the vector):
+    it scores worse on the held-out set, so the average is written, with its own score."""
+    fit = distill_module._fit
+
+    def bad_fit(student, start, steps, tracker=None):
+        best, value, first = fit(student, start, steps, tracker)
+        noise = torch.randn(start.shape, generator=torch.Generator().manual_seed(3))
+        return start + noise * start.norm() / noise.norm(), value, first
+
+    monkeypatch.setattr(distill_module, "_fit", bad_fit)
+    result = distil(tiny_model, concept, make_mapper(0), seed=0, **FAST)
+    fidelity = result.fidelity
+    assert fidelity.distilled > fidelity.average  # the fit did lose here
+    assert fidelity.written == "average" and torch.equal(result.vectors, result.average)
+    assert not torch.equal(result.fitted, result.average)
+    assert fidelity.written_error == fidelity.average <= fidelity.distilled
+    assert fidelity.decision().startswith("the plain average")
+
+
 # --------------------------------------------------------------------------- behaviour
 
 
@@ -176,9 +211,9 @@ def test_same_seed_same_vectors(random_run, tiny_model, concept):
 
 def test_progress_reaches_its_total(random_run):
     """One unit per recorded UNet batch (16 samples), one for the layer gains, one per fit step,
-    one per held-out batch: 2 + 1 + 20 + 1 for 32 samples and 20 steps."""
+    one per held-out batch: 2 + 1 + 20 + 4 for 32 samples (64 held out) and 20 steps."""
     _, _, _, calls = random_run
-    total = 2 + 1 + FAST["steps"] + 1
+    total = 2 + 1 + FAST["steps"] + 4
     assert calls == [(done, total) for done in range(1, total + 1)]
 
 

@@ -165,6 +165,7 @@ def test_ti_and_a1111_exports_load_in_diffusers_and_round_trip(tmp_path, tiny):
     result = invoke("export", "pup", "--format", "ti", "--out", tmp_path, "--rank", 8, *fast)
     assert result.exit_code == 0, result.output
     assert "Fidelity" in result.stderr and "plain average" in result.stderr and "initializer" in result.stderr
+    assert "64 held-out samples" in result.stderr and "Written: the " in result.stderr  # what was written, why
     from safetensors import safe_open
     from safetensors.torch import load_file
 

@@ -12,8 +12,14 @@ from stc.method.encoding import text_transformer
 from stc.method.spacetime import cross_attention_layer_names
 from stc.render.generation import Renderer, RenderSettings
 from stc.render.grid import (
+    MAX_CELL,
+    MIN_CELL,
+    Grid,
+    GridCell,
     compose_grid,
     fit_label,
+    grid_layout,
+    grid_title,
     parse_ranks,
     parse_seeds,
     read_prompts,
@@ -23,8 +29,7 @@ from stc.render.grid import (
 from stc.store.conceptio import weights_bytes
 from stc.store.registry import Registry
 
-CELL = 64
-
+CELL = 128  # builtin:tiny's 64 px images, shown twice as large
 
 
 
@@ -87,10 +92,106 @@ def test_long_labels_fit_their_row():
     assert fit_label(None, "seed 0", 12, 4) == "seed 0"
 
 
+# --------------------------------------------------------------------------- layout and title
+
+
+def test_small_images_are_scaled_up_by_a_whole_factor_and_large_ones_capped():
+    small = grid_layout(32, 32)  # builtin:shapes
+    assert small.cell_size == (128, 128) and small.scale_note == "32x32 px images shown 4x larger (nearest neighbour)"
+    assert grid_layout(64, 64).cell_size == (MIN_CELL, MIN_CELL)  # builtin:tiny
+    assert grid_layout(100, 60).cell_size == (200, 120)  # a whole factor: crisp pixels
+    assert grid_layout(256, 256).cell_size == (256, 256) and grid_layout(256, 256).scale_note == ""
+    large = grid_layout(1024, 1024)  # SDXL
+    assert large.cell_size == (MAX_CELL, MAX_CELL) and "shown at 512x512 (full size in the folder)" in large.scale_note
+    assert grid_layout(1024, 768).cell_size == (512, 384)
+    for side in (8, 32, 64, 128, 512, 1024, 4096):  # labels legible at every model size
+        layout = grid_layout(side, side)
+        assert 14 <= layout.font_size <= 28 and layout.title_font_size > layout.font_size
+        assert MIN_CELL <= max(layout.cell_size) <= max(MAX_CELL, 2 * MIN_CELL)
+
+
+def fake_grid(side: int, ranks=(1, 8), seeds=(0,)) -> Grid:
+    """A grid of flat grey side x side images with a render's metadata (nothing rendered)."""
+    from PIL import Image
+
+    from stc.render.generation import RenderedImage
+
+    metadata = {"prompt": "<mydog> on the moon", "steps": 30, "cfg": 7.5, "scheduler": "dpm",
+                "base_model": "stabilityai/stable-diffusion-xl-base-1.0", "concepts": {"mydog": {"rank": 1}}}
+    cells = [GridCell(row, column, 0, "<mydog> on the moon", seed, rank,
+                      RenderedImage(Image.new("RGB", (side, side), (90, 90, 90)), "<mydog> on the moon", seed,
+                                    {"mydog": rank}, {**metadata, "seed": seed}))
+             for row, seed in enumerate(seeds) for column, rank in enumerate(ranks)]
+    return Grid(["<mydog> on the moon"], list(seeds), list(ranks), cells)
+
+
+def test_a_1024_px_grid_shows_its_cells_at_the_cap():
+    grid = fake_grid(1024)
+    image = compose_grid(grid, padding=4)
+    label_width = image.width - 2 * (MAX_CELL + 4)
+    assert 0 < label_width < 200 and image.height < 400 + MAX_CELL  # one row of 512 px cells under the title
+    pixels = np.asarray(image)
+    top = image.height - (MAX_CELL + 4)
+    assert (pixels[top : top + MAX_CELL, label_width : label_width + MAX_CELL] == 90).all()
+    assert (pixels[top + MAX_CELL :, label_width:] == 255).all()  # nothing below: the cell is 512 px, not 1024
+    assert grid_title(grid, grid_layout(1024, 1024))[-1] == (
+        "1024x1024 px images shown at 512x512 (full size in the folder)")
+
+
+def title_rows(image, header_height: int) -> int:
+    """How many pixel rows above the header hold dark (text) pixels."""
+    pixels = np.asarray(image.convert("L"))[:header_height]
+    return int((pixels < 128).any(axis=1).sum())
+
+
+@pytest.mark.parametrize("spec, side, cell", [("builtin:shapes", 32, 128), ("builtin:tiny-sdxl", 64, 128)])
+def test_grid_title_and_cell_size_on_real_models(spec, side, cell, tmp_path):
+    """A grid of the shapes world (32 px) and of tiny-sdxl: cells scaled up to a readable size,
+    a title with the prompt, concept, model, steps and CFG, and both in the PNG's record."""
+    import torch
+    from PIL import Image
+
+    from stc.method.mapper import MapperConfig, NeTIMapper
+    from stc.models.base import load_base_model
+
+    base = load_base_model(spec, device="cpu")
+    layers = cross_attention_layer_names(base.pipeline.unet)
+    widths = list(base.encoder_widths)
+    several = len(widths) > 1
+    config = MapperConfig(text_width=sum(widths), norm_scale=0.5, num_layers=len(layers), hidden_dim=8,
+                          encoder_widths=widths if several else None,
+                          norm_scales=[0.5] * len(widths) if several else None)
+    mapper = NeTIMapper(config, generator=torch.Generator().manual_seed(0)).eval().requires_grad_(False)
+    concept = make_concept("blob", layers, base_model=spec, text_width=sum(widths), mapper=config.to_dict())
+    renderer = Renderer(base, {"blob": (concept, mapper)})
+    grid = render_grid(renderer, ["a photo of <blob>"], [1, 8], [0, 1], RenderSettings(steps=1, cfg=3.0))
+    assert grid.cells[0].rendered.image.size == (side, side)
+    title = grid_title(grid, grid_layout(side, side))
+    assert title[0] == "“a photo of <blob>”"
+    assert title[1] == f"concept blob · model {spec}"
+    assert title[2].startswith("1 step · CFG 3.0 · ") and "seeds 0, 1" in title[2]
+    assert title[3] == f"{side}x{side} px images shown {cell // side}x larger (nearest neighbour)"
+
+    saved = save_grid(grid, tmp_path / "grid.png")
+    with Image.open(saved.path) as image:
+        record = json.loads(image.text["stc-grid"])
+        assert record["title"] == title and record["cell_size"] == [cell, cell]
+        label_width = image.width - 2 * (cell + 4)
+        header_height = image.height - 2 * (cell + 4)
+        pixels = np.asarray(image.convert("RGB"))
+        first = grid.cells[0].rendered.image.convert("RGB").resize((cell, cell), Image.Resampling.NEAREST)
+        assert np.array_equal(pixels[header_height : header_height + cell, label_width : label_width + cell],
+                              np.asarray(first))
+        # four title lines of at least 14 + 4 px type, above the column labels
+        assert title_rows(image, header_height) >= 4 * 14
+
+
 # --------------------------------------------------------------------------- rendering
 
 
 def test_grid_layout_labels_and_distinct_cells(renderer, tmp_path):
+    from PIL import Image
+
     ranks, seeds = [1, 8, 128], [0, 1]
     settings = RenderSettings(steps=2, batch_size=4)
     grid = render_grid(renderer, ["<mydog> on the moon"], ranks, seeds, settings)
@@ -101,25 +202,27 @@ def test_grid_layout_labels_and_distinct_cells(renderer, tmp_path):
     height, width, _ = image.shape
     label_width = width - len(ranks) * (CELL + 4)
     header_height = height - len(seeds) * (CELL + 4)
-    assert label_width > 10 and header_height > 5  # room for "seed 1" and "r=128"
+    assert label_width > 10 and header_height > 5  # room for "seed 1" and "rank 128"
     header = image[:header_height, label_width:]
     labels = image[header_height:, :label_width]
     assert (header < 128).any() and (labels < 128).any()  # dark text drawn on white
-    for column in range(len(ranks)):  # every column has its own label
+    for column in range(len(ranks)):  # every column has its own label, just above its cells
         x = column * (CELL + 4)
-        assert (header[:, x : x + CELL] < 128).any()
+        assert (header[-20:, x : x + CELL] < 128).any()
     cells = {}
     for cell in grid.cells:
         x, y = label_width + cell.column * (CELL + 4), header_height + cell.row * (CELL + 4)
         cells[cell.seed, cell.rank] = image[y : y + CELL, x : x + CELL]
-        assert np.array_equal(cells[cell.seed, cell.rank], np.asarray(cell.rendered.image.convert("RGB")))
+        shown = cell.rendered.image.convert("RGB").resize((CELL, CELL), Image.Resampling.NEAREST)
+        assert np.array_equal(cells[cell.seed, cell.rank], np.asarray(shown))
     assert not np.array_equal(cells[0, 1], cells[0, 128])  # ranks differ
     assert not np.array_equal(cells[0, 8], cells[1, 8])  # seeds differ
 
     # a cell equals the same image rendered on its own
     [alone] = renderer.render("<mydog> on the moon", [1], RenderSettings(steps=2, rank=8))
     # batch 4 vs batch 1: other GEMM shapes, latents equal to rounding, pixels at most one level off
-    diff = np.abs(np.asarray(alone.image).astype(int) - cells[1, 8]).max()
+    alone_shown = np.asarray(alone.image.resize((CELL, CELL), Image.Resampling.NEAREST)).astype(int)
+    diff = np.abs(alone_shown - cells[1, 8]).max()
     assert diff <= 1
 
 
@@ -188,7 +291,7 @@ def test_grid_cli(saved_concepts, tmp_path, monkeypatch):
     from PIL import Image
 
     with Image.open(path) as image:
-        assert image.width > 2 * 64 and image.height > 2 * 64
+        assert image.width > 2 * CELL and image.height > 2 * CELL
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("# two rows\n<mydog> on the moon\n<mycat> in the snow\n", encoding="utf-8")
@@ -199,8 +302,8 @@ def test_grid_cli(saved_concepts, tmp_path, monkeypatch):
     assert record["path"] == str(tmp_path / "p.png") and record["seeds"] == [0]
     assert len(record["images"]) == 2 * 3
     with Image.open(record["path"]) as image:
-        rows_height = image.height - 2 * (64 + 4)
-        assert 0 < rows_height < 64  # two rows (one per prompt) under a header
+        rows_height = image.height - 2 * (CELL + 4)
+        assert 0 < rows_height < 200  # two rows (one per prompt) under a title and a header
 
 
 @pytest.mark.parametrize("args, fragment", [

@@ -49,8 +49,8 @@ def export(
         "--thorough", help=f"ti/a1111: the thorough fit ({THOROUGH[0]} samples, {THOROUGH[1]} steps: minutes) "
         f"instead of the fast one ({FAST[0]} samples, {FAST[1]} steps: seconds).")] = False,
     samples: Annotated[Optional[int], typer.Option(
-        "--samples", show_default=False, help="ti/a1111: (noise, t, caption) samples the vectors are fitted on; a "
-        "quarter more measure the fidelity (overrides --thorough's).")] = None,
+        "--samples", show_default=False, help="ti/a1111: (noise, t, caption) samples the vectors are fitted on; "
+        "as many more (64 to 256) measure the fidelity (overrides --thorough's).")] = None,
     fit_steps: Annotated[Optional[int], typer.Option(
         "--fit-steps", show_default=False, help="ti/a1111: optimisation steps of the fit (overrides --thorough's).")
     ] = None,
@@ -85,9 +85,12 @@ def export(
     if result.fidelity is not None:
         fidelity = result.fidelity
         err.print(Text(
-            f"Fidelity (relative denoiser error vs the concept, lower is better): distilled {fidelity.distilled:.3f}, "
-            f"plain average {fidelity.average:.3f}, initializer word {fidelity.initializer:.3f}"
+            f"Fidelity (relative denoiser error vs the concept on {fidelity.samples} held-out samples, mean ± "
+            f"standard error, lower is better): distilled {fidelity.distilled:.4f} ± {fidelity.distilled_se:.4f}, "
+            f"plain average {fidelity.average:.4f} ± {fidelity.average_se:.4f}, initializer word "
+            f"{fidelity.initializer:.4f} ± {fidelity.initializer_se:.4f}"
         ), soft_wrap=True)
+        err.print(Text(f"Written: {fidelity.decision()}."), soft_wrap=True)
     for path in result.paths:
         out.print(Text(str(path)), soft_wrap=True)
 

@@ -26,9 +26,9 @@ def _cell_style(fraction: float) -> str:
 
 
 def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
-    from ..render.inspection import fraction_in, short_layer_name, value_range
+    from ..render.inspection import colour_scale, fraction_in, short_layer_name
 
-    low, high = value_range(values)
+    low, high = colour_scale(values)  # from 0, as in the plot: near-constant norms get nearly one colour
     numbers = out.width >= 16 + 6 * len(grid.timesteps)
     table = Table(title=title, title_justify="left", box=None, padding=(0, 1), collapse_padding=True,
                   header_style="bold", pad_edge=False)
@@ -43,14 +43,14 @@ def _heatmap_table(title: str, grid, values: list[list[float]]) -> Table:
 
 
 def _legend(values: list[list[float]]) -> Text:
-    from ..render.inspection import value_range
+    from ..render.inspection import colour_scale, value_range
 
-    low, high = value_range(values)
+    low, high = colour_scale(values)
     legend = Text("  legend: ")
     legend.append(f"{low:.3f} ")
     for step in range(16):
         legend.append("  ", style=_cell_style(step / 15))
-    legend.append(f" {high:.3f}")
+    legend.append(f" {high:.3f}  (values from {value_range(values)[0]:.3f} to {value_range(values)[1]:.3f})")
     return legend
 
 
@@ -74,12 +74,16 @@ def _rank_table(report) -> Table:
 
 
 def _print_inspection(report) -> None:
-    from ..render.inspection import AGREEMENT_THRESHOLD, rank_label
+    from ..render.inspection import AGREEMENT_THRESHOLD, rank_label, value_range
 
     grid = report.grid
     label = rank_label(grid.rank)
     out.print(_heatmap_table(f"<{report.name}> token embedding norm ({label})", grid, grid.token))
     out.print(_legend(grid.token))
+    if grid.token_deviation is not None:
+        low, high = value_range(grid.token_deviation)
+        out.print(f"  NeTI rescales every token embedding to the initializer's norm; their direction varies: "
+                  f"|e - mean| / |mean| from {low:.3f} to {high:.3f} (drawn by --plot).", highlight=False)
     if grid.bypass is not None:
         out.print()
         out.print(_heatmap_table(f"<{report.name}> bypass vector norm ({label})", grid, grid.bypass))
@@ -112,7 +116,8 @@ def inspect_concept(
     ] = 10,
     as_json: JsonOpt = False,
     plot: Annotated[
-        Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap (token and bypass side by side).")
+        Optional[Path], typer.Option("--plot", help="Also write a PNG heatmap: the token embeddings' "
+                                               "deviation from their mean and the bypass norms, side by side.")
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --plot file.")] = False,
 ) -> None:

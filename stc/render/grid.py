@@ -5,6 +5,11 @@ Columns are ranks; rows are seeds, or (prompt, seed) pairs when several prompts 
 default rank of every concept in the prompt; a concept with an inline rank (``<mydog:4>``)
 keeps it in every column.
 
+The picture: a title says what it shows (the prompt, the concept(s), the model, steps, CFG,
+sampler, seeds); cells smaller than MIN_CELL px (the shapes world's 32 px) are scaled up by a
+whole factor with nearest neighbour, cells larger than MAX_CELL px (SDXL's 1024) are shown
+scaled down to it, with full-size files in the folder beside it; the title says which.
+
 Speed: each (prompt, rank) is encoded once for the whole schedule and shared by all seeds;
 cells are rendered rank by rank in batches of ``settings.batch_size`` (the seeds of one rank
 form one batch when they fit), and cells that would be identical (a prompt without concepts,
@@ -170,6 +175,48 @@ def render_grid(
 
 # --------------------------------------------------------------------------- composing
 
+MIN_CELL = 128  # a smaller image is scaled up by a whole factor (nearest neighbour) to at least this
+MAX_CELL = 512  # a larger one is shown scaled down to this (its file in the folder keeps its full size)
+MIN_FONT, MAX_FONT = 14, 28  # label font size in pixels, whatever the model's image size
+
+
+@dataclass(frozen=True)
+class GridLayout:
+    """How a grid shows cells of ``image_size``: at ``cell_size``, with labels of ``font_size`` px."""
+
+    image_size: tuple[int, int]  # a rendered image's (width, height)
+    cell_size: tuple[int, int]  # the same image in the grid
+    font_size: int
+    title_font_size: int
+
+    @property
+    def scale_note(self) -> str:
+        """How the cells are shown, for the title: '' when at their own size."""
+        (width, height), (shown_width, shown_height) = self.image_size, self.cell_size
+        if shown_width > width:
+            return f"{width}x{height} px images shown {shown_width // width}x larger (nearest neighbour)"
+        if shown_width < width:
+            return f"{width}x{height} px images shown at {shown_width}x{shown_height} (full size in the folder)"
+        return ""
+
+
+def grid_layout(width: int, height: int) -> GridLayout:
+    """The layout for rendered images of ``width`` x ``height``: images under MIN_CELL px are
+    scaled up by the smallest whole factor that reaches it, images over MAX_CELL px are scaled
+    down to it (so a 1024 px SDXL grid stays a few megapixels), others are shown as they are."""
+    if width < 1 or height < 1:
+        raise BadInput(f"a grid cell must have a size, got {width}x{height}")
+    longest = max(width, height)
+    if longest < MIN_CELL:
+        factor = -(-MIN_CELL // longest)
+        cell = (width * factor, height * factor)
+    elif longest > MAX_CELL:
+        cell = (max(1, round(width * MAX_CELL / longest)), max(1, round(height * MAX_CELL / longest)))
+    else:
+        cell = (width, height)
+    font = max(MIN_FONT, min(MAX_FONT, max(cell) // 9))
+    return GridLayout(image_size=(width, height), cell_size=cell, font_size=font, title_font_size=font + 4)
+
 
 def _font(size: int):
     from PIL import ImageFont
@@ -180,45 +227,113 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
+def _shown(image, size: tuple[int, int]):
+    """``image`` at ``size``: nearest neighbour up (crisp pixels), Lanczos down."""
+    from PIL import Image
+
+    if image.size == tuple(size):
+        return image
+    method = Image.Resampling.NEAREST if size[0] >= image.size[0] else Image.Resampling.LANCZOS
+    return image.resize(size, method)
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """``text`` in lines no wider than ``width`` pixels; a word wider than that is broken."""
+    lines: list[str] = []
+    for word in text.split(" "):
+        if lines and font.getlength(lines[-1] + " " + word) <= width:
+            lines[-1] += " " + word
+            continue
+        lines.append("")
+        for char in word:
+            if lines[-1] and font.getlength(lines[-1] + char) > width:
+                lines.append("")
+            lines[-1] += char
+    return lines
+
+
 def tile_images(rows: list[list], column_labels: list[str] | None = None, row_labels: list[str] | None = None,
-                padding: int = 4):
-    """Equally sized images laid out in rows on white, with an optional header row of column
-    labels and a left column of (multi-line) row labels. Grids and training previews use it."""
+                padding: int = 4, title: list[str] | None = None, layout: GridLayout | None = None):
+    """Equally sized images laid out in rows on white, with an optional title (lines, wrapped to
+    the grid's width), a header row of column labels and a left column of (multi-line) row
+    labels. ``layout`` gives the shown cell size and the fonts (default: the images as they are,
+    labels scaled to them). Grids and training previews use it."""
     from PIL import Image, ImageDraw
 
-    cell_width, cell_height = rows[0][0].size
-    font = _font(max(10, min(28, cell_height // 10)))
+    if layout is None:
+        width, height = rows[0][0].size
+        font_size = max(10, min(28, height // 10))
+        layout = GridLayout((width, height), (width, height), font_size, font_size + 4)
+    cell_width, cell_height = layout.cell_size
+    font, title_font = _font(layout.font_size), _font(layout.title_font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
 
-    def box(text: str) -> tuple[int, int]:
-        left, top, right, bottom = measure.multiline_textbbox((0, 0), text, font=font)
+    def box(text: str, face=font) -> tuple[int, int]:
+        left, top, right, bottom = measure.multiline_textbbox((0, 0), text, font=face)
         return right - left, bottom - top
 
+    def bottom(text: str, face=font) -> int:
+        return measure.multiline_textbbox((0, 0), text, font=face)[3]
+
     label_width = max(box(label)[0] for label in row_labels) + 2 * padding if row_labels else 0
-    header_height = max(box(label)[1] for label in column_labels) + 2 * padding if column_labels else 0
+    # the text's bottom below where it is drawn (its box starts below the line's top): no overlap with the cells
+    header_height = max(bottom(label) for label in column_labels) + 2 * padding if column_labels else 0
     columns = len(rows[0])
-    size = (label_width + columns * (cell_width + padding), header_height + len(rows) * (cell_height + padding))
-    canvas = Image.new("RGB", size, "white")
+    grid_width = label_width + columns * (cell_width + padding)
+    title_lines = [line for text in title or [] for line in _wrap(text, title_font, grid_width - 2 * padding)]
+    title_text = "\n".join(title_lines)
+    title_height = bottom(title_text, title_font) + 3 * padding if title_lines else 0
+    top = title_height + header_height
+    canvas = Image.new("RGB", (grid_width, top + len(rows) * (cell_height + padding)), "white")
     draw = ImageDraw.Draw(canvas)
+    if title_lines:
+        draw.multiline_text((padding, padding), title_text, fill="black", font=title_font)
     for column, text in enumerate(column_labels or []):
         x = label_width + column * (cell_width + padding) + (cell_width - box(text)[0]) // 2
-        draw.text((x, padding), text, fill="black", font=font)
+        draw.text((x, title_height + padding), text, fill="black", font=font)
     for row, label in enumerate(row_labels or []):
-        y = header_height + row * (cell_height + padding) + (cell_height - box(label)[1]) // 2
-        draw.multiline_text((padding, max(header_height, y)), label, fill="black", font=font)
+        y = top + row * (cell_height + padding) + (cell_height - box(label)[1]) // 2
+        draw.multiline_text((padding, max(top, y)), label, fill="black", font=font)
     for row, images in enumerate(rows):
         for column, image in enumerate(images):
-            canvas.paste(image, (label_width + column * (cell_width + padding),
-                                 header_height + row * (cell_height + padding)))
+            canvas.paste(_shown(image, layout.cell_size), (label_width + column * (cell_width + padding),
+                                                          top + row * (cell_height + padding)))
     return canvas
 
 
+def _seed_text(seeds: list[int]) -> str:
+    if len(seeds) > 2 and seeds == list(range(seeds[0], seeds[-1] + 1)):
+        return f"seeds {seeds[0]}-{seeds[-1]}"
+    return f"seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}"
+
+
+def grid_title(grid: Grid, layout: GridLayout | None = None) -> list[str]:
+    """What the grid shows, for its title: the prompt (or how many), the concept(s), the model,
+    steps, CFG, sampler, seeds, and how the cells are scaled."""
+    first = grid.cells[0].rendered.metadata
+    names = list(dict.fromkeys(name for cell in grid.cells for name in cell.rendered.metadata.get("concepts", {})))
+    if len(grid.prompts) == 1:
+        what = f"“{grid.prompts[0]}”"
+    else:
+        what = f"{len(grid.prompts)} prompts (one row per prompt and seed)"
+    concepts = f"concept{'s' if len(names) != 1 else ''} {', '.join(names) if names else '(none)'}"
+    steps = first.get("steps")
+    settings = [f"{steps} step{'' if steps == 1 else 's'}", f"CFG {first.get('cfg')}", str(first.get("scheduler")),
+                _seed_text(grid.seeds)]
+    lines = [what, f"{concepts} · model {first.get('base_model')}", " · ".join(settings)]
+    if layout is not None and layout.scale_note:
+        lines.append(layout.scale_note)
+    return lines
+
+
 def compose_grid(grid: Grid, padding: int = 4):
-    """The labelled grid image: a header row of ranks ("r=8"), a left column of row labels."""
+    """The labelled grid image: a title (prompt, concepts, model, settings), a header row of
+    ranks ("rank 8"), a left column of row labels; cells scaled by :func:`grid_layout`."""
     from PIL import Image, ImageDraw
 
-    cell_width, cell_height = grid.cells[0].rendered.image.size
-    font = _font(max(10, min(28, cell_height // 10)))
+    layout = grid_layout(*grid.cells[0].rendered.image.size)
+    cell_width, cell_height = layout.cell_size
+    font = _font(layout.font_size)
     measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     line_height = max(1, measure.multiline_textbbox((0, 0), "Ag\nAg", font=font)[3]
                       - measure.multiline_textbbox((0, 0), "Ag", font=font)[3])
@@ -226,7 +341,7 @@ def compose_grid(grid: Grid, padding: int = 4):
     max_lines = max(1, cell_height // line_height)
     labels = [fit_label(*grid.row_label(row), chars_per_line, max_lines) for row in range(len(grid.rows))]
     rows = [[cell.rendered.image for cell in grid.cells if cell.row == row] for row in range(len(grid.rows))]
-    return tile_images(rows, [f"r={rank}" for rank in grid.ranks], labels, padding)
+    return tile_images(rows, [f"rank {rank}" for rank in grid.ranks], labels, padding, grid_title(grid, layout), layout)
 
 
 # --------------------------------------------------------------------------- saving
@@ -277,8 +392,10 @@ class GridOutput:
                 self.write_cell(cell)
         images = [self.written[cell.row, cell.column] for cell in grid.cells]
         first = grid.cells[0].rendered.metadata
+        layout = grid_layout(*grid.cells[0].rendered.image.size)
         record = {
             "prompts": grid.prompts, "seeds": grid.seeds, "ranks": grid.ranks,
+            "title": grid_title(grid, layout), "cell_size": list(layout.cell_size),
             "images": [str(image.relative_to(self.path.parent)) for image in images],
             **{key: value for key, value in first.items() if key not in ("prompt", "seed", "concepts")},
         }

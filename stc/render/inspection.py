@@ -1,7 +1,10 @@
 """Look inside a concept: what its mapper outputs across space and time, and across ranks.
 
 For every (timestep, layer) the mapper gives a token embedding and a bypass vector; their
-norms show where the concept puts its weight. Comparing the rank-r output with the full one
+norms show where the concept puts its weight. NeTI rescales every output to the initializer
+word's norm, so the token norms barely move; what does move is the direction: the deviation of
+each (t, layer) embedding from the concept's mean embedding (its "plain average", the one a
+textual-inversion export starts from), ``||e(t, l) - ē|| / ||ē||``. Comparing the rank-r output with the full one
 (cosine similarity, per rank 1, 2, 4, ..., 128) shows how much a truncated concept keeps, so
 a user can choose ``--rank``. Also draws the norms as a PNG heatmap (Pillow only).
 
@@ -68,6 +71,8 @@ class NormGrid:
     layer_names: list[str]
     token: list[list[float]]
     bypass: list[list[float]] | None  # None when the concept has no textual bypass
+    # ||e(t, l) - ē|| / ||ē||, ē the mean token embedding over t in {0, 10, …, 990} and every layer
+    token_deviation: list[list[float]] | None = None
 
 
 @dataclass
@@ -127,14 +132,26 @@ def mapper_outputs(mapper, timesteps: list[int], num_layers: int, rank: int | No
     return per_layer(token), None if bypass is None else per_layer(bypass)
 
 
+MEAN_TIMESTEPS = range(0, NUM_TRAIN_TIMESTEPS, 10)  # where the mean embedding is taken, as the ti export does
+
+
+def mean_token_embedding(mapper, num_layers: int, rank: int | None):
+    """The token embedding averaged over t in {0, 10, …, 990} and every layer: D (fp64)."""
+    token, _ = mapper_outputs(mapper, list(MEAN_TIMESTEPS), num_layers, rank)
+    return token.double().mean(dim=(0, 1))
+
+
 def norm_grid(mapper, layer_names: list[str], timesteps: list[int], rank: int) -> NormGrid:
     token, bypass = mapper_outputs(mapper, timesteps, len(layer_names), rank)
+    mean = mean_token_embedding(mapper, len(layer_names), rank)
+    deviation = (token.double() - mean).norm(dim=-1) / mean.norm().clamp_min(1e-30)
     return NormGrid(
         rank=rank,
         timesteps=list(timesteps),
         layer_names=list(layer_names),
         token=token.norm(dim=-1).tolist(),
         bypass=None if bypass is None else bypass.norm(dim=-1).tolist(),
+        token_deviation=deviation.tolist(),
     )
 
 
@@ -208,15 +225,25 @@ def fraction_in(value: float, low: float, high: float) -> float:
     return 0.5 if high - low < 1e-12 else (value - low) / (high - low)
 
 
+MIN_DEVIATION_SCALE = 0.05  # the deviation bar reaches at least 5 % of the mean embedding's norm
+
+
+def colour_scale(values: list[list[float]], floor: float = 0.0) -> tuple[float, float]:
+    """The colour bar of a panel of non-negative values: from 0 to the largest value (at least
+    ``floor``). Anchored at 0, values that vary little relative to their size get nearly one
+    colour, and a constant panel gets exactly one."""
+    return 0.0, max(value_range(values)[1], floor, 1e-12)
+
+
 # --------------------------------------------------------------------------- PNG heatmap
 
 CELL_WIDTH, CELL_HEIGHT = 32, 20
 LABEL_WIDTH = 110  # room for the layer names left of the cells
 MARGIN = 16
-TITLE_HEIGHT = 28
+TITLE_HEIGHT = 46  # two lines: the concept and rank, the panel's quantity and range
 AXIS_HEIGHT = 40  # timestep labels and the axis title below the cells
 COLORBAR_WIDTH = 14
-COLORBAR_SPACE = 70  # bar, ticks and tick labels right of the cells
+COLORBAR_SPACE = 80  # bar, ticks and tick labels right of the cells
 
 
 def plot_size(num_layers: int, num_timesteps: int, panels: int) -> tuple[int, int]:
@@ -227,24 +254,36 @@ def plot_size(num_layers: int, num_timesteps: int, panels: int) -> tuple[int, in
     return width, height
 
 
+def plot_panels(grid: NormGrid) -> list[tuple[str, list[list[float]], tuple[float, float]]]:
+    """(title, values, colour scale) of each panel of the plot: the token embeddings' deviation
+    from their mean (what varies with t and layer), then the bypass norms. Each title states the
+    values' range; each colour bar runs from 0 (:func:`colour_scale`)."""
+    deviation = grid.token_deviation if grid.token_deviation is not None else [[0.0] * len(row) for row in grid.token]
+    title = "token: |e - mean| / |mean| (deviation from the mean embedding)"
+    panels = [(title, deviation, colour_scale(deviation, MIN_DEVIATION_SCALE))]
+    if grid.bypass is not None:
+        panels.append(("bypass vector norm", grid.bypass, colour_scale(grid.bypass)))
+    return [(f"{title}, range {value_range(values)[0]:.3f} to {value_range(values)[1]:.3f}", values, scale)
+            for title, values, scale in panels]
+
+
 def draw_norm_heatmaps(grid: NormGrid, name: str = ""):
-    """A PIL image: token-norm and bypass-norm heatmaps side by side (layers x timesteps),
-    labelled axes, one colour bar each."""
+    """A PIL image: the token embeddings' deviation from their mean and the bypass norms, side
+    by side (layers x timesteps), labelled axes, one colour bar each (from 0)."""
     from PIL import Image, ImageDraw, ImageFont
 
-    panels = [("token embedding norm", grid.token)]
-    if grid.bypass is not None:
-        panels.append(("bypass vector norm", grid.bypass))
+    panels = plot_panels(grid)
     size = plot_size(len(grid.layer_names), len(grid.timesteps), len(panels))
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     font = ImageFont.load_default()
     panel_width = LABEL_WIDTH + len(grid.timesteps) * CELL_WIDTH + COLORBAR_SPACE
-    for index, (title, values) in enumerate(panels):
+    for index, (title, values, scale) in enumerate(panels):
         left = MARGIN + index * (panel_width + MARGIN)
-        heading = f"{name + ': ' if name else ''}{title} ({rank_label(grid.rank)})"
-        draw.text((left + LABEL_WIDTH, MARGIN), heading, fill="black", font=font)
-        _draw_panel(draw, font, grid, values, left + LABEL_WIDTH, MARGIN + TITLE_HEIGHT)
+        lines = (f"{name + ': ' if name else ''}{rank_label(grid.rank)}", title)
+        heading = "\n".join(_fit(draw, font, line, panel_width) for line in lines)
+        draw.multiline_text((left, MARGIN), heading, fill="black", font=font, spacing=2)
+        _draw_panel(draw, font, grid, values, scale, left + LABEL_WIDTH, MARGIN + TITLE_HEIGHT)
     return image
 
 
@@ -272,8 +311,9 @@ def save_norm_heatmaps(grid: NormGrid, path: Path, name: str = "", force: bool =
     return path
 
 
-def _draw_panel(draw, font, grid: NormGrid, values: list[list[float]], left: int, top: int) -> None:
-    low, high = value_range(values)
+def _draw_panel(draw, font, grid: NormGrid, values: list[list[float]], scale: tuple[float, float],
+                left: int, top: int) -> None:
+    low, high = scale
     draw.text((left - 6, top - 3), "layer", fill="black", font=font, anchor="rd")
     for row, layer_values in enumerate(values):
         y = top + row * CELL_HEIGHT
