@@ -86,6 +86,8 @@ class ExportResult:
     paths: list[Path]
     fidelity: object | None = None  # distill.Fidelity for the lossy formats
     exact: bool = False  # ti/a1111 of a textual-inversion concept: its own vectors, nothing distilled
+    notes: list[str] = field(default_factory=list)  # ti/a1111: how other tools trigger the file
+    warnings: list[str] = field(default_factory=list)  # ti/a1111: names other tools would misread
 
 
 def target_paths(format_name: str, name: str, out: Path, sdxl: bool = False) -> list[Path]:
@@ -189,7 +191,19 @@ def export_concept(
                 write_ti(fitted, paths[0], spec, concept.encoder_widths)
             else:
                 write_a1111(fitted, paths[0], concept.name, concept.steps_done or 0, spec)
+            _trigger_warnings(result, registry, concept, fitted.shape[0], model or concept.base_model, model_config)
+            if format_name == "a1111" and len(concept.encoder_widths) > 1:
+                result.notes.append(f"for SDXL, a1111 and ti are the same file: {paths[0].name} (clip_l + clip_g)")
     return result
+
+
+def _trigger_warnings(result: ExportResult, registry, concept, count: int, spec: str, model_config) -> None:
+    from ..models.vocabulary import load_tokenizers
+    from .ti import export_warnings, trigger_note
+
+    result.notes.append(trigger_note(concept.name, count))
+    result.warnings += export_warnings(concept.name, count, registry.names(), load_tokenizers(spec, model_config),
+                                       spec)
 
 
 def _distil(concept, mapper, rank, vectors, model, model_config, device, progress, on_status, samples, fit_steps, env):
@@ -236,6 +250,7 @@ class ImportResult:
     concept: Concept  # as stored
     source_format: str
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)  # a name other tools would misread
 
 
 def import_concept(registry, path: Path, name: str | None = None, init: str | None = None, model: str | None = None,
@@ -267,7 +282,12 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
     concept = imported.concept
     notes = imported.notes + _check_width(concept, model or concept.base_model, model_config)
     registry.save(concept, weights_bytes(imported.mapper, concept.name), extra_files=imported.files)
-    return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes)
+    from ..models.vocabulary import load_tokenizers, name_warning
+
+    spec = model or concept.base_model
+    warning = name_warning(concept.name, load_tokenizers(spec, model_config), spec)
+    return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes,
+                        warnings=[warning] if warning else [])
 
 
 def import_concept_folder(request: ImportRequest) -> Imported:
