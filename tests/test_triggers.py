@@ -146,3 +146,25 @@ def test_sdxl_ti_and_a1111_are_one_file_at_one_path_and_help_says_so(tmp_path):
     assert headers[0] == headers[1]
     result = invoke("export", "pupxl", "--format", "a1111", "--out", tmp_path / "ti")  # where ti wrote it
     assert result.exit_code == 1 and "pupxl.safetensors" in result.stderr and "--force" in result.stderr
+
+
+def test_the_vocabulary_comes_from_local_files_only_or_not_at_all(tmp_path, tiny, monkeypatch):
+    from stc.models.vocabulary import load_tokenizers
+
+    folder = tmp_path / "model"
+    tiny.pipeline.tokenizer.save_pretrained(folder / "tokenizer")
+    single = tmp_path / "model.safetensors"
+    single.write_bytes(b"")  # only its name matters here: the vocabulary comes from --model-config
+    hub = tmp_path / "hub"
+    snapshot = hub / "models--org--model" / "snapshots" / ("0" * 40)
+    tiny.pipeline.tokenizer.save_pretrained(snapshot / "tokenizer")
+    (hub / "models--org--model" / "refs").mkdir()
+    (hub / "models--org--model" / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    sources = ((str(folder), None), (str(single), str(folder)), ("org/model", None), ("builtin:shapes", None))
+    for spec, config in sources:
+        found = load_tokenizers(spec, config)
+        assert len(found) == 1 and is_vocabulary_word("dog", found), spec
+    # nothing to read: no tokenizer (transformers would build an empty one that calls every letter a word)
+    assert load_tokenizers("org/never-downloaded") == [] and load_tokenizers(str(single)) == []
+    assert load_tokenizers(str(tmp_path / "missing")) == []
