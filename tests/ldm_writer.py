@@ -35,6 +35,26 @@ def pipeline_to_ldm(pipeline, encoder: str | None = None) -> dict:
     return {key: value.detach().to("cpu").contiguous() for key, value in state.items()}
 
 
+def randomise(pipeline, seed: int = 0):
+    """Move every parameter of the modules a single file holds (UNet, VAE, text encoders) off its
+    initial value, in place, and return the pipeline.
+
+    Freshly built models keep LayerNorm/GroupNorm weights at 1 and biases at 0: every norm equals
+    every other of its width, so a key map that swaps two of them (OpenCLIP's ``ln_1`` and
+    ``ln_2``, a resnet's ``norm1`` and ``norm2``) or a weight with its bias goes unseen. Here each
+    parameter becomes ``p * (1 + 0.1 n) + 0.05 m`` (n, m standard normal, seeded): no two are
+    equal, and the values stay near their scale, so the models still render sensibly."""
+    generator = torch.Generator().manual_seed(seed)
+    modules = [pipeline.unet, pipeline.vae, pipeline.text_encoder, getattr(pipeline, "text_encoder_2", None)]
+    with torch.no_grad():
+        for module in filter(None, modules):
+            for parameter in module.parameters():
+                scale = torch.randn(parameter.shape, generator=generator)
+                shift = torch.randn(parameter.shape, generator=generator)
+                parameter.copy_(parameter * (1 + 0.1 * scale) + 0.05 * shift)
+    return pipeline
+
+
 def _text_state(text_encoder) -> dict:
     text = {key.removeprefix("text_model."): value for key, value in text_encoder.state_dict().items()}
     text.pop("embeddings.position_ids", None)

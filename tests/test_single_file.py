@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import assert_close_in_scale, assert_one_line_error, assert_same_render, invoke
-from ldm_writer import _to_openclip, pipeline_to_ldm
+from ldm_writer import _to_openclip, pipeline_to_ldm, randomise
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -29,18 +29,25 @@ SETTINGS = RenderSettings(steps=3)
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """For builtin:tiny and builtin:tiny-sd2: the saved diffusers folder and an LDM single file."""
+    """For each builtin: a diffusers folder and an LDM single file of the same weights, every one
+    randomised first (tests/ldm_writer.randomise): at their initial values all LayerNorms are
+    equal (weight 1, bias 0), and a key map that swapped two would pass unseen."""
     root = tmp_path_factory.mktemp("single")
     out = {}
     for spec in ("builtin:tiny", "builtin:tiny-sd2", "builtin:tiny-sdxl"):
         name = spec.split(":")[1]
-        pipeline = load_base_model(spec, device="cpu").pipeline
+        pipeline = randomise(load_base_model(spec, device="cpu").pipeline)
         folder = root / name
         pipeline.save_pretrained(folder)
         path = root / f"{name}.safetensors"
         save_file(pipeline_to_ldm(pipeline), str(path))
         out[spec] = (folder, path)
     return out
+
+
+def reference(written, spec):
+    """The model a written single file must load as: its diffusers folder (randomised weights)."""
+    return load_base_model(str(written[spec][0]), device="cpu")
 
 
 def latents(base, prompt="a cat on the moon"):
@@ -85,7 +92,7 @@ def test_the_writer_is_what_diffusers_single_file_reader_reads(written, spec):
     assert "first_stage_model.encoder.mid.attn_1.q.weight" in keys
     if spec != "builtin:tiny-sdxl":
         assert "model.diffusion_model.output_blocks.11.0.skip_connection.weight" in keys  # diffusers' SD 1 marker
-    builtin = load_base_model(spec, device="cpu").pipeline
+    builtin = reference(written, spec).pipeline
     cls = StableDiffusionXLPipeline if spec == "builtin:tiny-sdxl" else StableDiffusionPipeline
     read = cls.from_single_file(str(path), config=str(folder), local_files_only=True)
     for module in MODULES[spec]:
@@ -95,7 +102,7 @@ def test_the_writer_is_what_diffusers_single_file_reader_reads(written, spec):
 @pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2", "builtin:tiny-sdxl"])
 def test_a_single_file_with_model_config_renders_as_the_builtin(written, spec, no_network):
     folder, path = written[spec]
-    builtin = load_base_model(spec, device="cpu")
+    builtin = reference(written, spec)
     single = load_base_model(str(path), device="cpu", config=str(folder))
     assert single.spec == str(path.resolve())
     assert (single.text_width, single.default_resolution, single.prediction_type) == (
@@ -109,7 +116,7 @@ def test_a_single_file_with_model_config_renders_as_the_builtin(written, spec, n
 def test_single_file_through_the_cli_gives_the_builtin_image(written, tmp_path, photos, no_network):
     folder, path = written["builtin:tiny"]
     images = []
-    for model, extra in (("builtin:tiny", []), (path, ["--model-config", folder])):
+    for model, extra in ((folder, []), (path, ["--model-config", folder])):
         result = invoke("gen", "a cat", "--model", model, *extra, "--steps", 2, "--out", tmp_path / "out", "--json")
         assert result.exit_code == 0, result.output
         record = json.loads(result.stdout.strip().splitlines()[-1])
@@ -134,7 +141,7 @@ def test_a_weights_only_ckpt_loads_and_a_ckpt_needing_code_is_refused(written, t
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": load_file(str(path)), "global_step": 7, "epoch": 1}, ckpt)
     assert_close_in_scale(latents(load_base_model(str(ckpt), device="cpu", config=str(folder))),
-                          latents(load_base_model("builtin:tiny", device="cpu")), LAYOUT_TOLERANCE)
+                          latents(reference(written, "builtin:tiny")), LAYOUT_TOLERANCE)
 
     ran = tmp_path / "ran"
 
@@ -207,7 +214,7 @@ def test_shipped_configs_with_a_tokenizer_folder_render_as_the_builtin(tiny_fami
     tokenizer_only = tmp_path / "tok"
     shutil.copytree(folder / "tokenizer", tokenizer_only)
     single = load_base_model(str(path), device="cpu", config=str(tokenizer_only))
-    assert_close_in_scale(latents(single), latents(load_base_model("builtin:tiny", device="cpu")), LAYOUT_TOLERANCE)
+    assert_close_in_scale(latents(single), latents(load_base_model(str(folder), device="cpu")), LAYOUT_TOLERANCE)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ModelError, match="neither model_index.json nor a tokenizer"):
@@ -225,7 +232,7 @@ def test_shipped_configs_take_the_tokenizer_from_the_local_hub_cache(tiny_family
     single = load_base_model(str(path), device="cpu")
     assert single.pipeline.tokenizer("a photo of a cat").input_ids == load_base_model(
         "builtin:tiny", device="cpu").pipeline.tokenizer("a photo of a cat").input_ids
-    assert_close_in_scale(latents(single), latents(load_base_model("builtin:tiny", device="cpu")), LAYOUT_TOLERANCE)
+    assert_close_in_scale(latents(single), latents(load_base_model(str(folder), device="cpu")), LAYOUT_TOLERANCE)
 
 
 def test_prediction_type_comes_from_the_option_then_the_file_then_the_config(written, tmp_path, monkeypatch,
@@ -383,9 +390,23 @@ def test_an_sdxl_file_with_shipped_configs_takes_a_tokenizer_folder_and_derives_
     tokenizer_only = tmp_path / "tok"
     shutil.copytree(folder / "tokenizer", tokenizer_only)
     single = load_base_model(str(path), device="cpu", config=str(tokenizer_only))
-    builtin = load_base_model("builtin:tiny-sdxl", device="cpu")
+    builtin = reference(written, "builtin:tiny-sdxl")
     assert single.pipeline.tokenizer_2.pad_token == "!" == builtin.pipeline.tokenizer_2.pad_token
     ids = [tok("a photo of a cat", padding="max_length", max_length=77).input_ids
            for tok in (single.pipeline.tokenizer_2, builtin.pipeline.tokenizer_2)]
     assert ids[0] == ids[1]
     assert_close_in_scale(latents(single), latents(builtin), LAYOUT_TOLERANCE)
+
+
+@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2", "builtin:tiny-sdxl"])
+def test_the_written_weights_tell_every_parameter_apart(written, spec):
+    """What lets the tests above see a key map that swaps two weights: in the written models no
+    parameter is constant (a fresh norm's 1s, a fresh bias's 0s) and no two of one shape are equal."""
+    pipeline = reference(written, spec).pipeline
+    for module in MODULES[spec]:
+        seen = {}
+        for key, value in getattr(pipeline, module).named_parameters():
+            assert value.numel() == 1 or value.std() > 0, (module, key)
+            for other in seen.get(tuple(value.shape), []):
+                assert not torch.equal(value, other[1]), (module, key, other[0])
+            seen.setdefault(tuple(value.shape), []).append((key, value))

@@ -26,9 +26,17 @@ from ._base import (
 )
 
 
+def warn(message: str) -> None:
+    err.print(Text.assemble(("Warning:", "yellow"), " ", message), soft_wrap=True)
+
+
 @app.command("export", help=(
     "Export a concept for other tools; prints the written paths. Formats (each keeps and loses):\n\n"
     + "\n\n".join(f"- {f.name}: keeps {f.keeps}; loses {f.loses}." for f in export_formats().values())
+    + "\n\nSDXL concepts: ti and a1111 write the same file, NAME.safetensors (clip_l + clip_g), at the same "
+    "path.\n\nOther tools trigger a ti/a1111 file by its file name (A1111 webui: NAME; ComfyUI: embedding:NAME; "
+    "kohya: NAME, NAME1, NAME2, ... for more vectors; diffusers: the token= passed): a warning says when NAME is a "
+    "word of the base model's vocabulary or can meet another concept's name in kohya's numbering."
 ))
 @handle_errors
 def export(
@@ -91,6 +99,10 @@ def export(
             f"{fidelity.initializer:.4f} ± {fidelity.initializer_se:.4f}"
         ), soft_wrap=True)
         err.print(Text(f"Written: {fidelity.decision()}."), soft_wrap=True)
+    for note in result.notes:
+        err.print(Text(f"Note: {note}", style="dim"), soft_wrap=True)
+    for warning in result.warnings:
+        warn(warning)
     for path in result.paths:
         out.print(Text(str(path)), soft_wrap=True)
 
@@ -118,6 +130,8 @@ def import_(
     concept = result.concept
     for note in result.notes:
         err.print(Text(f"Note: {note}", style="dim"), soft_wrap=True)
+    for warning in result.warnings:
+        warn(warning)
     err.print(Text(f"Imported {concept.token} ({result.source_format}) for {concept.base_model}. "
                    f'Use it: stc gen "{concept.token} on the beach"'), soft_wrap=True)
     out.print(Text(str(concept.path)), soft_wrap=True)

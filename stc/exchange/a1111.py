@@ -25,6 +25,8 @@ def export(job: ExportJob, result: ExportResult) -> None:
         write_a1111(vectors, job.paths[0], job.concept.name, job.concept.steps_done or 0, spec)
     else:
         write_ti(vectors, job.paths[0], spec, job.backbone)
+        result.notes.append(f"for {job.backbone.label}, a1111 and ti are the same file: {job.paths[0].name} "
+                            f"({' + '.join(job.backbone.ti_keys)})")
 
 
 def a1111_embedding(vectors, name: str, steps: int, checkpoint_name: str) -> dict:

@@ -48,6 +48,9 @@ class ExportResult:
     paths: list[Path]
     fidelity: object | None = None  # distill.Fidelity for the lossy formats
     exact: bool = False  # ti/a1111 of a textual-inversion concept: its own vectors, nothing distilled
+    vectors: int = 0  # ti/a1111: how many vectors the file holds
+    notes: list[str] = field(default_factory=list)  # ti/a1111: how other tools trigger the file
+    warnings: list[str] = field(default_factory=list)  # ti/a1111: names other tools would misread
 
 
 @dataclass
@@ -78,6 +81,7 @@ class ImportResult:
     concept: Concept  # as stored
     source_format: str
     notes: list[str]
+    warnings: list[str] = field(default_factory=list)  # a name other tools would misread
 
 
 def concept_name(name: str | None, fallback: str) -> str:

@@ -115,7 +115,18 @@ def export_concept(
                 code.export(job, result, folder)
         else:
             code.export(job, result)
+    if export_format.distils:  # a file other tools trigger by its name
+        _trigger_warnings(result, registry, concept, result.vectors, model or concept.base_model, model_config)
     return result
+
+
+def _trigger_warnings(result: ExportResult, registry, concept, count: int, spec: str, model_config) -> None:
+    from ..models.vocabulary import load_tokenizers
+    from .ti import export_warnings, trigger_note
+
+    result.notes.append(trigger_note(concept.name, count))
+    result.warnings += export_warnings(concept.name, count, registry.names(), load_tokenizers(spec, model_config),
+                                       spec)
 
 
 # --------------------------------------------------------------------------- import
@@ -143,7 +154,12 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
     concept = imported.concept
     notes = imported.notes + _check_width(concept, model or concept.base_model, model_config)
     registry.save(concept, weights_bytes(imported.mapper, concept.name), extra_files=imported.files)
-    return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes)
+    from ..models.vocabulary import load_tokenizers, name_warning
+
+    spec = model or concept.base_model
+    warning = name_warning(concept.name, load_tokenizers(spec, model_config), spec)
+    return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes,
+                        warnings=[warning] if warning else [])
 
 
 def _check_width(concept, spec: str, model_config: str | None) -> list[str]:

@@ -176,7 +176,7 @@ def embedding_vectors(job: ExportJob, result: ExportResult):
     concept's own (nothing to fit), else the concept distilled on its base model (or ``--model``)."""
     exact = constant_vectors(job.mapper)
     if exact is not None:
-        result.exact = True
+        result.exact, result.vectors = True, exact.shape[0]
         return exact, job.concept.base_model
     from ..models.base import load_base_model
     from .distill import distil
@@ -187,7 +187,7 @@ def embedding_vectors(job: ExportJob, result: ExportResult):
     base = load_base_model(spec, device=job.device, config=job.model_config, env=job.env)
     distilled = distil(base, job.concept, job.mapper, vectors=job.vectors, rank=job.rank, samples=job.samples,
                        steps=job.fit_steps, progress=job.progress)
-    result.fidelity = distilled.fidelity
+    result.fidelity, result.vectors = distilled.fidelity, distilled.vectors.shape[0]
     return distilled.vectors, base.spec
 
 
@@ -202,3 +202,55 @@ def write_ti(vectors, path: Path, base_model: str, backbone) -> None:
     tensors = backbone.ti_tensors(vectors.detach().float().cpu())
     with staged(path) as temporary:
         temporary.write_bytes(save(tensors, metadata=metadata))
+
+
+# --------------------------------------------------------------------------- how other tools trigger a file
+
+
+def kohya_tokens(stem: str, count: int) -> list[str]:
+    """The tokens kohya's scripts add for an embedding file ``<stem>.*`` of ``count`` vectors: the
+    file name, then the file name numbered from 1 (``w1`` of 2 vectors: ``w1``, ``w11``)."""
+    return [stem] + [f"{stem}{index}" for index in range(1, count)]
+
+
+def numbered_clashes(name: str, others) -> list[str]:
+    """Names among ``others`` that kohya's numbering can make the same token as ``name``: one of the
+    two is the other followed by digits (``w`` and ``w1``, ``w1`` and ``w11``); whether they do
+    depends on how many vectors each file holds, so any such pair is reported."""
+    def numbered(longer: str, shorter: str) -> bool:
+        return longer.startswith(shorter) and longer[len(shorter):].isdigit()
+
+    return sorted(other for other in others if other != name and (numbered(other, name) or numbered(name, other)))
+
+
+def trigger_note(name: str, count: int) -> str:
+    """How a ti/a1111 export ``<name>.*`` of ``count`` vectors is triggered in each tool."""
+    kohya = " ".join(kohya_tokens(name, count))
+    diffusers = " ".join([f"<{name}>"] + [f"<{name}>_{index}" for index in range(1, count)])
+    return (f"other tools trigger this file by its name: A1111 webui '{name}', ComfyUI 'embedding:{name}', "
+            f"kohya '{kohya}'; diffusers: load_textual_inversion(..., token='<{name}>') gives '{diffusers}'")
+
+
+def export_warnings(name: str, count: int, other_names, tokenizers, model: str) -> list[str]:
+    """What may go wrong when a ti/a1111 export of concept ``name`` (``count`` vectors) is used
+    beside other embeddings: a name of the base model's vocabulary, and kohya tokens that other
+    concepts' exports would claim too."""
+    from ..models.vocabulary import is_vocabulary_word, name_warning
+
+    found = [message for message in [name_warning(name, tokenizers, model)] if message]
+    clashes = numbered_clashes(name, other_names)
+    if clashes:
+        shown = ", ".join(f"'{other}'" for other in clashes[:5])
+        found.append(
+            f"kohya's scripts number an embedding's extra vectors after its file name ('{name}' of {count}: "
+            f"{', '.join(kohya_tokens(name, count))}); with {shown} in the registry, exports of "
+            f"{'these' if len(clashes) > 1 else 'it'} and of '{name}' can claim the same token there, and kohya "
+            "stops at the second file. Keep them apart, or rename one (stc mv) so neither name is the other "
+            "followed by digits"
+        )
+    numbered_words = [token for token in kohya_tokens(name, count)[1:] if is_vocabulary_word(token, tokenizers)]
+    if numbered_words:
+        found.append(f"kohya's token{'s' if len(numbered_words) > 1 else ''} {', '.join(numbered_words)} for the "
+                     f"extra vectors of '{name}' {'are words' if len(numbered_words) > 1 else 'is a word'} of "
+                     f"{model}'s vocabulary: kohya's scripts refuse the file")
+    return found

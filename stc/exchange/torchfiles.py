@@ -25,6 +25,7 @@ from __future__ import annotations
 import io
 import pickle
 import re
+import types
 import zipfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -123,6 +124,13 @@ class RestrictedUnpickler(pickle.Unpickler):
                 f"{self.source} wants to run {module}.{name} when loaded; stc loads only tensors and "
                 "data, so it is refused"
             )
+        # A pickle's BUILD opcode sets state on what this returns (even on a frozen dataclass, through
+        # its __dict__): hand out copies, so that no file changes how later files are read.
+        if isinstance(found, types.FunctionType):
+            found = types.FunctionType(found.__code__, found.__globals__, found.__name__, found.__defaults__,
+                                       found.__closure__)
+        elif isinstance(found, _StorageType):
+            found = _StorageType(found.name, found.dtype)
         return found
 
     def persistent_load(self, pid: Any) -> torch.Tensor:

@@ -204,6 +204,11 @@ class _Run:
         from .images import load_photos
 
         self._load_model(device, model_config)
+        from ..models.vocabulary import name_warning
+
+        warning = name_warning(self.name, self.base.backbone.tokenizers(self.base.pipeline), self.base.spec)
+        if warning:
+            self.callbacks.warn(warning)
         self.resolution = self.config.resolution or self.base.default_resolution
         from ..models.base import embedding_fingerprint
 

@@ -20,7 +20,7 @@ LAYOUTS = (SDXL, SD1)  # one of each layout, the one with more text encoders fir
 __all__ = [
     "BACKBONES", "CONFIGS", "LAYOUTS", "SD1", "SD2", "SDXL", "SDXL_LAYER_NAMES", "SD_LAYER_NAMES", "Backbone",
     "StableDiffusion", "StableDiffusionXL", "backbone_for_widths", "backbone_of", "backbone_of_hub_model",
-    "backbone_of_ti_keys", "encoder_components", "label_of_widths",
+    "backbone_of_ti_keys", "encoder_components", "label_of_widths", "tokenizer_components",
 ]
 
 
@@ -50,6 +50,14 @@ def encoder_components() -> list[str]:
     names = []
     for layout in sorted(LAYOUTS, key=lambda layout: -len(layout.readings)):
         names += [reading.component for reading in layout.readings if reading.component not in names]
+    return names
+
+
+def tokenizer_components() -> list[str]:
+    """The pipeline attributes (and diffusers subfolders) of the tokenizers any layout has, in order."""
+    names = []
+    for layout in sorted(LAYOUTS, key=lambda layout: -len(layout.readings)):
+        names += [reading.tokenizer for reading in layout.readings if reading.tokenizer not in names]
     return names
 
 
