@@ -412,13 +412,13 @@ def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
 
 def compatibility_notes(concepts: list[Concept], base) -> list[str]:
     """One line per concept trained on another (but compatible) base model than ``base``."""
-    from ..models.base import embedding_fingerprint
+    from ..models.base import same_embeddings
 
-    fingerprint = embedding_fingerprint(base.pipeline)
     return [
         f"{concept.name} was trained on {concept.base_model}; {base.spec} has the same layout but other token "
         "embeddings (a fine-tune?), so it renders, possibly less faithfully"
-        for concept in concepts if concept.base_fingerprint and concept.base_fingerprint != fingerprint
+        for concept in concepts
+        if concept.base_fingerprint and same_embeddings(concept.base_fingerprint, base.pipeline) is False
     ]
 
 
