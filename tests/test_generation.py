@@ -337,3 +337,18 @@ def test_gen_checks_out_first_and_warns_far_from_the_model_size(saved_concepts, 
     assert "512x64 px is far from builtin:tiny's 64 px" in result.stderr and "about 8x" in result.stderr
     quiet = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 96, "--out", tmp_path / "fine")
     assert "far from" not in quiet.stderr
+
+
+def test_concepts_of_two_families_in_one_prompt_say_they_cannot_render_together(tmp_path):
+    """An SDXL concept beside an SD 1.x one: no --model fits both, so the error does not suggest one."""
+    from helpers import assert_one_line_error, save_concept
+
+    save_concept("wedge", base_model="builtin:shapes")
+    save_concept("wsx", base_model="builtin:shapes-sdxl",
+                 mapper={**make_mapper(0).config.to_dict(), "encoder_widths": [32, 64]})
+    result = invoke("gen", "a <wsx> and a <wedge>", "--steps", 1, "--out", tmp_path / "out")
+    assert_one_line_error(result, "'wsx' (SDXL, trained on builtin:shapes-sdxl)", "'wedge' (SD 1.x",
+                          "cannot render together")
+    assert "--model" not in result.stderr
+    with_model = invoke("gen", "a <wsx> and a <wedge>", "--model", "builtin:tiny", "--out", tmp_path / "out")
+    assert_one_line_error(with_model, "cannot render together")

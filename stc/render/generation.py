@@ -424,6 +424,17 @@ def compatibility_notes(concepts: list[Concept], base) -> list[str]:
 
 def choose_model(concepts: list[Concept], model: str | None, env: Settings | None = None) -> str:
     """``model`` if given, else the one base model all concepts share, else the default model."""
+    from ..models.base import family_label
+
+    layouts = {tuple(concept.encoder_widths): concept for concept in concepts}
+    if len(layouts) > 1:  # no model fits both: --model cannot help
+        first, second = list(layouts.values())[:2]
+        raise ModelError(
+            f"concepts {first.name!r} ({family_label(first.encoder_widths)}, trained on {first.base_model}) and "
+            f"{second.name!r} ({family_label(second.encoder_widths)}, trained on {second.base_model}) cannot "
+            "render together: they are for different model families (text encoders); render them in separate "
+            "prompts"
+        )
     if model:
         return model
     bases = {concept.base_model for concept in concepts}
