@@ -352,3 +352,30 @@ def test_concepts_of_two_families_in_one_prompt_say_they_cannot_render_together(
     assert "--model" not in result.stderr
     with_model = invoke("gen", "a <wsx> and a <wedge>", "--model", "builtin:tiny", "--out", tmp_path / "out")
     assert_one_line_error(with_model, "cannot render together")
+
+
+def test_an_empty_prompt_is_a_one_line_error_before_anything_loads(no_network, monkeypatch, tmp_path):
+    """``stc gen ''`` used to load (download) the default model first and fail after a minute."""
+    from helpers import assert_one_line_error
+
+    import stc.models.base as base
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded for an empty prompt")
+
+    monkeypatch.setattr(base, "load_base_model", no_load)
+    for args in (("gen", "", "--out", tmp_path / "out"), ("gen", "   ", "--out", tmp_path / "out"),
+                 ("grid", " ", "--out", tmp_path / "out" / "grid.png")):
+        result = invoke(*args)
+        assert_one_line_error(result, "the prompt is empty", "builtin:shapes")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_that_cannot_load_advises_the_offline_builtin(monkeypatch):
+    from stc.errors import ModelError
+    from stc.models.base import load_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="--model builtin:shapes") as caught:
+        load_base_model("nobody/not-downloaded", device="cpu")
+    assert "builtin:tiny" not in str(caught.value)

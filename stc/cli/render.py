@@ -218,10 +218,11 @@ def grid(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         batch_size=batch_size,
     )
+    requests = grid_requests(prompts, rank_list, seed_list)  # an empty prompt fails here
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
-    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device,
-                              dtype, command_env(ctx, prediction_type=prediction_type))
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
+                              command_env(ctx, prediction_type=prediction_type))
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)

@@ -287,7 +287,8 @@ def _load_hub(model_id: str, dtype, offline: bool):
     except Exception as exc:  # network, auth, missing files: all mean the same to the user
         raise ModelError(
             f"could not load model {model_id!r}: {_hub_failure(exc, offline)}. Download it first (hf download "
-            f"{model_id}), pass a local folder or .safetensors file, or use --model {TINY} (or {TINY_SD2})"
+            f"{model_id}), pass a local folder or .safetensors file, or try stc offline with --model {SHAPES} "
+            "(a tiny trained world of coloured shapes)"
         ) from exc
 
 
@@ -397,7 +398,8 @@ def load_base_model(
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             pipeline = _load_hub(spec, weight_dtype, env.offline)
         else:
-            raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor {TINY}")
+            raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor a builtin "
+                             f"({SHAPES}, {TINY}, …)")
     if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                   prediction_type=prediction_type)

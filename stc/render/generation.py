@@ -61,6 +61,9 @@ class RenderRequest:
     rank: int | None = None  # None: RenderSettings.rank
 
     def __post_init__(self) -> None:
+        if not self.prompt.strip():  # before any model loads (the default one may be a download)
+            raise BadInput('the prompt is empty: say what to render, e.g. stc gen "a <name> on the moon" (without '
+                           "a <concept>, plain Stable Diffusion), or try --model builtin:shapes offline")
         if not 0 <= self.seed <= MAX_SEED:
             raise BadInput(f"seeds must lie between 0 and {MAX_SEED}, got {self.seed}")
 
