@@ -319,3 +319,14 @@ def test_a_diffusers_export_brings_back_the_training_metrics_and_preview(tmp_pat
     assert (again.path / "metrics.jsonl").read_text() == metrics
     assert (again.path / "preview.png").read_bytes() == (concept.path / "preview.png").read_bytes()
     assert again.training.steps_done == concept.training.steps_done
+
+
+def test_import_of_a_registry_top_folder_takes_its_one_concept_and_refuses_a_choice(tmp_path):
+    other = Registry(tmp_path / "other")
+    save_concept("solo", seed=2, registry=other)
+    result = invoke("import", tmp_path / "other", "--name", "solo-back")
+    assert result.exit_code == 0, result.output
+    back, solo = load_mapper(Registry().load("solo-back")), load_mapper(other.load("solo"))
+    assert torch.equal(outputs_on_a_grid(back), outputs_on_a_grid(solo))
+    save_concept("duo", seed=3, registry=other)
+    assert_one_line_error(invoke("import", tmp_path / "other"), "registry of 2 concepts", "concepts/duo")

@@ -336,7 +336,7 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
         train_concept(photos, "spacey", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4, "save_every": 2}),
                       device="cpu")
     message = str(caught.value)
-    rescued = tmp_path / "stc-rescued-spacey" / "concepts" / "spacey"
+    rescued = tmp_path / "spacey-rescued-step4"  # as the README says
     assert "No space left on device" in message and f"stc import {rescued}" in message
     assert "checkpoint at step 2 (stc train --resume spacey)" in message
     assert Registry().load("spacey").training.steps_done == 2  # the registry is as the last good save left it
@@ -347,7 +347,10 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
     assert back.training.steps_done == 4 and TrainConfig.of(back.training).steps == 4
     assert back.metrics.eval_loss_after is not None and back.complete
     assert (back.path / "preview.png").is_file() and (back.path / "metrics.jsonl").read_text().count("\n") == 4
-    assert weights_equal(read_state_dict(back), read_state_dict(Registry(rescued.parent.parent).load("spacey")))
+    assert weights_equal(read_state_dict(back), read_state_dict(Registry(rescued).load("spacey")))
+    inner = CliRunner().invoke(app, ["import", str(rescued / "concepts" / "spacey"), "--name", "spacey-inner"])
+    assert inner.exit_code == 0, inner.output  # its concept folder imports too
+    assert weights_equal(read_state_dict(Registry().load("spacey-inner")), read_state_dict(back))
 
 
 def test_a_concept_folder_of_another_registry_imports_whole_and_resumes(photos, tmp_path, monkeypatch):

@@ -248,6 +248,8 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
         raise BadInput(f"{path} does not exist")
     if init is not None and not init.strip():
         raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out to take the file's")
+    if path.is_dir() and not (path / CONCEPT_FILE).is_file():
+        path = _the_concept_of_a_registry(path)
     request = ImportRequest(path, name, init, model, model_config, env or Settings.from_environment())
     if path.is_dir() and (path / CONCEPT_FILE).is_file():
         reader = import_concept_folder
@@ -268,6 +270,21 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
     notes = imported.notes + _check_width(concept, model or concept.base_model, model_config)
     registry.save(concept, weights_bytes(imported.mapper, concept.name), extra_files=imported.files)
     return ImportResult(concept=registry.load(concept.name), source_format=imported.source_format, notes=notes)
+
+
+def _the_concept_of_a_registry(path: Path) -> Path:
+    """For the top folder of another registry (a run rescued from a full disk, ``<name>-rescued-
+    stepN``): the folder of its one concept; ``path`` itself when it is no registry."""
+    from ..store.registry import Registry
+
+    concepts = Registry(path).concepts_dir
+    if not concepts.is_dir():
+        return path
+    found = sorted(folder for folder in concepts.iterdir() if (folder / CONCEPT_FILE).is_file())
+    if len(found) > 1:
+        shown = ", ".join(str(folder) for folder in found[:5]) + (", …" if len(found) > 5 else "")
+        raise BadInput(f"{path} is a registry of {len(found)} concepts; import one of its concept folders: {shown}")
+    return found[0] if found else path
 
 
 def import_concept_folder(request: ImportRequest) -> Imported:

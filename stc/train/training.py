@@ -348,7 +348,7 @@ class _Run:
     def _rescue(self, step: int) -> Path | None:
         """The concept at ``step``, complete (its metrics and previews too), in a registry of its own
         in the first of the working folder, the temporary folder and the home folder that takes it;
-        the path of its concept folder, which ``stc import`` reads, or None."""
+        the path of that registry (``<name>-rescued-step<N>``), which ``stc import`` reads, or None."""
         import tempfile
 
         from ..outputs import free_path
@@ -359,9 +359,10 @@ class _Run:
         weights = weights_bytes(self.trainer.unwrapped_mapper, self.name)
         files = {**self.files, "metrics.jsonl": ("\n".join(self.metrics_lines) + "\n").encode()}
         for place in dict.fromkeys((Path.cwd(), Path(tempfile.gettempdir()), Path.home())):
-            rescue = Registry(free_path(place, f"stc-rescued-{self.name}", suffix=""))
+            rescue = Registry(free_path(place, f"{self.name}-rescued-step{step}", suffix=""))
             try:
-                return rescue.save(self._concept(step), weights, extra_files=files).path
+                rescue.save(self._concept(step), weights, extra_files=files)
+                return rescue.root
             except StcError:
                 continue
         return None
