@@ -95,10 +95,21 @@ def train_concept(
     if photos_dir is None:
         raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
     run = _Run(registry, name, _photos_folder(photos_dir), model or env.default_model(), config, callbacks, env)
+    check_initializer(run.model, run.config.initializer, model_config)
     with _owning(registry, name, device, env):
         if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
             raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")
         return run.execute(device, model_config, previous=None)
+
+
+def check_initializer(model: str, word: str, model_config: str | None = None) -> None:
+    """``word`` must be one token of ``model``'s tokenizers: checked on the tokenizers alone, before
+    the weights load, where they can be had without the network (else the trainer checks it)."""
+    from ..method.placeholders import single_token_id
+    from ..models.tokenizers import tokenizers_of
+
+    for tokenizer in tokenizers_of(model, model_config) or []:
+        single_token_id(tokenizer, word)
 
 
 def _photos_folder(folder) -> Path:
