@@ -379,3 +379,42 @@ def test_a_hub_model_that_cannot_load_advises_the_offline_builtin(monkeypatch):
     with pytest.raises(ModelError, match="--model builtin:shapes") as caught:
         load_base_model("nobody/not-downloaded", device="cpu")
     assert "builtin:tiny" not in str(caught.value)
+
+
+def test_sizes_far_outside_the_model_are_refused_with_their_memory_unless_forced(saved_concepts, tmp_path,
+                                                                                monkeypatch):
+    from helpers import assert_one_line_error
+
+    import stc.models.base
+
+    loaded = []
+    real_load = stc.models.base.load_base_model
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    huge = invoke("gen", "<mydog> on the moon", "--width", 100000, "--out", tmp_path / "huge")
+    assert_one_line_error(huge, "100000x512 px", "far outside", "12.2 GiB", "--force-size")
+    grid = invoke("grid", "<mydog>", "--height", 100000, "--out", tmp_path / "grid.png")
+    assert_one_line_error(grid, "x100000 px", "--force-size")
+    assert not loaded  # refused before any model loads
+    far = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 1024, "--out", tmp_path / "far")
+    assert_one_line_error(far, "1024x64 px is far outside builtin:tiny's range (it was trained at 64 px)",
+                          "MiB", "--force-size")  # 16x builtin:tiny's side: refused once the model is known
+    assert not (tmp_path / "far").exists() or not list((tmp_path / "far").iterdir())
+    forced = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 1024, "--force-size",
+                    "--out", tmp_path / "forced")
+    assert forced.exit_code == 0 and "far from builtin:tiny's 64 px" in forced.stderr, forced.output
+
+
+def test_a_resolution_far_outside_the_model_is_refused_before_training(photos, monkeypatch):
+    from helpers import assert_one_line_error
+
+    import stc.models.base
+
+    loaded = []
+    real_load = stc.models.base.load_base_model
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    result = invoke("train", photos, "--name", "big", "--model", "builtin:tiny", "--resolution", 100000)
+    assert_one_line_error(result, "--resolution 100000x100000 px is far outside", "TiB", "--force-size")
+    assert not loaded
+    result = invoke("train", photos, "--name", "big", "--model", "builtin:tiny", "--resolution", 1024, "--steps", 1)
+    assert_one_line_error(result, "--resolution 1024x1024 px is far outside builtin:tiny's range", "--force-size")
+    assert Registry().names() == []

@@ -49,6 +49,11 @@ HeightOpt = Annotated[Optional[int], _render_option("--height", "Height in px, a
 SchedulerOpt = Annotated[
     Optional[str], _render_option("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
+ForceSizeOpt = Annotated[
+    bool, typer.Option("--force-size", help="Render a size far outside the model's range (more than 8x its "
+                       "resolution on a side, or 16x its pixels), which is otherwise refused with the memory it "
+                       "would take.")
+]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16.  [default: fp16 on GPU, fp32 on CPU]")
 ]
@@ -59,9 +64,13 @@ def _settings(**given) -> RenderSettings:
     return RenderSettings(**{key: value for key, value in given.items() if value is not None})
 
 
-def _load_renderer(requests, settings, model, model_config, device, dtype, env):
+def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False):
     quiet_libraries()
+    from ..models.sizes import check_size
     from ..render.generation import Renderer
+
+    if not force_size:  # a side no model could take: before anything loads
+        check_size(settings.width, settings.height, "--width/--height")
 
     with err.status("loading concepts") as status:
         renderer = Renderer.from_registry(
@@ -69,6 +78,8 @@ def _load_renderer(requests, settings, model, model_config, device, dtype, env):
             model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
             on_status=lambda message: status.update(message), env=env,
         )
+    if not force_size:
+        renderer.check_size(settings)
     if not renderer.concepts:
         err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
     for note in renderer.notes + renderer.size_warnings(settings):
@@ -110,6 +121,7 @@ def gen(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
     dtype: DtypeOpt = None,
+    force_size: ForceSizeOpt = False,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("stc-out"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON record per image (path and parameters).")
@@ -130,7 +142,7 @@ def gen(
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
     check_folder(out_dir)  # before anything loads
     renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type))
+                              command_env(ctx, prediction_type=prediction_type), force_size)
     saved = 0
     try:
         with progress_bar(f"rendering {num_images} image(s)", "denoising steps") as progress:
@@ -189,6 +201,7 @@ def grid(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
     dtype: DtypeOpt = None,
+    force_size: ForceSizeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
@@ -222,7 +235,7 @@ def grid(
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
     renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type))
+                              command_env(ctx, prediction_type=prediction_type), force_size)
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)

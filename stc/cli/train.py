@@ -67,6 +67,10 @@ def train(
     ] = None,
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
+    force_size: Annotated[
+        bool, typer.Option("--force-size", help="Train at a --resolution far outside the model's range (more "
+                           "than 8x its own), which is otherwise refused with the memory it would take.")
+    ] = False,
     save_every: Annotated[
         Optional[int], typer.Option("--save-every", show_default=False, help="Checkpoint every N steps (0: only at "
                                     f"the end and on Ctrl-C).  [default: {_DEFAULTS.save_every}]")
@@ -133,6 +137,7 @@ def train(
         result = train_concept(
             photos, name, model, config, registry=open_registry(env), device=device,
             model_config=str(model_config) if model_config else None, callbacks=callbacks, env=env,
+            force_size=force_size,
         )
     _summary(result.concept, env)
 

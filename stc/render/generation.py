@@ -223,6 +223,17 @@ class Renderer:
         native = self.base.default_resolution
         return settings.width or native, settings.height or native
 
+    def check_size(self, settings: RenderSettings) -> None:
+        """BadInput for a size far outside the model's range (``stc.models.sizes``), with the memory
+        it would take; callers skip it when the user forces the size."""
+        from ..models.sizes import check_size
+
+        width, height = self.size(settings)
+        vae = self.base.pipeline.vae
+        check_size(width, height, "--width/--height", native=self.base.default_resolution,
+                   element_bytes=vae.dtype.itemsize,
+                   channels=int(vae.config.block_out_channels[0]), model=self.base.spec)
+
     def size_warnings(self, settings: RenderSettings) -> list[str]:
         """A note when the size is far from the model's own (more than 2x, or under half, on a
         side): such images come out broken, and a large one costs many times a native render."""

@@ -80,9 +80,13 @@ def train_concept(
     model_config: str | None = None,
     callbacks: TrainCallbacks | None = None,
     env: Settings | None = None,
+    force_size: bool = False,
 ) -> TrainResult:
     """Train a new concept on the photos in ``photos_dir`` and save it in the registry (``env``:
-    the environment's settings, by default read from it)."""
+    the environment's settings, by default read from it). A resolution far outside the model's
+    range is refused (``stc.models.sizes``) unless ``force_size``."""
+    from ..models.sizes import check_size
+
     env = env or Settings.from_environment()
     registry = registry or Registry(env.home)
     validate_name(name)
@@ -96,6 +100,9 @@ def train_concept(
         raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
     run = _Run(registry, name, _photos_folder(photos_dir), model or env.default_model(), config, callbacks, env)
     check_initializer(run.model, run.config.initializer, model_config)
+    if not force_size:  # a side no model could take: before anything loads
+        check_size(config.resolution, config.resolution, "--resolution")
+    run.force_size = force_size
     with _owning(registry, name, device, env):
         if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
             raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")
@@ -210,12 +217,20 @@ class _Run:
         self.created = ""
         self.kept = {"training": {}, "mapper": {}}  # unknown keys of a resumed concept, written back
         self.saved_step = 0  # the last step whose state is on disk
+        self.force_size = True  # a resumed run keeps the resolution it recorded
 
     def execute(self, device, model_config, previous) -> TrainResult:
         from .images import load_photos
 
         self._load_model(device, model_config)
         self.resolution = self.config.resolution or self.base.default_resolution
+        if not self.force_size:
+            from ..models.sizes import check_size
+
+            vae = self.base.pipeline.vae
+            check_size(self.resolution, self.resolution, "--resolution", native=self.base.default_resolution,
+                       images=self.config.batch_size, element_bytes=vae.dtype.itemsize,
+                       channels=int(vae.config.block_out_channels[0]), model=self.base.spec)
         from ..models.base import embedding_fingerprint
 
         self.fingerprint = embedding_fingerprint(self.base.pipeline)
