@@ -418,3 +418,17 @@ def test_a_resolution_far_outside_the_model_is_refused_before_training(photos, m
     result = invoke("train", photos, "--name", "big", "--model", "builtin:tiny", "--resolution", 1024, "--steps", 1)
     assert_one_line_error(result, "--resolution 1024x1024 px is far outside builtin:tiny's range", "--force-size")
     assert Registry().names() == []
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "dpm"])
+def test_progress_counts_the_users_steps(tiny, scheduler):
+    """PNDM makes 11 UNet calls for --steps 10 (its warm-up repeats one): progress still says n/10."""
+    from stc.render.generation import RenderRequest
+
+    reports = []
+    settings = RenderSettings(steps=10, scheduler=scheduler, batch_size=1)
+    requests = [RenderRequest("a cat", seed) for seed in (0, 1)]
+    list(Renderer(tiny, {}).iter_render(requests, settings, progress=lambda done, total: reports.append((done, total))))
+    assert {total for _, total in reports} == {20}
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports) and reports[-1] == (20, 20)
+    assert {done for done, _ in reports} >= {10, 20}  # the first image's end is 10/20

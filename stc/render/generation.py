@@ -257,8 +257,8 @@ class Renderer:
         jobs = list(distinct.values())
         last_use = {job.conditioning_key: index for index, job in enumerate(jobs)}
         scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
-        steps_per_image = len(scheduler.timesteps)
-        total, done = len(jobs) * steps_per_image, 0
+        calls_per_image = len(scheduler.timesteps)  # PNDM's warm-up makes 11 UNet calls of --steps 10
+        total, done = len(jobs) * settings.steps, 0  # progress counts the user's steps
         negative = self.text.negative(settings.negative)
         conditionings: dict[tuple, Conditioning] = {}
         for start in range(0, len(jobs), settings.batch_size):
@@ -270,10 +270,11 @@ class Renderer:
                     )
             on_step = None
             if progress is not None:
-                on_step = functools.partial(_report_progress, progress, done, len(batch), total)
+                on_step = functools.partial(_report_progress, progress, done, len(batch), total,
+                                            settings.steps, calls_per_image)
             per_sample = [conditionings[job.conditioning_key] for job in batch]
             latents = self._denoise(scheduler, settings, [job.seed for job in batch], per_sample, on_step)
-            done += steps_per_image * len(batch)
+            done += settings.steps * len(batch)
             stop = start + len(batch)
             for key in [key for key in conditionings if last_use[key] < stop]:
                 del conditionings[key]
@@ -349,8 +350,11 @@ class Renderer:
         }
 
 
-def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps_done: int) -> None:
-    progress(done_before + steps_done * batch, total)
+def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps: int,
+                     calls_per_image: int, calls_done: int) -> None:
+    """Progress in the user's steps: after ``calls_done`` of a schedule's ``calls_per_image`` UNet
+    calls (more than ``steps`` for PNDM), that fraction of ``steps``, rounded down."""
+    progress(done_before + calls_done * steps // calls_per_image * batch, total)
 
 
 def _stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
