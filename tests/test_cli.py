@@ -238,3 +238,27 @@ def test_help_at_80_columns_shows_every_option_whole_and_defaults_one_way():
         assert "(default" not in text and "Default:" not in text, name
         assert max(len(line) for line in text.splitlines()) <= 80, name
         assert run_fresh(name, "-h", columns=80)["stdout"] == text
+
+
+def test_progress_shows_no_time_left_until_the_pace_is_known(monkeypatch):
+    """The first step carries the warm-up: "about 15m00s left" after it, for a run of two
+    minutes, was a guess. The time left comes once steps after the first have set the pace."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    import stc.cli._base as base
+
+    clock = iter([0.0, 100.0, 110.0, 130.0, 160.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    console = Console(file=io.StringIO(), width=200)
+    monkeypatch.setattr(base, "err", console)
+    with base.progress_bar("rendering", "steps") as progress:
+        for done in (1, 2, 4, 10):  # at 100 s (the warm-up), 110 s, 130 s, 160 s
+            progress(done, 10)
+    lines = console.file.getvalue().splitlines()
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["1/10 steps", "2/10 steps", "4/10 steps",
+                                                                          "10/10 steps"]
+    assert "left" not in lines[0] and "left" not in lines[1] and "left" not in lines[3]
+    assert "about 1m00s left" in lines[2]  # 30 s for the 3 steps after the first, 6 to go
