@@ -432,3 +432,26 @@ def test_progress_counts_the_users_steps(tiny, scheduler):
     assert {total for _, total in reports} == {20}
     assert [done for done, _ in reports] == sorted(done for done, _ in reports) and reports[-1] == (20, 20)
     assert {done for done, _ in reports} >= {10, 20}  # the first image's end is 10/20
+
+
+def test_ctrl_c_before_the_first_image_says_nothing_was_written(saved_concepts, tmp_path, monkeypatch):
+    """Not a bare "Interrupted.": what happened, and that nothing is lost."""
+    import stc.models.base
+
+    interrupt_at_decode(monkeypatch, calls=1)
+    out = tmp_path / "out"
+    result = invoke("gen", "<mydog> on the moon", "--steps", 1, "--out", out)
+    assert result.exit_code == 130 and "before the first image was finished: nothing was written" in result.stderr
+    assert not out.exists() or not list(out.iterdir())
+    interrupt_at_decode(monkeypatch, calls=1)
+    grid = invoke("grid", "<mydog>", "--ranks", "1", "--seeds", "0", "--steps", 1, "--out", tmp_path / "g.png")
+    assert grid.exit_code == 130 and "before its first cell was finished: nothing was written" in grid.stderr
+    assert not (tmp_path / "g").exists() or not list((tmp_path / "g").iterdir())
+
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stc.models.base, "load_base_model", interrupted_load)
+    result = invoke("gen", "<mydog> on the moon", "--out", out)
+    assert result.exit_code == 130
+    assert "Stopped: stopped while loading the model, before the first image: nothing was written" in result.stderr

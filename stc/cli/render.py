@@ -72,12 +72,18 @@ def _load_renderer(requests, settings, model, model_config, device, dtype, env, 
     if not force_size:  # a side no model could take: before anything loads
         check_size(settings.width, settings.height, "--width/--height")
 
-    with err.status("loading concepts") as status:
-        renderer = Renderer.from_registry(
-            requests, settings, registry=open_registry(env), model=model,
-            model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
-            on_status=lambda message: status.update(message), env=env,
-        )
+    from ..errors import Interrupted
+
+    try:
+        with err.status("loading concepts") as status:
+            renderer = Renderer.from_registry(
+                requests, settings, registry=open_registry(env), model=model,
+                model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
+                on_status=lambda message: status.update(message), env=env,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted("stopped while loading the model, before the first image: nothing was written and "
+                          "nothing changed") from None
     if not force_size:
         renderer.check_size(settings)
     if not renderer.concepts:
@@ -154,6 +160,9 @@ def gen(
                 else:
                     out.print(str(path), markup=False, highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
+        if not saved:
+            raise Interrupted(f"rendering stopped before the first image was finished: nothing was written to "
+                              f"{out_dir} and nothing changed") from None
         raise Interrupted(f"rendering stopped: {saved} of {num_images} image(s) were finished and saved in "
                           f"{out_dir}") from None
 
@@ -245,6 +254,9 @@ def grid(
                                  on_cell=output.write_cell)
         saved = output.finish(result)
     except KeyboardInterrupt:
+        if not output.written:
+            raise Interrupted("the grid stopped before its first cell was finished: nothing was written and nothing "
+                              "changed") from None
         raise Interrupted(f"the grid stopped: {len(output.written)} of {cells} cell image(s) were finished and "
                           f"saved in {output.folder}; the grid image itself was not written") from None
     err.print(f"{len(saved.images)} cell image{'s' if len(saved.images) != 1 else ''} in {saved.folder}",
