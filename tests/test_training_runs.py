@@ -368,3 +368,25 @@ def test_a_concept_folder_of_another_registry_imports_whole_and_resumes(photos, 
     assert (arrived.path / "checkpoint" / "state.safetensors").is_file()
     assert weights_equal(read_state_dict(arrived), read_state_dict(other.load("moved")))
     assert resume_training("arrived", device="cpu").concept.complete
+
+
+def test_the_readmes_train_yaml_loads_and_trains_on_a_cpu(photos, tmp_path):
+    """The README's train.yaml example, as printed, is accepted by the config loader and a run
+    with it (the README's command, on builtin:tiny for 1 step) works on a CPU."""
+    from pathlib import Path
+
+    from stc.train.config import TrainConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("cat > train.yaml <<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    (tmp_path / "train.yaml").write_text(block + "\n")
+    config = TrainConfig.from_file(tmp_path / "train.yaml", {})
+    assert (config.steps, config.lr, config.batch_size) == (1500, 0.002, 4)
+    command = readme.split("\nYAML\n", 1)[1].split("\n", 1)[0].split()
+    assert command[:2] == ["stc", "train"] and "--config" in command
+    args = [str(tmp_path / "train.yaml") if arg == "train.yaml" else str(photos) if arg == "./photos" else arg
+            for arg in command[1:]]
+    result = CliRunner().invoke(app, [*args, "--model", "builtin:tiny", "--device", "cpu", "--steps", "1",
+                                      "--save-every", "0"])
+    assert result.exit_code == 0, result.output
+    assert Registry().load("mydog").training.steps_done == 1
