@@ -159,7 +159,7 @@ def test_config_file_and_flag_precedence(photos, tmp_path):
 
 def test_resume_refuses_changed_hyper_parameters(photos):
     result = CliRunner().invoke(app, ["train", "--resume", "whatever", "--lr", "0.1"])
-    assert result.exit_code == 2 and "cannot change lr" in result.output
+    assert result.exit_code == 1 and "Error: --resume: cannot change lr" in result.stderr
 
 
 def test_cli_interrupt_message_says_how_to_resume(monkeypatch, photos):

@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import __version__
-from ..errors import StcError
+from ..errors import BadInput, StcError
 from ..settings import Settings
 from ._lazy import LazyGroup
 
@@ -230,8 +230,8 @@ def command_env(ctx: typer.Context, **given) -> Settings:
     root = ctx.find_root().obj
     try:
         return (root if isinstance(root, Settings) else Settings.from_environment()).replace(**given)
-    except StcError as exc:  # a bad value of the command's own option: a usage error
-        raise typer.BadParameter(str(exc)) from None
+    except StcError as exc:  # a bad value of the command's own option: one line, exit 1, as every value
+        raise BadInput(str(exc)) from None
 
 
 def open_registry(env: Settings | None = None):
@@ -266,9 +266,9 @@ def _root(
     The default base model is STC_MODEL, else 'model:' in $STC_HOME/config.yaml, else
     stable-diffusion-v1-5/stable-diffusion-v1-5.
     """
-    if threads is not None and threads < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--threads")
     try:  # the environment is read and checked here, once, before any command starts its work
+        if threads is not None and threads < 1:
+            raise BadInput(f"--threads must be at least 1, got {threads}")
         ctx.obj = Settings.from_environment(threads=threads, offline=True if offline else None)
     except StcError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

@@ -134,13 +134,13 @@ def gen(
     ] = False,
 ) -> None:
     """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
-    from ..errors import Interrupted
+    from ..errors import BadInput, Interrupted
     from ..outputs import check_folder
     from ..render.generation import RenderRequest
     from ..render.pngmeta import save_png
 
     if num_images < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="-n")
+        raise BadInput(f"-n must be at least 1, got {num_images}")
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         rank=rank, batch_size=batch_size,

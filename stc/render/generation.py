@@ -43,7 +43,7 @@ class RenderSettings:
         if not math.isfinite(self.cfg):
             raise BadInput(f"--cfg must be a finite number, got {self.cfg}")
         if self.rank is not None and self.rank < 1:
-            raise BadInput(f"--rank must be at least 1, got {self.rank}")
+            raise BadInput(f"--rank {self.rank}: ranks start at 1 (1..128 for concepts trained by stc)")
         for flag, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and (value < 8 or value % 8):
                 raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
