@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import functools
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand
 
 from .. import __version__
 from ..errors import BadInput, StcError
@@ -74,6 +76,23 @@ DeviceOpt = Annotated[
                                 "else MPS, else the CPU]")
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
+
+
+class ManyArgumentsCommand(TyperCommand):
+    """A command whose list argument's help shows the type of one value (``NAME <str>...``):
+    typer writes the annotation (``NAME <list[str]>``), which reads as if one value were a list."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument and param.nargs == -1:
+                param.__class__ = _ManyValues
+
+
+class _ManyValues(TyperArgument):
+    def display_type(self, ctx) -> str:
+        one = typing.get_args(self.type_descriptor.annotation)
+        return f"<{getattr(one[0], '__name__', 'str') if one else 'str'}>..."
 
 
 def handle_errors(command):
