@@ -1,6 +1,8 @@
 """Errors with messages ready to show to a user.
 
-Library code raises these; the CLI prints ``Error: <message>`` and exits 1.
+Library code raises these; the CLI prints ``Error: <message>`` and exits 1 for every kind (a
+bad name, a missing concept, a rank, a file, an option's value), 130 for :class:`Interrupted`;
+exit 2 is Click's, for a command line it cannot parse (an unknown option, a missing argument).
 """
 
 

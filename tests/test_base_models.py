@@ -92,3 +92,34 @@ def test_a_concept_records_its_base_and_notes_a_compatible_other_model(photos, t
     result = invoke("gen", "<fp> on the moon", "--model", tuned, "--steps", 1, "--out", tmp_path / "b")
     assert result.exit_code == 0, result.output
     assert "Note: fp was trained on builtin:tiny" in result.stderr and "fine-tune" in result.stderr
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16", "fp16"])
+def test_the_embedding_fingerprint_does_not_depend_on_the_render_dtype(dtype, tiny):
+    """A concept trained at fp32 and rendered at bf16/fp16 (or the other way) is on the same
+    model: no "other token embeddings" note. A rescaled table (a "fine-tune") still differs."""
+    import copy
+
+    import torch
+
+    from stc.models.base import embedding_fingerprint, same_embeddings
+
+    recorded = embedding_fingerprint(tiny.pipeline)  # at training time, fp32
+    rendered = copy.deepcopy(tiny.pipeline)
+    wanted = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    rendered.text_encoder.to(wanted)  # fp16 loads exist on GPUs only; the table is the same cast
+    assert same_embeddings(recorded, rendered) is True
+    assert same_embeddings(embedding_fingerprint(rendered), tiny.pipeline) is True  # trained at bf16/fp16
+    with torch.no_grad():
+        rendered.text_encoder.get_input_embeddings().weight.mul_(1.01)
+    assert same_embeddings(recorded, rendered) is False
+
+
+def test_gen_at_bf16_notes_no_fine_tune(photos, tmp_path):
+    result = invoke("train", photos, "--name", "fp", "--init", "cat", "--model", "builtin:tiny", "--steps", 1,
+                    "--batch-size", 1, "--grad-accum", 1, "--save-every", 0)
+    assert result.exit_code == 0, result.output
+    for dtype in ("fp32", "bf16"):
+        result = invoke("gen", "<fp> on the moon", "--dtype", dtype, "--steps", 1, "--out", tmp_path / dtype)
+        assert result.exit_code == 0, result.output
+        assert "fine-tune" not in result.stderr and "Note:" not in result.stderr, (dtype, result.stderr)

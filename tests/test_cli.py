@@ -238,3 +238,63 @@ def test_help_at_80_columns_shows_every_option_whole_and_defaults_one_way():
         assert "(default" not in text and "Default:" not in text, name
         assert max(len(line) for line in text.splitlines()) <= 80, name
         assert run_fresh(name, "-h", columns=80)["stdout"] == text
+
+
+def test_progress_shows_no_time_left_until_the_pace_is_known(monkeypatch):
+    """The first step carries the warm-up: "about 15m00s left" after it, for a run of two
+    minutes, was a guess. The time left comes once steps after the first have set the pace."""
+    import io
+    import time
+
+    from rich.console import Console
+
+    import stc.cli._base as base
+
+    clock = iter([0.0, 100.0, 110.0, 130.0, 160.0])
+    monkeypatch.setattr(time, "monotonic", lambda: next(clock))
+    console = Console(file=io.StringIO(), width=200)
+    monkeypatch.setattr(base, "err", console)
+    with base.progress_bar("rendering", "steps") as progress:
+        for done in (1, 2, 4, 10):  # at 100 s (the warm-up), 110 s, 130 s, 160 s
+            progress(done, 10)
+    lines = console.file.getvalue().splitlines()
+    assert [line.split(":")[1].split("(")[0].strip() for line in lines] == ["1/10 steps", "2/10 steps", "4/10 steps",
+                                                                          "10/10 steps"]
+    assert "left" not in lines[0] and "left" not in lines[1] and "left" not in lines[3]
+    assert "about 1m00s left" in lines[2]  # 30 s for the 3 steps after the first, 6 to go
+
+
+# One exit code per kind of mistake, whichever command makes it: a name, a concept, a rank, a
+# file or any other value that cannot be used is one "Error:" line and exit 1 (usage errors that
+# Click itself finds, an unknown option or a missing argument, are exit 2; Ctrl-C is 130).
+SAME_KIND = {
+    "bad name": [("show", "Bad/Name"), ("rm", "Bad/Name", "--yes"), ("mv", "pup", "Bad/Name"), ("cp", "pup", "Bad"),
+                 ("export", "Bad/Name", "-f", "ti"), ("inspect", "Bad/Name"), ("gen", "<Bad/Name>")],
+    "missing concept": [("show", "nope"), ("rm", "nope", "--yes"), ("mv", "nope", "other"), ("cp", "nope", "x"),
+                        ("export", "nope", "-f", "ti"), ("gen", "<nope>"), ("grid", "<nope>"), ("inspect", "nope"),
+                        ("train", "--resume", "nope")],
+    "bad rank": [("gen", "<pup>", "--rank", "0"), ("gen", "<pup:0>"), ("gen", "<pup>", "--rank", "500"),
+                 ("grid", "<pup>", "--ranks", "0"), ("export", "pup", "-f", "ti", "--rank", "0"),
+                 ("inspect", "pup", "--rank", "500")],
+    "bad value": [("gen", "<pup>", "-n", "0"), ("gen", "<pup>", "--steps", "0"), ("--threads", "0", "ls"),
+                  ("gen", "<pup>", "--prediction-type", "x0"), ("gen", "<pup>", "--scheduler", "x"),
+                  ("train", "--resume", "pup", "--lr", "1"), ("train", "--name", "x")],
+    "bad file": [("import", "/nonexistent"), ("train", "/nonexistent", "--name", "x"),
+                 ("grid", "--prompts", "/nonexistent")],
+}
+
+
+@pytest.mark.parametrize("kind", SAME_KIND)
+def test_one_exit_code_and_one_error_line_per_kind_of_mistake(kind, tmp_path):
+    from helpers import save_concept
+
+    save_concept("pup")
+    fragment = {"bad name": "invalid concept name", "missing concept": "no concept named 'nope'",
+                "bad rank": "rank"}.get(kind, "")
+    for args in SAME_KIND[kind]:
+        result = invoke(*args)
+        assert result.exit_code == 1, (args, result.output)
+        errors = [line for line in result.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "Usage:" not in result.stderr, (args, result.stderr)
+        if kind != "bad name" or not args[0] == "gen":  # a prompt's <Bad/Name> is "not a concept reference"
+            assert fragment in errors[0], (args, errors[0])

@@ -301,3 +301,33 @@ def test_diffusers_export_round_trips_through_import(tmp_path):
     again = Registry().load("pup-again")
     assert again.base_model == concept.base_model and list(again.layer_names) == list(SD_LAYER_NAMES)
     assert torch.equal(outputs_on_a_grid(load_mapper(again)), before)
+
+
+def test_a_diffusers_export_brings_back_the_training_metrics_and_preview(tmp_path):
+    """The README promises an export re-imported keeps its training record, metrics and preview."""
+    from PIL import Image
+
+    concept = save_concept("pup", seed=4, layer_names=SD_LAYER_NAMES)
+    metrics = ('{"step": 1, "loss": 0.5, "lr": 0.008, "time": 1.0}\n'
+               '{"step": 2, "loss": 0.25, "lr": 0.008, "time": 2.0}\n')
+    (concept.path / "metrics.jsonl").write_text(metrics)
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(concept.path / "preview.png")
+    assert invoke("export", "pup", "--format", "diffusers", "--out", tmp_path).exit_code == 0
+    assert (tmp_path / "pup" / "metrics.jsonl").read_text() == metrics
+    result = invoke("import", tmp_path / "pup", "--name", "pup-again")
+    assert result.exit_code == 0, result.output
+    again = Registry().load("pup-again")
+    assert (again.path / "metrics.jsonl").read_text() == metrics
+    assert (again.path / "preview.png").read_bytes() == (concept.path / "preview.png").read_bytes()
+    assert again.training.steps_done == concept.training.steps_done
+
+
+def test_import_of_a_registry_top_folder_takes_its_one_concept_and_refuses_a_choice(tmp_path):
+    other = Registry(tmp_path / "other")
+    save_concept("solo", seed=2, registry=other)
+    result = invoke("import", tmp_path / "other", "--name", "solo-back")
+    assert result.exit_code == 0, result.output
+    back, solo = load_mapper(Registry().load("solo-back")), load_mapper(other.load("solo"))
+    assert torch.equal(outputs_on_a_grid(back), outputs_on_a_grid(solo))
+    save_concept("duo", seed=3, registry=other)
+    assert_one_line_error(invoke("import", tmp_path / "other"), "registry of 2 concepts", "concepts/duo")

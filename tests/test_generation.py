@@ -337,3 +337,121 @@ def test_gen_checks_out_first_and_warns_far_from_the_model_size(saved_concepts, 
     assert "512x64 px is far from builtin:tiny's 64 px" in result.stderr and "about 8x" in result.stderr
     quiet = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 96, "--out", tmp_path / "fine")
     assert "far from" not in quiet.stderr
+
+
+def test_concepts_of_two_families_in_one_prompt_say_they_cannot_render_together(tmp_path):
+    """An SDXL concept beside an SD 1.x one: no --model fits both, so the error does not suggest one."""
+    from helpers import assert_one_line_error, save_concept
+
+    save_concept("wedge", base_model="builtin:shapes")
+    save_concept("wsx", base_model="builtin:shapes-sdxl",
+                 mapper={**make_mapper(0).config.to_dict(), "encoder_widths": [32, 64]})
+    result = invoke("gen", "a <wsx> and a <wedge>", "--steps", 1, "--out", tmp_path / "out")
+    assert_one_line_error(result, "'wsx' (SDXL, trained on builtin:shapes-sdxl)", "'wedge' (SD 1.x",
+                          "cannot render together")
+    assert "--model" not in result.stderr
+    with_model = invoke("gen", "a <wsx> and a <wedge>", "--model", "builtin:tiny", "--out", tmp_path / "out")
+    assert_one_line_error(with_model, "cannot render together")
+
+
+def test_an_empty_prompt_is_a_one_line_error_before_anything_loads(no_network, monkeypatch, tmp_path):
+    """``stc gen ''`` used to load (download) the default model first and fail after a minute."""
+    from helpers import assert_one_line_error
+
+    import stc.models.base as base
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("a model was loaded for an empty prompt")
+
+    monkeypatch.setattr(base, "load_base_model", no_load)
+    for args in (("gen", "", "--out", tmp_path / "out"), ("gen", "   ", "--out", tmp_path / "out"),
+                 ("grid", " ", "--out", tmp_path / "out" / "grid.png")):
+        result = invoke(*args)
+        assert_one_line_error(result, "the prompt is empty", "builtin:shapes")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_model_that_cannot_load_advises_the_offline_builtin(monkeypatch):
+    from stc.errors import ModelError
+    from stc.models.base import load_base_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match="--model builtin:shapes") as caught:
+        load_base_model("nobody/not-downloaded", device="cpu")
+    assert "builtin:tiny" not in str(caught.value)
+
+
+def test_sizes_far_outside_the_model_are_refused_with_their_memory_unless_forced(saved_concepts, tmp_path,
+                                                                                monkeypatch):
+    from helpers import assert_one_line_error
+
+    import stc.models.base
+
+    loaded = []
+    real_load = stc.models.base.load_base_model
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    huge = invoke("gen", "<mydog> on the moon", "--width", 100000, "--out", tmp_path / "huge")
+    assert_one_line_error(huge, "100000x512 px", "far outside", "12.2 GiB", "--force-size")
+    grid = invoke("grid", "<mydog>", "--height", 100000, "--out", tmp_path / "grid.png")
+    assert_one_line_error(grid, "x100000 px", "--force-size")
+    assert not loaded  # refused before any model loads
+    far = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 1024, "--out", tmp_path / "far")
+    assert_one_line_error(far, "1024x64 px is far outside builtin:tiny's range (it was trained at 64 px)",
+                          "MiB", "--force-size")  # 16x builtin:tiny's side: refused once the model is known
+    assert not (tmp_path / "far").exists() or not list((tmp_path / "far").iterdir())
+    forced = invoke("gen", "<mydog> on the moon", "--steps", 1, "--width", 1024, "--force-size",
+                    "--out", tmp_path / "forced")
+    assert forced.exit_code == 0 and "far from builtin:tiny's 64 px" in forced.stderr, forced.output
+
+
+def test_a_resolution_far_outside_the_model_is_refused_before_training(photos, monkeypatch):
+    from helpers import assert_one_line_error
+
+    import stc.models.base
+
+    loaded = []
+    real_load = stc.models.base.load_base_model
+    monkeypatch.setattr(stc.models.base, "load_base_model", lambda *a, **k: loaded.append(1) or real_load(*a, **k))
+    result = invoke("train", photos, "--name", "big", "--model", "builtin:tiny", "--resolution", 100000)
+    assert_one_line_error(result, "--resolution 100000x100000 px is far outside", "TiB", "--force-size")
+    assert not loaded
+    result = invoke("train", photos, "--name", "big", "--model", "builtin:tiny", "--resolution", 1024, "--steps", 1)
+    assert_one_line_error(result, "--resolution 1024x1024 px is far outside builtin:tiny's range", "--force-size")
+    assert Registry().names() == []
+
+
+@pytest.mark.parametrize("scheduler", ["pndm", "dpm"])
+def test_progress_counts_the_users_steps(tiny, scheduler):
+    """PNDM makes 11 UNet calls for --steps 10 (its warm-up repeats one): progress still says n/10."""
+    from stc.render.generation import RenderRequest
+
+    reports = []
+    settings = RenderSettings(steps=10, scheduler=scheduler, batch_size=1)
+    requests = [RenderRequest("a cat", seed) for seed in (0, 1)]
+    list(Renderer(tiny, {}).iter_render(requests, settings, progress=lambda done, total: reports.append((done, total))))
+    assert {total for _, total in reports} == {20}
+    assert [done for done, _ in reports] == sorted(done for done, _ in reports) and reports[-1] == (20, 20)
+    assert {done for done, _ in reports} >= {10, 20}  # the first image's end is 10/20
+
+
+def test_ctrl_c_before_the_first_image_says_nothing_was_written(saved_concepts, tmp_path, monkeypatch):
+    """Not a bare "Interrupted.": what happened, and that nothing is lost."""
+    import stc.models.base
+
+    interrupt_at_decode(monkeypatch, calls=1)
+    out = tmp_path / "out"
+    result = invoke("gen", "<mydog> on the moon", "--steps", 1, "--out", out)
+    assert result.exit_code == 130 and "before the first image was finished: nothing was written" in result.stderr
+    assert not out.exists() or not list(out.iterdir())
+    interrupt_at_decode(monkeypatch, calls=1)
+    grid = invoke("grid", "<mydog>", "--ranks", "1", "--seeds", "0", "--steps", 1, "--out", tmp_path / "g.png")
+    assert grid.exit_code == 130 and "before its first cell was finished: nothing was written" in grid.stderr
+    assert not (tmp_path / "g").exists() or not list((tmp_path / "g").iterdir())
+
+    def interrupted_load(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stc.models.base, "load_base_model", interrupted_load)
+    result = invoke("gen", "<mydog> on the moon", "--out", out)
+    assert result.exit_code == 130
+    assert "Stopped: stopped while loading the model, before the first image: nothing was written" in result.stderr

@@ -64,7 +64,7 @@ def test_rank_and_seed_lists():
     assert parse_ranks(" 8, 1-3 ,8") == [8, 1, 2, 3]
     assert parse_seeds("0-3,10") == [0, 1, 2, 3, 10]
     assert parse_ranks("129") == [129]  # whether a rank fits is each concept's business (checked on render)
-    for bad, fragment in (("", "empty"), ("1,x", "'x'"), ("0,8", "positive"), ("4-2", "4-2")):
+    for bad, fragment in (("", "empty"), ("1,x", "'x'"), ("0,8", "ranks start at 1"), ("4-2", "4-2")):
         with pytest.raises(BadInput, match=fragment):
             parse_ranks(bad)
     with pytest.raises(BadInput, match="--seeds"):

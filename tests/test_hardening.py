@@ -43,7 +43,7 @@ def test_brackets_that_open_no_reference_stay_text():
 @pytest.mark.parametrize("args, fragment", [
     (("--cfg", "nan"), "--cfg must be a finite number"),
     (("--seed", str(10**23)), "seeds must lie between 0 and"),
-    (("--rank", "0"), "--rank must be at least 1"),
+    (("--rank", "0"), "--rank 0: ranks start at 1"),
 ])
 def test_gen_refuses_bad_numbers_before_loading(args, fragment):
     save_concept("pup")

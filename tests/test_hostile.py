@@ -645,3 +645,27 @@ def test_pickled_tensors_claiming_huge_sizes_are_refused_without_allocating(tmp_
     for name, result in results.items():
         assert result["outcome"].startswith("StcError"), (name, result)
         assert result["peak_growth_mb"] < 128, (name, result)
+
+
+@pytest.mark.parametrize("cached", [False, True], ids=["uncached", "stale-cache"])
+def test_ls_lists_a_read_only_registry_without_a_fresh_cache(stc_home, monkeypatch, cached):
+    """On a read-only file system every write fails, the clean-up's unlink of a temporary that
+    was never made too (EROFS): ``ls`` lists, uncached, and ``--json`` prints the records."""
+    import errno
+
+    for name in ("alpha", "beta"):
+        save_concept(name)
+    if cached:
+        invoke("ls")  # a cache that the next save makes stale
+        save_concept("gamma")
+    truth = sorted(path.name for path in (stc_home / "concepts").iterdir())
+
+    def read_only(self, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(self))
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    monkeypatch.setattr(Path, "unlink", read_only)
+    for args in (("ls",), ("ls", "--json")):
+        result = invoke(*args)
+        assert result.exit_code == 0 and "Error" not in result.output, result.output
+    assert [record["name"] for record in json.loads(result.stdout)] == truth

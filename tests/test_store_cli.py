@@ -325,3 +325,9 @@ def test_ls_caches_records_and_notices_every_change(stc_home, monkeypatch):
 def test_ls_never_creates_folders_for_its_cache(stc_home):
     assert invoke("ls").exit_code == 0
     assert not stc_home.exists()
+
+
+def test_rm_help_shows_the_type_of_one_name():
+    result = invoke("rm", "--help")
+    assert result.exit_code == 0
+    assert "NAME <str>..." in result.stdout and "list[str]" not in result.stdout

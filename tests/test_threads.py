@@ -51,7 +51,7 @@ def test_the_threads_flag_reaches_the_model_load_not_the_environment(monkeypatch
 
     monkeypatch.delenv("STC_THREADS", raising=False)
     result = invoke("--threads", 0, "ls")
-    assert result.exit_code == 2
+    assert result.exit_code == 1 and "Error: --threads must be at least 1, got 0" in result.stderr
     try:
         result = invoke("--threads", 3, "gen", "a cat", "--model", "builtin:tiny", "--steps", 1, "--out", tmp_path)
         assert result.exit_code == 0, result.output

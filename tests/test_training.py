@@ -158,3 +158,29 @@ def test_text_layers_are_recomputed_in_the_backward_with_identical_gradients(tin
     recomputed, recomputed_calls = gradients(2 / 3)
     assert (kept_calls, recomputed_calls) == (1, 2)  # the first layer ran again in the backward pass
     assert all(torch.equal(a, b) for a, b in zip(kept, recomputed))
+
+
+@pytest.mark.parametrize("model", ["builtin:tiny", "builtin:shapes-sdxl", "folder"])
+def test_a_multi_token_init_fails_before_any_weights_load_with_related_suggestions(photos, tmp_path, monkeypatch,
+                                                                                   model):
+    """``--init "red flower"`` is refused from the tokenizer alone (the weights' load is made to
+    fail), and the suggestions come from the word: its own words, close spellings."""
+    from helpers import assert_one_line_error, invoke
+
+    import stc.models.base as base
+    from stc.models.tokenizers import tokenizers_of
+
+    if model == "folder":  # a diffusers folder: its tokenizer/ read alone
+        model = tmp_path / "model"
+        tokenizers_of("builtin:tiny")[0].save_pretrained(model / "tokenizer")
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded before --init was checked")
+
+    monkeypatch.setattr(base, "load_base_model", no_weights)
+    result = invoke("train", photos, "--name", "rose", "--init", "red flower", "--model", model)
+    assert_one_line_error(result, "'red flower' is 2 tokens", "Try --init flower (or: red")
+    misspelt = invoke("train", photos, "--name", "rose", "--init", "flowerz", "--model", model)
+    assert_one_line_error(misspelt, "Try --init flower")
+    assert "toy" not in misspelt.stderr and "tree" not in misspelt.stderr  # no unrelated defaults
+    assert Registry().names() == []

@@ -159,7 +159,7 @@ def test_config_file_and_flag_precedence(photos, tmp_path):
 
 def test_resume_refuses_changed_hyper_parameters(photos):
     result = CliRunner().invoke(app, ["train", "--resume", "whatever", "--lr", "0.1"])
-    assert result.exit_code == 2 and "cannot change lr" in result.output
+    assert result.exit_code == 1 and "Error: --resume: cannot change lr" in result.stderr
 
 
 def test_cli_interrupt_message_says_how_to_resume(monkeypatch, photos):
@@ -336,7 +336,7 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
         train_concept(photos, "spacey", "builtin:tiny", TrainConfig(**{**FAST, "steps": 4, "save_every": 2}),
                       device="cpu")
     message = str(caught.value)
-    rescued = tmp_path / "stc-rescued-spacey" / "concepts" / "spacey"
+    rescued = tmp_path / "spacey-rescued-step4"  # as the README says
     assert "No space left on device" in message and f"stc import {rescued}" in message
     assert "checkpoint at step 2 (stc train --resume spacey)" in message
     assert Registry().load("spacey").training.steps_done == 2  # the registry is as the last good save left it
@@ -347,7 +347,10 @@ def test_a_full_disk_at_the_final_save_keeps_the_trained_concept(photos, tmp_pat
     assert back.training.steps_done == 4 and TrainConfig.of(back.training).steps == 4
     assert back.metrics.eval_loss_after is not None and back.complete
     assert (back.path / "preview.png").is_file() and (back.path / "metrics.jsonl").read_text().count("\n") == 4
-    assert weights_equal(read_state_dict(back), read_state_dict(Registry(rescued.parent.parent).load("spacey")))
+    assert weights_equal(read_state_dict(back), read_state_dict(Registry(rescued).load("spacey")))
+    inner = CliRunner().invoke(app, ["import", str(rescued / "concepts" / "spacey"), "--name", "spacey-inner"])
+    assert inner.exit_code == 0, inner.output  # its concept folder imports too
+    assert weights_equal(read_state_dict(Registry().load("spacey-inner")), read_state_dict(back))
 
 
 def test_a_concept_folder_of_another_registry_imports_whole_and_resumes(photos, tmp_path, monkeypatch):
@@ -365,3 +368,25 @@ def test_a_concept_folder_of_another_registry_imports_whole_and_resumes(photos, 
     assert (arrived.path / "checkpoint" / "state.safetensors").is_file()
     assert weights_equal(read_state_dict(arrived), read_state_dict(other.load("moved")))
     assert resume_training("arrived", device="cpu").concept.complete
+
+
+def test_the_readmes_train_yaml_loads_and_trains_on_a_cpu(photos, tmp_path):
+    """The README's train.yaml example, as printed, is accepted by the config loader and a run
+    with it (the README's command, on builtin:tiny for 1 step) works on a CPU."""
+    from pathlib import Path
+
+    from stc.train.config import TrainConfig
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text(encoding="utf-8")
+    block = readme.split("cat > train.yaml <<'YAML'\n", 1)[1].split("\nYAML\n", 1)[0]
+    (tmp_path / "train.yaml").write_text(block + "\n")
+    config = TrainConfig.from_file(tmp_path / "train.yaml", {})
+    assert (config.steps, config.lr, config.batch_size) == (1500, 0.002, 4)
+    command = readme.split("\nYAML\n", 1)[1].split("\n", 1)[0].split()
+    assert command[:2] == ["stc", "train"] and "--config" in command
+    args = [str(tmp_path / "train.yaml") if arg == "train.yaml" else str(photos) if arg == "./photos" else arg
+            for arg in command[1:]]
+    result = CliRunner().invoke(app, [*args, "--model", "builtin:tiny", "--device", "cpu", "--steps", "1",
+                                      "--save-every", "0"])
+    assert result.exit_code == 0, result.output
+    assert Registry().load("mydog").training.steps_done == 1

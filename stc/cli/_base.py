@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import functools
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand
 
 from .. import __version__
-from ..errors import StcError
+from ..errors import BadInput, StcError
 from ..settings import Settings
 from ._lazy import LazyGroup
 
@@ -76,6 +78,23 @@ DeviceOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout.")]
 
 
+class ManyArgumentsCommand(TyperCommand):
+    """A command whose list argument's help shows the type of one value (``NAME <str>...``):
+    typer writes the annotation (``NAME <list[str]>``), which reads as if one value were a list."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if type(param) is TyperArgument and param.nargs == -1:
+                param.__class__ = _ManyValues
+
+
+class _ManyValues(TyperArgument):
+    def display_type(self, ctx) -> str:
+        one = typing.get_args(self.type_descriptor.annotation)
+        return f"<{getattr(one[0], '__name__', 'str') if one else 'str'}>..."
+
+
 def handle_errors(command):
     """The one error boundary: StcError -> 'Error: ...' on stderr, exit 1 (STC_DEBUG=1: traceback)."""
 
@@ -124,6 +143,7 @@ def print_record(record: dict) -> None:
 PLAIN_PROGRESS_SECONDS = 30.0  # off a terminal, a progress line at least this often,
 PLAIN_PROGRESS_FRACTION = 0.1  # ... at every further tenth of the work,
 PLAIN_PROGRESS_QUIET = 5.0  # ... but never twice within this many seconds (and once at the end)
+ETA_AFTER_STEPS = 3  # the time left is shown once this many steps have run after the first (warm-up) one
 
 
 class progress_bar:
@@ -143,25 +163,41 @@ class progress_bar:
         self.started = self.last_time = time.monotonic()
         self.last_fraction = 0.0
         if err.is_terminal:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
             columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TimeRemainingColumn())
+                       TextColumn("{task.fields[extra]}"), TimeElapsedColumn(), TextColumn("{task.fields[left]}"))
             self.live = Progress(*columns, console=err, transient=True)
             self.live.__enter__()
-            self.task = self.live.add_task(self.description, total=None, extra="")
+            self.task = self.live.add_task(self.description, total=None, extra="", left="")
         else:
             self.live = None
+        self.first = None  # (time, done) at the first report: the first step's warm-up is not the pace
         return self.update
+
+    def time_left(self, now: float, done: int, total: int) -> float | None:
+        """Seconds left at the pace since the first report, or None until enough steps have run
+        to tell (one step, with its warm-up, said "about 3h29m left" for a 20-minute run)."""
+        if self.first is None:
+            if done > 0:  # the pace counts from the end of the first step
+                self.first = (now, done)
+            return None
+        since, done_then = self.first
+        if done - done_then < ETA_AFTER_STEPS or done >= total or now <= since:
+            return None
+        return (now - since) / (done - done_then) * (total - done)
 
     def update(self, done: int, total: int) -> None:
         import time
 
         extra = self.fields(done, total) if self.fields else ""
+        now = time.monotonic()
+        seconds_left = self.time_left(now, done, total)
         if self.live is not None:
-            self.live.update(self.task, completed=done, total=total, extra=extra)
+            left = f"{_duration(seconds_left)} left" if seconds_left is not None else ""
+            self.live.update(self.task, completed=done, total=total, extra=extra, left=left)
             return
-        now, fraction = time.monotonic(), done / total if total else 1.0
+        fraction = done / total if total else 1.0
         since = now - self.last_time
         due = since >= PLAIN_PROGRESS_SECONDS or (
             fraction - self.last_fraction >= PLAIN_PROGRESS_FRACTION and since >= PLAIN_PROGRESS_QUIET)
@@ -169,7 +205,7 @@ class progress_bar:
             return
         self.last_time, self.last_fraction = now, fraction
         elapsed = now - self.started
-        left = f", about {_duration(elapsed / fraction - elapsed)} left" if 0 < fraction < 1 else ""
+        left = f", about {_duration(seconds_left)} left" if seconds_left is not None else ""
         unit = f" {self.unit}" if self.unit else ""
         err.print(f"{self.description}: {done}/{total}{unit} ({fraction:.0%}) {extra}".rstrip()
                   + f", {_duration(elapsed)} elapsed{left}", highlight=False, markup=False, soft_wrap=True)
@@ -213,8 +249,8 @@ def command_env(ctx: typer.Context, **given) -> Settings:
     root = ctx.find_root().obj
     try:
         return (root if isinstance(root, Settings) else Settings.from_environment()).replace(**given)
-    except StcError as exc:  # a bad value of the command's own option: a usage error
-        raise typer.BadParameter(str(exc)) from None
+    except StcError as exc:  # a bad value of the command's own option: one line, exit 1, as every value
+        raise BadInput(str(exc)) from None
 
 
 def open_registry(env: Settings | None = None):
@@ -249,9 +285,9 @@ def _root(
     The default base model is STC_MODEL, else 'model:' in $STC_HOME/config.yaml, else
     stable-diffusion-v1-5/stable-diffusion-v1-5.
     """
-    if threads is not None and threads < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="--threads")
     try:  # the environment is read and checked here, once, before any command starts its work
+        if threads is not None and threads < 1:
+            raise BadInput(f"--threads must be at least 1, got {threads}")
         ctx.obj = Settings.from_environment(threads=threads, offline=True if offline else None)
     except StcError as exc:
         err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)

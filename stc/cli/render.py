@@ -49,6 +49,11 @@ HeightOpt = Annotated[Optional[int], _render_option("--height", "Height in px, a
 SchedulerOpt = Annotated[
     Optional[str], _render_option("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
+ForceSizeOpt = Annotated[
+    bool, typer.Option("--force-size", help="Render a size far outside the model's range (more than 8x its "
+                       "resolution on a side, or 16x its pixels), which is otherwise refused with the memory it "
+                       "would take.")
+]
 DtypeOpt = Annotated[
     Optional[str], typer.Option("--dtype", help="fp32, fp16 or bf16.  [default: fp16 on GPU, fp32 on CPU]")
 ]
@@ -59,16 +64,28 @@ def _settings(**given) -> RenderSettings:
     return RenderSettings(**{key: value for key, value in given.items() if value is not None})
 
 
-def _load_renderer(requests, settings, model, model_config, device, dtype, env):
+def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False):
     quiet_libraries()
+    from ..models.sizes import check_size
     from ..render.generation import Renderer
 
-    with err.status("loading concepts") as status:
-        renderer = Renderer.from_registry(
-            requests, settings, registry=open_registry(env), model=model,
-            model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
-            on_status=lambda message: status.update(message), env=env,
-        )
+    if not force_size:  # a side no model could take: before anything loads
+        check_size(settings.width, settings.height, "--width/--height")
+
+    from ..errors import Interrupted
+
+    try:
+        with err.status("loading concepts") as status:
+            renderer = Renderer.from_registry(
+                requests, settings, registry=open_registry(env), model=model,
+                model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
+                on_status=lambda message: status.update(message), env=env,
+            )
+    except KeyboardInterrupt:
+        raise Interrupted("stopped while loading the model, before the first image: nothing was written and "
+                          "nothing changed") from None
+    if not force_size:
+        renderer.check_size(settings)
     if not renderer.concepts:
         err.print("[dim]No <concept> in the prompt: rendering plain Stable Diffusion.[/]")
     for note in renderer.notes + renderer.size_warnings(settings):
@@ -110,19 +127,20 @@ def gen(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
     dtype: DtypeOpt = None,
+    force_size: ForceSizeOpt = False,
     out_dir: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNG files.")] = Path("stc-out"),
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON record per image (path and parameters).")
     ] = False,
 ) -> None:
     """Render images of a prompt; prints the paths of the PNG files (never overwrites)."""
-    from ..errors import Interrupted
+    from ..errors import BadInput, Interrupted
     from ..outputs import check_folder
     from ..render.generation import RenderRequest
     from ..render.pngmeta import save_png
 
     if num_images < 1:
-        raise typer.BadParameter("must be at least 1", param_hint="-n")
+        raise BadInput(f"-n must be at least 1, got {num_images}")
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         rank=rank, batch_size=batch_size,
@@ -130,7 +148,7 @@ def gen(
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
     check_folder(out_dir)  # before anything loads
     renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type))
+                              command_env(ctx, prediction_type=prediction_type), force_size)
     saved = 0
     try:
         with progress_bar(f"rendering {num_images} image(s)", "denoising steps") as progress:
@@ -142,6 +160,9 @@ def gen(
                 else:
                     out.print(str(path), markup=False, highlight=False, soft_wrap=True)
     except KeyboardInterrupt:
+        if not saved:
+            raise Interrupted(f"rendering stopped before the first image was finished: nothing was written to "
+                              f"{out_dir} and nothing changed") from None
         raise Interrupted(f"rendering stopped: {saved} of {num_images} image(s) were finished and saved in "
                           f"{out_dir}") from None
 
@@ -189,6 +210,7 @@ def grid(
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
     dtype: DtypeOpt = None,
+    force_size: ForceSizeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."""
@@ -218,10 +240,11 @@ def grid(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         batch_size=batch_size,
     )
+    requests = grid_requests(prompts, rank_list, seed_list)  # an empty prompt fails here
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
-    renderer = _load_renderer(grid_requests(prompts, rank_list, seed_list), settings, model, model_config, device,
-                              dtype, command_env(ctx, prediction_type=prediction_type))
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
+                              command_env(ctx, prediction_type=prediction_type), force_size)
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)
@@ -231,6 +254,9 @@ def grid(
                                  on_cell=output.write_cell)
         saved = output.finish(result)
     except KeyboardInterrupt:
+        if not output.written:
+            raise Interrupted("the grid stopped before its first cell was finished: nothing was written and nothing "
+                              "changed") from None
         raise Interrupted(f"the grid stopped: {len(output.written)} of {cells} cell image(s) were finished and "
                           f"saved in {output.folder}; the grid image itself was not written") from None
     err.print(f"{len(saved.images)} cell image{'s' if len(saved.images) != 1 else ''} in {saved.folder}",

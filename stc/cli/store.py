@@ -19,6 +19,7 @@ from rich.text import Text
 from ..errors import ConceptNotFound, ConfirmationRequired
 from ._base import (
     JsonOpt,
+    ManyArgumentsCommand,
     app,
     command_env,
     err,
@@ -338,7 +339,7 @@ def _removal_plan(registry, names: list[str]) -> list[dict]:
     return plan
 
 
-@app.command("rm")
+@app.command("rm", cls=ManyArgumentsCommand)
 @handle_errors
 def rm(
     ctx: typer.Context,

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 from rich.markup import escape
 
+from ..errors import BadInput
 from ..train.config import TrainConfig
 from ._base import (
     DeviceOpt,
@@ -67,6 +68,10 @@ def train(
     ] = None,
     device: DeviceOpt = None,
     prediction_type: PredictionTypeOpt = None,
+    force_size: Annotated[
+        bool, typer.Option("--force-size", help="Train at a --resolution far outside the model's range (more "
+                           "than 8x its own), which is otherwise refused with the memory it would take.")
+    ] = False,
     save_every: Annotated[
         Optional[int], typer.Option("--save-every", show_default=False, help="Checkpoint every N steps (0: only at "
                                     f"the end and on Ctrl-C).  [default: {_DEFAULTS.save_every}]")
@@ -123,7 +128,7 @@ def train(
         _resume(resume, photos, given, config_file, model, device, model_config, env)
         return
     if name is None or photos is None:
-        raise typer.BadParameter("give the photos folder and --name (or --resume NAME)", param_hint="PHOTOS/--name")
+        raise BadInput("give the photos folder and --name (stc train PHOTOS --name NAME), or --resume NAME")
     validate_name(name)
     config = TrainConfig.from_file(config_file, given) if config_file else TrainConfig(**given)
     quiet_libraries()
@@ -133,6 +138,7 @@ def train(
         result = train_concept(
             photos, name, model, config, registry=open_registry(env), device=device,
             model_config=str(model_config) if model_config else None, callbacks=callbacks, env=env,
+            force_size=force_size,
         )
     _summary(result.concept, env)
 
@@ -156,9 +162,9 @@ def _given_settings(params: dict) -> dict:
 def _resume(name, photos, given, config_file, model, device, model_config, env) -> None:
     changed = sorted(set(given) - RESUMABLE) + (["--config"] if config_file else []) + (["--model"] if model else [])
     if changed:
-        raise typer.BadParameter(
-            f"cannot change {', '.join(changed)} when resuming; only --steps, --save-every and --preview-every",
-            param_hint="--resume",
+        raise BadInput(
+            f"--resume: cannot change {', '.join(changed)} when resuming; only --steps, --save-every and "
+            "--preview-every"
         )
     quiet_libraries()
     from ..train.training import resume_training

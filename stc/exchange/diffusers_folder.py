@@ -10,6 +10,7 @@ The folder (format ``stc-diffusers/1``):
 |``stc_concept.py``|a self-contained module (torch, diffusers, transformers): ``load_concept(pipe, folder, rank=None)``|
 | ``README.md`` | a Hugging Face model card |
 | ``preview.png`` | when a preview is given |
+| ``metrics.jsonl`` | the training run's metrics, when the concept has them |
 
 ``stc_concept.py`` carries no second copy of the method: it is stitched at export time from
 stc's own source (the mapper, the batched (t, l) text encoding, the attention processors and
@@ -44,7 +45,9 @@ CONFIG_FILE = "config.json"
 MODULE_FILE = "stc_concept.py"
 CARD_FILE = "README.md"
 PREVIEW_FILE = "preview.png"
-EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODULE_FILE, CARD_FILE, PREVIEW_FILE)  # all a folder export writes
+METRICS_FILE = "metrics.jsonl"  # as training writes it into the concept folder
+# all a folder export writes
+EXPORT_FILES = (WEIGHTS_FILE, CONFIG_FILE, MODULE_FILE, CARD_FILE, PREVIEW_FILE, METRICS_FILE)
 CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-inversion")
 
 # stc's code the module carries, in this order: (module, top-level names). Only public names: a
@@ -126,6 +129,9 @@ def write_diffusers_export(
     files[2].write_text(module_source(config), encoding="utf-8")
     if preview is not None:
         files.append(_copy_preview(Path(preview), folder / PREVIEW_FILE))
+    metrics = concept.path / METRICS_FILE if concept.path is not None else None
+    if metrics is not None and metrics.is_file() and not metrics.is_symlink():
+        files.append(Path(shutil.copyfile(metrics, folder / METRICS_FILE)))
     files.append(folder / CARD_FILE)
     files[-1].write_text(model_card(config, has_preview=preview is not None), encoding="utf-8")
     return files
@@ -481,7 +487,7 @@ def _state_dict(weights: bytes, mapper_config: dict, source: str) -> dict:
 
 def read(request):
     """``stc import`` of an stc diffusers export (a :class:`~stc.exchange.common.ImportRequest`):
-    the concept as it was exported, with its preview."""
+    the concept as it was exported, with its preview and training metrics."""
     from ..store.concept import MetricsRecord, TrainingRecord
     from ..store.conceptio import mapper_from_state
     from .common import Imported, concept_name
@@ -501,6 +507,6 @@ def read(request):
         metrics=MetricsRecord.from_dict(config.get("metrics") or {}), created=str(config.get("created") or ""),
         base_fingerprint=str(config.get("base_fingerprint") or ""),
     )
-    preview = folder / PREVIEW_FILE
-    files = {PREVIEW_FILE: preview} if preview.is_file() and not preview.is_symlink() else {}
+    kept = (folder / PREVIEW_FILE, folder / METRICS_FILE)
+    files = {path.name: path for path in kept if path.is_file() and not path.is_symlink()}
     return Imported(concept, mapper, "stc-diffusers", files=files)

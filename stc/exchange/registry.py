@@ -71,23 +71,33 @@ def reader_of(path: Path) -> Format | None:
 
 
 EMBEDDING_SUFFIXES = (".safetensors", ".pt", ".bin")
+
+
+def _registry_folder(path: Path) -> bool:
+    """A concept folder of a registry, or a registry's top folder (it has a ``concepts`` folder)."""
+    return path.is_dir() and ((path / "concept.yaml").is_file() or (path / "concepts").is_dir())
+
+
+def _reference_checkpoint(path: Path) -> bool:
+    return path.is_file() and path.name.endswith("-mapper.pt")
+
 _LOSSY = "time and space (one embedding for every step and layer), the textual bypass and ranks"
 
 register(Format(
     "stc-concept", keeps="", loses="", module="stc.exchange.concept_folder", exports=False,
-    accepts=lambda path: path.is_dir() and (path / "concept.yaml").is_file(),
+    accepts=_registry_folder,
 ))
 register(Format(
     "diffusers", module="stc.exchange.diffusers_folder",
     keeps="everything: the mapper for every timestep, layer and rank, and the textual bypass",
     loses="nothing; it renders through the bundled stc_concept.py (torch, diffusers, transformers)",
-    accepts=lambda path: path.is_dir() and not (path / "concept.yaml").is_file(),
+    accepts=lambda path: path.is_dir() and not _registry_folder(path),
 ))
 register(Format(
     "ti", module="stc.exchange.ti", distils=True,
     keeps="n fixed vectors distilled from the concept at the chosen rank",
     loses=_LOSSY,
-    accepts=lambda path: path.is_file() and path.suffix in EMBEDDING_SUFFIXES and not path.name.endswith("-mapper.pt"),
+    accepts=lambda path: path.is_file() and path.suffix in EMBEDDING_SUFFIXES and not _reference_checkpoint(path),
 ))
 register(Format(
     "a1111", module="stc.exchange.a1111", distils=True,
@@ -101,5 +111,5 @@ register(Format(
     loses="stc's metadata (training record, previews, sha256); SD 1.x text width (768) only",
     refusal="the neti format is the reference implementation's, which is SD 1.x only (text width 768). Export it "
             "as diffusers (lossless) or ti/a1111",
-    accepts=lambda path: path.is_file() and path.name.endswith("-mapper.pt"),
+    accepts=_reference_checkpoint,
 ))

@@ -45,16 +45,50 @@ def expand_placeholders(text: str, tokens: list[str]) -> str:
 
 
 def single_token_id(tokenizer, word: str) -> int:
-    """The id of ``word`` if it is one token; otherwise a BadInput with alternatives."""
+    """The id of ``word`` if it is one token; otherwise a BadInput with alternatives drawn from
+    the word itself (its pieces that are words of their own, close spellings in the vocabulary)."""
     ids = tokenizer.encode(word, add_special_tokens=False)
     if len(ids) == 1:
         return ids[0]
-    from .templates import COMMON_INITIALIZERS
-
-    singles = [w for w in COMMON_INITIALIZERS if len(tokenizer.encode(w, add_special_tokens=False)) == 1]
-    close = difflib.get_close_matches(word.lower(), singles, n=3, cutoff=0.3) or singles[:5]
     pieces = tokenizer.convert_ids_to_tokens(ids)
+    close = initializer_alternatives(tokenizer, word, pieces)
+    if close:
+        advice = f"Try --init {close[0]}" + (f" (or: {', '.join(close[1:])})" if close[1:] else "")
+    else:
+        from .templates import COMMON_INITIALIZERS
+
+        broad = [candidate for candidate in COMMON_INITIALIZERS if _single(tokenizer, candidate)][:3] or ["object"]
+        advice = (f"No single-token word is close to it; name its broader kind, e.g. --init {broad[0]}"
+                  + (f" (or: {', '.join(broad[1:])})" if broad[1:] else ""))
     raise BadInput(
         f"the initializer word {word!r} is {len(ids)} tokens ({' '.join(pieces)}) for this model's "
-        f"tokenizer; it must be a single token. Try --init {close[0]} (or: {', '.join(close[1:]) or 'object'})"
+        f"tokenizer; it must be a single token. {advice}"
     )
+
+
+WORD_END = "</w>"  # how CLIP's vocabulary marks a token that ends a word
+FUNCTION_WORDS = frozenset("a an the of on in at to with and or by for from my is are as it its this that".split())
+
+
+def initializer_alternatives(tokenizer, word: str, pieces: list[str], count: int = 3) -> list[str]:
+    """Single-token words related to ``word``: its own words and pieces that are one token (the
+    last first: "golden retriever" is a retriever), then close spellings from the vocabulary's
+    whole words; none when nothing relates."""
+    import re
+
+    def single(candidate: str) -> bool:
+        return candidate not in FUNCTION_WORDS and _single(tokenizer, candidate)
+
+    letters = re.findall(r"[a-z]+", word.lower())
+    own = [text for text in reversed(letters)] + [
+        piece.removesuffix(WORD_END) for piece in reversed(pieces) if piece.removesuffix(WORD_END).isalpha()]
+    found = [candidate for candidate in dict.fromkeys(own) if len(candidate) > 1 and single(candidate)]
+    whole_words = [token.removesuffix(WORD_END) for token in tokenizer.get_vocab()
+                   if token.endswith(WORD_END) and token.removesuffix(WORD_END).isalpha() and len(token) > 5]
+    for target in dict.fromkeys(["".join(letters), *(text for text in letters if text not in FUNCTION_WORDS)]):
+        found += difflib.get_close_matches(target, whole_words, n=count, cutoff=0.75)
+    return [candidate for candidate in dict.fromkeys(found) if single(candidate)][:count]
+
+
+def _single(tokenizer, word: str) -> bool:
+    return len(tokenizer.encode(word, add_special_tokens=False)) == 1

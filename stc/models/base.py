@@ -11,15 +11,8 @@ from pathlib import Path
 from ..errors import ModelError, one_line
 from ..settings import Settings, check_prediction_type
 from .backbones import LAYOUTS, backbone_of, backbone_of_hub_model, encoder_components
+from .tiny import BUILTINS, SHAPES, SHAPES_SDXL, TINY, TINY_SD2, TINY_SDXL  # noqa: F401 (the builtins' names)
 
-TINY = "builtin:tiny"
-TINY_SD2 = "builtin:tiny-sd2"
-TINY_SDXL = "builtin:tiny-sdxl"
-SHAPES = "builtin:shapes"
-SHAPES_SDXL = "builtin:shapes-sdxl"
-# random-weight test models in the SD 1.x, SD 2.x and SDXL layouts (stc/models/tiny.py), and the
-# trained shapes world in the SD 1.x and SDXL layouts (stc/worlds/shapes)
-BUILTINS = (TINY, TINY_SD2, TINY_SDXL, SHAPES, SHAPES_SDXL)
 DTYPES = ("fp32", "fp16", "bf16")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 
@@ -69,15 +62,43 @@ class BaseModel:
 
 
 def embedding_fingerprint(pipeline) -> str:
-    """A short fingerprint of the text encoder's token-embedding table (its first 4096 rows in
-    fp16): equal for the same base model in any precision, different for most fine-tunes."""
+    """A short fingerprint of the text encoder's token-embedding table (its first 4096 rows), the
+    same for the same base model in any precision (fp32, bf16, fp16), different for most fine-tunes:
+    the sha256 of the values' sign bits (rounding to any precision keeps a sign) and their root
+    mean square (compared with a tolerance, ``same_embeddings``), as ``<16 hex>~<rms>``."""
     import hashlib
 
     import torch
 
-    table = pipeline.text_encoder.get_input_embeddings().weight[:4096]
-    data = table.detach().to("cpu", torch.float16).contiguous().numpy().tobytes()
-    return hashlib.sha256(data).hexdigest()[:16]
+    table = pipeline.text_encoder.get_input_embeddings().weight[:4096].detach().to("cpu")
+    signs = torch.signbit(table).contiguous().numpy().tobytes()
+    rms = table.double().square().mean().sqrt().item()  # fp64: rounding errors average out to ~1e-6
+    return f"{hashlib.sha256(signs).hexdigest()[:16]}~{rms:.6g}"
+
+
+RMS_TOLERANCE = 1e-3  # relative: rounding to bf16 moves the rms by ~1e-6, a 1% rescale by 1e-2
+
+
+def same_embeddings(fingerprint: str, pipeline) -> bool | None:
+    """Does ``pipeline``'s token-embedding table match a concept's recorded ``fingerprint``
+    (None: cannot tell)? The older form (16 hex digits alone, a hash of the table in
+    fp16) is only comparable to a table kept in fp32 or fp16."""
+    import hashlib
+
+    import torch
+
+    if "~" not in fingerprint:  # the older form: the sha256 of the table in fp16
+        table = pipeline.text_encoder.get_input_embeddings().weight[:4096].detach()
+        if table.dtype not in (torch.float32, torch.float16):
+            return None  # bf16 rounds other bits away than fp16 does
+        data = table.to("cpu", torch.float16).contiguous().numpy().tobytes()
+        return hashlib.sha256(data).hexdigest()[:16] == fingerprint
+    signs, _, rms = fingerprint.partition("~")
+    ours, _, our_rms = embedding_fingerprint(pipeline).partition("~")
+    try:
+        return signs == ours and abs(float(our_rms) - float(rms)) <= RMS_TOLERANCE * abs(float(rms))
+    except ValueError:
+        return None
 
 
 def default_device() -> str:
@@ -247,7 +268,8 @@ def _load_hub(model_id: str, dtype, offline: bool):
     except Exception as exc:  # network, auth, missing files: all mean the same to the user
         raise ModelError(
             f"could not load model {model_id!r}: {_hub_failure(exc, offline)}. Download it first (hf download "
-            f"{model_id}), pass a local folder or .safetensors file, or use --model {TINY} (or {TINY_SD2})"
+            f"{model_id}), pass a local folder or .safetensors file, or try stc offline with --model {SHAPES} "
+            "(a tiny trained world of coloured shapes)"
         ) from exc
 
 
@@ -353,7 +375,8 @@ def load_base_model(
         elif spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
             pipeline = _load_hub(spec, weight_dtype, env.offline)
         else:
-            raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor {TINY}")
+            raise ModelError(f"model {spec!r} is neither a local folder, a file, a hub id nor a builtin "
+                             f"({SHAPES}, {TINY}, …)")
     if prediction_type is not None and pipeline.scheduler.config.get("prediction_type") != prediction_type:
         pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config,
                                                                   prediction_type=prediction_type)

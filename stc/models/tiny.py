@@ -29,6 +29,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+TINY = "builtin:tiny"
+TINY_SD2 = "builtin:tiny-sd2"
+TINY_SDXL = "builtin:tiny-sdxl"
+SHAPES = "builtin:shapes"
+SHAPES_SDXL = "builtin:shapes-sdxl"
+# random-weight test models in the SD 1.x, SD 2.x and SDXL layouts (stc/models/tiny.py), and the
+# trained shapes world in the SD 1.x and SDXL layouts (stc/worlds/shapes)
+BUILTINS = (TINY, TINY_SD2, TINY_SDXL, SHAPES, SHAPES_SDXL)
+
 TINY_SEED = 20230524
 TINY_TEXT_WIDTH = 32
 TINY_RESOLUTION = 64
@@ -259,3 +268,13 @@ def _random_pipeline(tokenizer, seed: int, resolution: int, text: dict, unet: di
         vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet_model, scheduler=scheduler,
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
+
+
+def builtin_tokenizers(spec: str) -> list:
+    """A builtin model's tokenizers (two for the SDXL layouts), built without its weights."""
+    if spec in (SHAPES, SHAPES_SDXL):
+        from ..worlds.shapes.model import shapes_tokenizer, shapes_tokenizer_2
+
+        return [shapes_tokenizer()] + ([shapes_tokenizer_2()] if spec == SHAPES_SDXL else [])
+    return {TINY: lambda: [build_tiny_tokenizer()], TINY_SD2: lambda: [build_tiny_tokenizer(pad_token="!")],
+            TINY_SDXL: lambda: [build_tiny_tokenizer(), build_tiny_tokenizer(pad_token="!")]}[spec]()

@@ -17,10 +17,6 @@ misread. :func:`name_warning` says so; ``stc train``, ``import`` and ``export`` 
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .backbones import tokenizer_components
-
 
 def is_vocabulary_word(name: str, tokenizers) -> bool:
     """Whether ``name`` is a single token of any of ``tokenizers`` (as the webui reads a prompt)
@@ -45,49 +41,18 @@ def name_warning(name: str, tokenizers, model: str) -> str | None:
     )
 
 
-TOKENIZER_FILES = ("vocab.json", "tokenizer.json")  # the slow tokenizer's files, or the fast one's
-
-
-def _has_tokenizer(folder: Path) -> bool:
-    return any((folder / name).is_file() for name in TOKENIZER_FILES)
-
-
 def load_tokenizers(spec: str, model_config: str | None = None) -> list:
-    """The tokenizers of model ``spec`` from local files only, without loading the model; an empty
-    list when they cannot be had offline (a hub model never downloaded, a single file without
-    ``--model-config``): the check is a courtesy, never a reason to fail."""
+    """The tokenizers of model ``spec`` from local files only, without loading the model
+    (``tokenizers.tokenizers_of``); an empty list when they cannot be had offline (a hub model never
+    downloaded, a single file without ``--model-config``): the check is a courtesy, never a reason
+    to fail."""
+    from .base import BUILTINS
+    from .tokenizers import tokenizers_of
+
     try:
-        from .base import BUILTINS
-
-        if spec in BUILTINS:  # the tokenizer alone (SDXL's second shares its vocabulary), not the model
-            if spec.startswith("builtin:shapes"):
-                from ..worlds.shapes.model import shapes_tokenizer
-
-                return [shapes_tokenizer()]
-            from .tiny import build_tiny_tokenizer
-
-            return [build_tiny_tokenizer()]
-        from transformers import CLIPTokenizer
-
-        path = Path(spec).expanduser()
-        folder = path if path.is_dir() else Path(model_config).expanduser() if model_config else None
-        if folder is not None:
-            found = [CLIPTokenizer.from_pretrained(str(folder / sub)) for sub in tokenizer_components()
-                     if _has_tokenizer(folder / sub)]
-            if not found and _has_tokenizer(folder):
-                found = [CLIPTokenizer.from_pretrained(str(folder))]
-            return [tokenizer for tokenizer in found if len(tokenizer.get_vocab()) > 256]
-        if path.exists() or spec.count("/") != 1:
-            return []
-        from huggingface_hub import try_to_load_from_cache
-
-        from .backbones.single_file import _hub_cache  # the cache the environment names now (HF_HUB_CACHE, HF_HOME)
-
-        cached = [try_to_load_from_cache(spec, f"tokenizer/{name}", cache_dir=_hub_cache()) for name in TOKENIZER_FILES]
-        cached = next((path for path in cached if isinstance(path, str)), None)
-        if cached is None:  # never downloaded (transformers would build an empty tokenizer)
-            return []
-        found = [CLIPTokenizer.from_pretrained(str(Path(cached).parent))]
+        found = tokenizers_of(spec, model_config) or []
     except Exception:  # noqa: BLE001 (unreadable or absent tokenizer files: nothing to check against)
         return []
+    if spec in BUILTINS:
+        return found
     return [tokenizer for tokenizer in found if len(tokenizer.get_vocab()) > 256]  # a real byte-level BPE vocabulary

@@ -43,7 +43,7 @@ class RenderSettings:
         if not math.isfinite(self.cfg):
             raise BadInput(f"--cfg must be a finite number, got {self.cfg}")
         if self.rank is not None and self.rank < 1:
-            raise BadInput(f"--rank must be at least 1, got {self.rank}")
+            raise BadInput(f"--rank {self.rank}: ranks start at 1 (1..128 for concepts trained by stc)")
         for flag, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and (value < 8 or value % 8):
                 raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
@@ -61,6 +61,9 @@ class RenderRequest:
     rank: int | None = None  # None: RenderSettings.rank
 
     def __post_init__(self) -> None:
+        if not self.prompt.strip():  # before any model loads (the default one may be a download)
+            raise BadInput('the prompt is empty: say what to render, e.g. stc gen "a <name> on the moon" (without '
+                           "a <concept>, plain Stable Diffusion), or try --model builtin:shapes offline")
         if not 0 <= self.seed <= MAX_SEED:
             raise BadInput(f"seeds must lie between 0 and {MAX_SEED}, got {self.seed}")
 
@@ -224,6 +227,17 @@ class Renderer:
         native = self.base.default_resolution
         return settings.width or native, settings.height or native
 
+    def check_size(self, settings: RenderSettings) -> None:
+        """BadInput for a size far outside the model's range (``stc.models.sizes``), with the memory
+        it would take; callers skip it when the user forces the size."""
+        from ..models.sizes import check_size
+
+        width, height = self.size(settings)
+        vae = self.base.pipeline.vae
+        check_size(width, height, "--width/--height", native=self.base.default_resolution,
+                   element_bytes=vae.dtype.itemsize,
+                   channels=int(vae.config.block_out_channels[0]), model=self.base.spec)
+
     def size_warnings(self, settings: RenderSettings) -> list[str]:
         """A note when the size is far from the model's own (more than 2x, or under half, on a
         side): such images come out broken, and a large one costs many times a native render."""
@@ -247,8 +261,8 @@ class Renderer:
         jobs = list(distinct.values())
         last_use = {job.conditioning_key: index for index, job in enumerate(jobs)}
         scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
-        steps_per_image = len(scheduler.timesteps)
-        total, done = len(jobs) * steps_per_image, 0
+        calls_per_image = len(scheduler.timesteps)  # PNDM's warm-up makes 11 UNet calls of --steps 10
+        total, done = len(jobs) * settings.steps, 0  # progress counts the user's steps
         negative = self.text.negative(settings.negative)
         conditionings: dict[tuple, Conditioning] = {}
         for start in range(0, len(jobs), settings.batch_size):
@@ -260,10 +274,11 @@ class Renderer:
                     )
             on_step = None
             if progress is not None:
-                on_step = functools.partial(_report_progress, progress, done, len(batch), total)
+                on_step = functools.partial(_report_progress, progress, done, len(batch), total,
+                                            settings.steps, calls_per_image)
             per_sample = [conditionings[job.conditioning_key] for job in batch]
             latents = self._denoise(scheduler, settings, [job.seed for job in batch], per_sample, on_step)
-            done += steps_per_image * len(batch)
+            done += settings.steps * len(batch)
             stop = start + len(batch)
             for key in [key for key in conditionings if last_use[key] < stop]:
                 del conditionings[key]
@@ -340,8 +355,11 @@ class Renderer:
         }
 
 
-def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps_done: int) -> None:
-    progress(done_before + steps_done * batch, total)
+def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps: int,
+                     calls_per_image: int, calls_done: int) -> None:
+    """Progress in the user's steps: after ``calls_done`` of a schedule's ``calls_per_image`` UNet
+    calls (more than ``steps`` for PNDM), that fraction of ``steps``, rounded down."""
+    progress(done_before + calls_done * steps // calls_per_image * batch, total)
 
 
 def stack_step(conditionings: list[Conditioning], step_index: int, num_layers: int):
@@ -398,18 +416,29 @@ def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
 
 def compatibility_notes(concepts: list[Concept], base) -> list[str]:
     """One line per concept trained on another (but compatible) base model than ``base``."""
-    from ..models.base import embedding_fingerprint
+    from ..models.base import same_embeddings
 
-    fingerprint = embedding_fingerprint(base.pipeline)
     return [
         f"{concept.name} was trained on {concept.base_model}; {base.spec} has the same layout but other token "
         "embeddings (a fine-tune?), so it renders, possibly less faithfully"
-        for concept in concepts if concept.base_fingerprint and concept.base_fingerprint != fingerprint
+        for concept in concepts
+        if concept.base_fingerprint and same_embeddings(concept.base_fingerprint, base.pipeline) is False
     ]
 
 
 def choose_model(concepts: list[Concept], model: str | None, env: Settings | None = None) -> str:
     """``model`` if given, else the one base model all concepts share, else the default model."""
+    from ..models.backbones import label_of_widths
+
+    layouts = {tuple(concept.encoder_widths): concept for concept in concepts}
+    if len(layouts) > 1:  # no model fits both: --model cannot help
+        first, second = list(layouts.values())[:2]
+        raise ModelError(
+            f"concepts {first.name!r} ({label_of_widths(first.encoder_widths)}, trained on {first.base_model}) and "
+            f"{second.name!r} ({label_of_widths(second.encoder_widths)}, trained on {second.base_model}) cannot "
+            "render together: they are for different model families (text encoders); render them in separate "
+            "prompts"
+        )
     if model:
         return model
     bases = {concept.base_model for concept in concepts}

@@ -63,7 +63,7 @@ def parse_ranks(text: str) -> list[int]:
     ranks = _int_list(text, "--ranks")
     bad = [rank for rank in ranks if rank < 1]
     if bad:
-        raise BadInput(f"--ranks must be positive; got {', '.join(map(str, bad))}")
+        raise BadInput(f"--ranks {', '.join(map(str, bad))}: ranks start at 1 (1..128 for concepts trained by stc)")
     return ranks
 
 

@@ -85,7 +85,10 @@ def _write_cache(path: Path, entries: dict) -> None:
         temporary.write_text(json.dumps({"format": CACHE_FORMAT, "entries": entries}), encoding="utf-8")
         os.replace(temporary, path)
     except OSError:  # a read-only registry lists, uncached
-        temporary.unlink(missing_ok=True)
+        try:  # on a read-only file system the clean-up fails too (EROFS even for a missing file)
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def listing(registry) -> Iterator[tuple[str, dict | None, StcError | None]]:

@@ -80,9 +80,13 @@ def train_concept(
     model_config: str | None = None,
     callbacks: TrainCallbacks | None = None,
     env: Settings | None = None,
+    force_size: bool = False,
 ) -> TrainResult:
     """Train a new concept on the photos in ``photos_dir`` and save it in the registry (``env``:
-    the environment's settings, by default read from it)."""
+    the environment's settings, by default read from it). A resolution far outside the model's
+    range is refused (``stc.models.sizes``) unless ``force_size``."""
+    from ..models.sizes import check_size
+
     env = env or Settings.from_environment()
     registry = registry or Registry(env.home)
     validate_name(name)
@@ -95,10 +99,24 @@ def train_concept(
     if photos_dir is None:
         raise BadInput("pass the folder with your photos (stc train PHOTOS --name NAME)")
     run = _Run(registry, name, _photos_folder(photos_dir), model or env.default_model(), config, callbacks, env)
+    check_initializer(run.model, run.config.initializer, model_config)
+    if not force_size:  # a side no model could take: before anything loads
+        check_size(config.resolution, config.resolution, "--resolution")
+    run.force_size = force_size
     with _owning(registry, name, device, env):
         if registry.path_of(name).exists():  # again under the lock: a run that just finished may have made it
             raise ConceptExists(f"a concept named {name!r} exists already; choose another --name")
         return run.execute(device, model_config, previous=None)
+
+
+def check_initializer(model: str, word: str, model_config: str | None = None) -> None:
+    """``word`` must be one token of ``model``'s tokenizers: checked on the tokenizers alone, before
+    the weights load, where they can be had without the network (else the trainer checks it)."""
+    from ..method.placeholders import single_token_id
+    from ..models.tokenizers import tokenizers_of
+
+    for tokenizer in tokenizers_of(model, model_config) or []:
+        single_token_id(tokenizer, word)
 
 
 def _photos_folder(folder) -> Path:
@@ -199,6 +217,7 @@ class _Run:
         self.created = ""
         self.kept = {"training": {}, "mapper": {}}  # unknown keys of a resumed concept, written back
         self.saved_step = 0  # the last step whose state is on disk
+        self.force_size = True  # a resumed run keeps the resolution it recorded
 
     def execute(self, device, model_config, previous) -> TrainResult:
         from .images import load_photos
@@ -210,6 +229,13 @@ class _Run:
         if warning:
             self.callbacks.warn(warning)
         self.resolution = self.config.resolution or self.base.default_resolution
+        if not self.force_size:
+            from ..models.sizes import check_size
+
+            vae = self.base.pipeline.vae
+            check_size(self.resolution, self.resolution, "--resolution", native=self.base.default_resolution,
+                       images=self.config.batch_size, element_bytes=vae.dtype.itemsize,
+                       channels=int(vae.config.block_out_channels[0]), model=self.base.spec)
         from ..models.base import embedding_fingerprint
 
         self.fingerprint = embedding_fingerprint(self.base.pipeline)
@@ -353,7 +379,7 @@ class _Run:
     def _rescue(self, step: int) -> Path | None:
         """The concept at ``step``, complete (its metrics and previews too), in a registry of its own
         in the first of the working folder, the temporary folder and the home folder that takes it;
-        the path of its concept folder, which ``stc import`` reads, or None."""
+        the path of that registry (``<name>-rescued-step<N>``), which ``stc import`` reads, or None."""
         import tempfile
 
         from ..outputs import free_path
@@ -364,9 +390,10 @@ class _Run:
         weights = weights_bytes(self.trainer.unwrapped_mapper, self.name)
         files = {**self.files, "metrics.jsonl": ("\n".join(self.metrics_lines) + "\n").encode()}
         for place in dict.fromkeys((Path.cwd(), Path(tempfile.gettempdir()), Path.home())):
-            rescue = Registry(free_path(place, f"stc-rescued-{self.name}", suffix=""))
+            rescue = Registry(free_path(place, f"{self.name}-rescued-step{step}", suffix=""))
             try:
-                return rescue.save(self._concept(step), weights, extra_files=files).path
+                rescue.save(self._concept(step), weights, extra_files=files)
+                return rescue.root
             except StcError:
                 continue
         return None
