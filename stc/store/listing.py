@@ -15,6 +15,7 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..atomic import write_file
 from ..errors import ConceptNotFound, StcError
 from .concept import CONCEPT_FILE, WEIGHTS_FILE
 from .storage import folder_size, safetensors_problem
@@ -80,15 +81,10 @@ def _usable(entry: dict, name: str) -> bool:
 def _write_cache(path: Path, entries: dict) -> None:
     if not path.parent.is_dir():
         return  # listing never creates folders
-    temporary = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(json.dumps({"format": CACHE_FORMAT, "entries": entries}), encoding="utf-8")
-        os.replace(temporary, path)
-    except OSError:  # a read-only registry lists, uncached
-        try:  # on a read-only file system the clean-up fails too (EROFS even for a missing file)
-            temporary.unlink(missing_ok=True)
-        except OSError:
-            pass
+        write_file(path, json.dumps({"format": CACHE_FORMAT, "entries": entries}))
+    except OSError:  # a read-only registry lists, uncached (nothing is left behind: the write is atomic)
+        pass
 
 
 def listing(registry) -> Iterator[tuple[str, dict | None, StcError | None]]:
