@@ -144,9 +144,18 @@ def test_train_gen_grid_inspect_export_import_on_every_family(family, photos, tm
 @pytest.mark.parametrize("concept_model,render_model", [
     ("builtin:tiny", "builtin:tiny-sdxl"), ("builtin:tiny-sdxl", "builtin:tiny"), ("builtin:tiny", "builtin:tiny-sd2"),
 ])
-def test_a_concept_of_another_family_is_a_one_line_error_naming_both(photos, tmp_path, concept_model, render_model):
+def test_a_concept_of_another_family_is_a_one_line_error_naming_both(photos, tmp_path, concept_model, render_model,
+                                                                     monkeypatch):
+    """Said before any weights load: the model's widths come from its config."""
+    import stc.models.base
+
     result = invoke("train", photos, "--name", "pet", "--init", "cat", "--model", concept_model, *FAST)
     assert result.exit_code == 0, result.output
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the model was loaded before the families were compared")
+
+    monkeypatch.setattr(stc.models.base, "load_base_model", no_loading)
     result = invoke("gen", "<pet> on the moon", "--model", render_model, "--steps", 1, "--out", tmp_path)
     ours = label_of_widths(FAMILY_MODELS[concept_model][1])
     theirs = label_of_widths(FAMILY_MODELS[render_model][1])
@@ -155,3 +164,5 @@ def test_a_concept_of_another_family_is_a_one_line_error_naming_both(photos, tmp
         for model in (concept_model, render_model):
             assert f"text width {sum(FAMILY_MODELS[model][1])}" in result.stderr
     assert not any(Path(tmp_path).glob("*.png"))
+    result = invoke("export", "pet", "--format", "ti", "--model", render_model, "--out", tmp_path / "ti")
+    assert_one_line_error(result, ours, theirs)  # the distillation's model too

@@ -178,10 +178,14 @@ def embedding_vectors(job: ExportJob, result: ExportResult):
     if exact is not None:
         result.exact, result.vectors = True, exact.shape[0]
         return exact, job.concept.base_model
-    from ..models.base import load_base_model
+    from ..models.base import canonical_spec, encoder_widths_of, load_base_model
+    from ..render.generation import check_family
     from .distill import distil
 
     spec = job.model or job.concept.base_model
+    widths = encoder_widths_of(spec, job.model_config)  # a model of another family: said before it loads
+    if widths is not None:
+        check_family(job.concept, canonical_spec(spec), widths)
     if job.on_status:
         job.on_status(f"loading {spec}")
     base = load_base_model(spec, device=job.device, config=job.model_config, env=job.env)

@@ -144,7 +144,7 @@ class Renderer:
 
         Every request is resolved (concepts exist, ranks fit) before any weights load.
         """
-        from ..models.base import load_base_model
+        from ..models.base import canonical_spec, encoder_widths_of, load_base_model
         from ..store.conceptio import load_mapper
         from ..store.registry import Registry
 
@@ -155,6 +155,10 @@ class Renderer:
         for request in requests:
             resolve_request(request, settings, concepts)
         spec = choose_model(list(concepts.values()), model, env)
+        widths = encoder_widths_of(spec, model_config)  # from the model's config: no weights, no network
+        if widths is not None:
+            for concept in concepts.values():
+                check_family(concept, canonical_spec(spec), widths)
         loaded = {name: (concept, load_mapper(concept)) for name, concept in concepts.items()}
         if on_status is not None:
             on_status(f"loading {spec}")
@@ -395,17 +399,25 @@ def _pooled_batch(encodings) -> object | None:
     return torch.cat(pooled) if pooled[0] is not None else None
 
 
-def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
+def check_family(concept: Concept, spec: str, widths) -> None:
+    """A concept for other text encoders than model ``spec``'s (of ``widths``) is a one-line error
+    naming both families; :meth:`Renderer.from_registry` asks this before any weights load when
+    the model's config tells its widths."""
     from ..models.backbones import label_of_widths
 
-    if concept.encoder_widths != base.encoder_widths:
-        ours, theirs = label_of_widths(concept.encoder_widths), base.family_label
+    widths = [int(width) for width in widths]
+    if concept.encoder_widths != widths:
+        ours, theirs = label_of_widths(concept.encoder_widths), label_of_widths(widths)
         if ours == theirs:  # the same layout at other widths
-            ours, theirs = f"{ours} at text width {concept.text_width}", f"{theirs} at text width {base.text_width}"
+            ours, theirs = f"{ours} at text width {concept.text_width}", f"{theirs} at text width {sum(widths)}"
         raise ModelError(
-            f"concept {concept.name!r} is for {ours} (trained on {concept.base_model}); {base.spec} is {theirs}. "
+            f"concept {concept.name!r} is for {ours} (trained on {concept.base_model}); {spec} is {theirs}. "
             f"Use --model {concept.base_model}"
         )
+
+
+def check_compatible(concept: Concept, base, layer_names: list[str]) -> None:
+    check_family(concept, base.spec, base.encoder_widths)
     if list(concept.layer_names) != list(layer_names):
         raise ModelError(
             f"concept {concept.name!r} was trained on a UNet with other cross-attention layers "
