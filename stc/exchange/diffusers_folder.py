@@ -54,8 +54,9 @@ CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-invers
 # function stitched here is part of its module's interface (tests/test_export_diffusers.py checks each
 # one exists, is public and uses only what the export carries)
 STITCHED = (
-    ("stc.method.mapper", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig", "FourierEncoding", "NeTIMapper",
-                           "group_factor", "encoder_outputs", "split_outputs", "truncate", "seeded_init")),
+    ("stc.method.mapper_config", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig")),
+    ("stc.method.mapper", ("FourierEncoding", "NeTIMapper", "group_factor", "encoder_outputs", "split_outputs",
+                           "truncate", "seeded_init")),
     ("stc.method.spacetime", ("unet_blocks", "cross_attention_layers", "cross_attention_layer_names",
                               "SpaceTimeConditioning", "SpaceTimeAttnProcessor", "install_processors")),
     ("stc.method.encoding", ("BYPASS_SCALE", "ConceptSlot", "TextEncoder", "pipeline_text_encoders",
