@@ -74,3 +74,23 @@ def make_concept(name: str, layer_names=None, steps_done: int = 10, metrics: dic
 def save_concept(name: str, seed: int = 0, registry: Registry | None = None, **concept_fields) -> Concept:
     """A concept with a random mapper (seeded) saved in the registry."""
     return (registry or Registry()).save(make_concept(name, **concept_fields), weights_bytes(make_mapper(seed), name))
+
+
+def encode_spacetime(text_encoder, input_ids, timesteps, layers, concepts=None, generator=None):
+    """Keys and values (N x S x D each) of N prompts at their own (t, l) through one text encoder
+    read at its final state (an SD 1.x/2.x encoder): stc's encode_context, for tests that pin it."""
+    from stc.method.encoding import TextEncoder, encode_context
+
+    encoding = encode_context([TextEncoder(text_encoder)], [input_ids], timesteps, layers, concepts, generator)
+    return encoding.keys, encoding.values
+
+
+def scan(registry):
+    """Every entry of ``registry`` with its concept, or the error that stops it from loading."""
+    from stc.errors import StcError
+
+    for name in registry.names():
+        try:
+            yield name, registry.load(name), None
+        except StcError as exc:
+            yield name, None, exc

@@ -16,6 +16,7 @@ from stc.render.grid import (
     MIN_CELL,
     Grid,
     GridCell,
+    GridOutput,
     compose_grid,
     fit_label,
     grid_layout,
@@ -24,7 +25,6 @@ from stc.render.grid import (
     parse_seeds,
     read_prompts,
     render_grid,
-    save_grid,
 )
 from stc.store.conceptio import weights_bytes
 from stc.store.registry import Registry
@@ -172,7 +172,7 @@ def test_grid_title_and_cell_size_on_real_models(spec, side, cell, tmp_path):
     assert title[2].startswith("1 step · CFG 3.0 · ") and "seeds 0, 1" in title[2]
     assert title[3] == f"{side}x{side} px images shown {cell // side}x larger (nearest neighbour)"
 
-    saved = save_grid(grid, tmp_path / "grid.png")
+    saved = GridOutput(tmp_path / "grid.png").finish(grid)
     with Image.open(saved.path) as image:
         record = json.loads(image.text["stc-grid"])
         assert record["title"] == title and record["cell_size"] == [cell, cell]
@@ -259,10 +259,10 @@ def test_grid_reuses_identical_cells(renderer):
     assert [c.rendered.ranks for c in grid.cells if c.prompt_index == 1] == [{"mydog": 4}] * 4
 
 
-def test_save_grid_never_overwrites(renderer, tmp_path):
+def test_a_grid_output_never_overwrites(renderer, tmp_path):
     grid = render_grid(renderer, ["<mydog>"], [2, 64], [5], RenderSettings(steps=1))
-    first = save_grid(grid, tmp_path / "out" / "g.png")
-    second = save_grid(grid, tmp_path / "out" / "g.png")
+    first = GridOutput(tmp_path / "out" / "g.png").finish(grid)
+    second = GridOutput(tmp_path / "out" / "g.png").finish(grid)
     assert first.path == tmp_path / "out" / "g.png" and second.path == tmp_path / "out" / "g-1.png"
     assert first.folder == tmp_path / "out" / "g"
     assert sorted(p.name for p in first.folder.iterdir()) == ["p0-s5-r2.png", "p0-s5-r64.png"]
@@ -275,7 +275,7 @@ def test_save_grid_never_overwrites(renderer, tmp_path):
     with Image.open(first.images[1]) as image:
         assert json.loads(image.text["stc"])["concepts"]["mydog"]["rank"] == 64
     with pytest.raises(BadInput, match=".png"):
-        save_grid(grid, tmp_path / "grid.jpg")
+        GridOutput(tmp_path / "grid.jpg").finish(grid)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -105,9 +105,11 @@ def test_truncation_approaches_the_full_concept_monotonically_in_hidden_space():
 
 
 def test_truncate_rejects_bad_ranks():
-    with pytest.raises(ValueError):
+    from stc.errors import BadInput
+
+    with pytest.raises(BadInput, match="ranks 1..128; rank 0 is outside"):  # the one rank rule (check_rank)
         truncate(torch.ones(1, 128), 0)
-    with pytest.raises(ValueError):
+    with pytest.raises(BadInput, match="ranks 1..128; rank 129 is outside"):
         truncate(torch.ones(1, 128), 129)
 
 

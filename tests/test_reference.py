@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import encode_spacetime
 
 from stc.errors import BadInput, StcError
 from stc.exchange.neti import (
@@ -24,7 +25,7 @@ from stc.exchange.neti import (
     reference_mapper_config,
 )
 from stc.exchange.torchfiles import BadCheckpoint, UnsafeCheckpoint, read_torch_file
-from stc.method.encoding import ConceptSlot, encode_spacetime
+from stc.method.encoding import ConceptSlot
 from stc.method.mapper import truncate
 
 DATA = Path(__file__).parent / "data"

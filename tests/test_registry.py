@@ -8,7 +8,7 @@ import helpers
 import pytest
 import torch
 import yaml
-from helpers import make_mapper, save_concept
+from helpers import make_mapper, save_concept, scan
 
 from stc.errors import (
     BadInput,
@@ -131,7 +131,7 @@ def test_incomplete_training_is_visible():
 
 def test_reading_creates_no_folders(stc_home):
     registry = Registry()
-    assert registry.names() == [] and list(registry.scan()) == [] and registry.foreign_entries() == []
+    assert registry.names() == [] and list(scan(registry)) == [] and registry.foreign_entries() == []
     with pytest.raises(ConceptNotFound):
         registry.load("blob")
     with pytest.raises(ConceptNotFound):
@@ -224,7 +224,7 @@ def test_scan_reports_problems_and_foreign_entries_without_raising():
     (registry.concepts_dir / "empty").mkdir()
     (registry.concepts_dir / "Not A Name").mkdir()
     (registry.concepts_dir / "notes.txt").write_text("hi")
-    results = {name: (concept, problem) for name, concept, problem in registry.scan()}
+    results = {name: (concept, problem) for name, concept, problem in scan(registry)}
     assert results["good"][0] is not None and results["good"][1] is None
     assert isinstance(results["bad"][1], CorruptConcept)
     assert "has no concept.yaml" in str(results["empty"][1])

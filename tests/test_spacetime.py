@@ -1,7 +1,7 @@
 import torch
-from helpers import assert_close_in_scale
+from helpers import assert_close_in_scale, encode_spacetime
 
-from stc.method.encoding import ConceptSlot, encode_layers, encode_spacetime
+from stc.method.encoding import ConceptSlot, encode_layers
 from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.method.spacetime import SpaceTimeConditioning, cross_attention_layer_names, install_processors
 

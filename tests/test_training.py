@@ -92,8 +92,9 @@ def test_training_reads_keys_without_the_bypass_and_values_with_it(tiny, photos)
     """Cross-attention keys come from the sequence without the bypass, values from the one with it,
     each layer at its own (t, l); checked against a direct call of the pinned text encoding."""
     from accelerate import Accelerator
+    from helpers import encode_spacetime
 
-    from stc.method.encoding import ConceptSlot, encode_spacetime
+    from stc.method.encoding import ConceptSlot
     from stc.train.images import load_photos
     from stc.train.trainer import Trainer
 

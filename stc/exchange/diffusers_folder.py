@@ -37,7 +37,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import BadInput, StcError
-from ..render.prompts import check_rank
+from ..method.mapper_config import check_rank
 from ..store.concept import WEIGHTS_FILE, Concept
 
 EXPORT_FORMAT = "stc-diffusers/1"
@@ -54,7 +54,7 @@ CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-invers
 # function stitched here is part of its module's interface (tests/test_export_diffusers.py checks each
 # one exists, is public and uses only what the export carries)
 STITCHED = (
-    ("stc.method.mapper_config", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig")),
+    ("stc.method.mapper_config", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig", "check_rank")),
     ("stc.method.mapper", ("FourierEncoding", "NeTIMapper", "group_factor", "encoder_outputs", "split_outputs",
                            "truncate", "seeded_init")),
     ("stc.method.spacetime", ("unet_blocks", "cross_attention_layers", "cross_attention_layer_names",
@@ -65,7 +65,6 @@ STITCHED = (
                              "encode_layers", "SCHEDULE_CHUNK", "pooled_over_layers", "encode_schedule")),
     ("stc.method.conditioning", ("Conditioning",)),
     ("stc.render.generation", ("stack_step", "with_uncond")),
-    ("stc.render.prompts", ("check_rank",)),
     ("stc.method.placeholders", ("placeholder_tokens", "add_placeholder_tokens")),
 )
 GLUE_FILE = Path(__file__).with_name("diffusers_glue.py")  # read as text, never imported

@@ -3,8 +3,8 @@ render stc concepts.
 
 This file is a template, never imported by stc (it imports nothing from stc). An export's
 ``stc_concept.py`` is written by ``stc/exchange/diffusers_folder.py``: stc's own mapper, text-encoding,
-attention and key/value assembly code, copied at export time from ``stc/method/mapper_config.py``, ``stc/method/mapper.py``,
-``stc/method/spacetime.py``, ``stc/method/encoding.py``, ``stc/method/conditioning.py`` and
+attention and key/value assembly code, copied at export time from ``stc/method/mapper_config.py``,
+``stc/method/mapper.py``, ``stc/method/spacetime.py``, ``stc/method/encoding.py``, ``stc/method/conditioning.py`` and
 ``stc/render/generation.py``, followed by the part of this file below the ``glue`` line, which
 uses their names (``NeTIMapper``, ``MapperConfig``, ``ConceptSlot``, ``Conditioning``, ``SpaceTimeConditioning``,
 ``cross_attention_layer_names``, ``install_processors``, ``encode_schedule``, ``stack_step``,

@@ -60,7 +60,7 @@ from ..method.encoding import (
     pooled_over_layers,
 )
 from ..method.mapper import MapperConfig
-from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id
+from ..method.placeholders import add_placeholder_tokens, placeholder_tokens, single_token_id, write_placeholder
 from ..method.spacetime import SpaceTimeConditioning, cross_attention_layers, install_processors
 from ..method.templates import OBJECT_TEMPLATES
 from ..train.config import TrainConfig
@@ -180,7 +180,7 @@ class _Context:
 
 def _resolve_rank(concept, mapper, rank: int | None) -> int | None:
     """The rank to imitate: ``rank`` (checked), else the full concept (None if it has no ranks)."""
-    from ..render.prompts import check_rank
+    from ..method.mapper_config import check_rank
 
     limit = mapper.config.rank_max
     return limit if rank is None else check_rank(concept.name, rank, limit, f"--rank {rank}")
@@ -402,7 +402,8 @@ def _layer_gains(ctx: _Context, samples: Samples, words: str, slots: dict) -> li
     gains = []
     with torch.no_grad(), _Hooks(_attention_modules(ctx), lambda i, m, h, out: latest.__setitem__(i, out)):
         concept, pooled = _concept_conditioning(ctx, ctx.ids(captions), timesteps)  # L, B, S, D
-        plain = _encode_plain(ctx.encoders, ctx.ids([c.replace(ctx.token, words) for c in captions]), slots).keys
+        plain_ids = ctx.ids([write_placeholder(caption, ctx.token, words) for caption in captions])
+        plain = _encode_plain(ctx.encoders, plain_ids, slots).keys
         reference = _predict(ctx, latents, timesteps, concept.keys[0], concept, pooled)
         first = dict(latest)
         for index in range(ctx.num_layers):
@@ -471,7 +472,8 @@ class _Student:
     def __init__(self, ctx: _Context, captions: list[str], queries: list, targets: list, gains: list[float]):
         unique = list(dict.fromkeys(captions))
         words = " ".join(ctx.vector_tokens)
-        self.input_ids = ctx.ids([caption.replace(ctx.token, words) for caption in unique])  # per tokenizer U, S
+        self.input_ids = ctx.ids([write_placeholder(caption, ctx.token, words)  # per tokenizer U, S
+                                  for caption in unique])
         self.rows = torch.tensor([unique.index(c) for c in captions], device=ctx.device)  # N
         self.token_ids, self.widths = ctx.token_ids(ctx.vector_tokens), ctx.widths
         self.encoders = [dataclasses.replace(encoder, module=_fp32(encoder.module)) for encoder in ctx.encoders]
@@ -547,7 +549,7 @@ def _fidelity(ctx: _Context, heldout: Samples, candidates: dict[str, tuple[str, 
         for latents, timesteps, captions in _batches(heldout):
             reference = _predict_concept(ctx, latents, timesteps, captions).flatten(1)  # B, C·h·w
             for name, (words, slots) in candidates.items():
-                ids = ctx.ids([caption.replace(ctx.token, words) for caption in captions])
+                ids = ctx.ids([write_placeholder(caption, ctx.token, words) for caption in captions])
                 plain = _encode_plain(ctx.encoders, ids, slots)
                 prediction = _predict(ctx, latents, timesteps, plain.keys, pooled=plain.pooled).flatten(1)
                 errors[name].append((prediction - reference).norm(dim=1) / reference.norm(dim=1))

@@ -84,8 +84,8 @@ def export_concept(
     The distilling formats (ti/a1111): ``samples`` and ``fit_steps`` default to the fast fit
     (seconds), or with ``thorough`` to the thorough one (minutes).
     """
+    from ..method.mapper_config import check_rank
     from ..models.backbones import backbone_for_widths
-    from ..render.prompts import check_rank
     from ..store.conceptio import load_mapper
 
     preset = THOROUGH if thorough else FAST

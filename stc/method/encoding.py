@@ -138,21 +138,6 @@ def spacetime_rows(timesteps: torch.Tensor, num_layers: int) -> tuple[torch.Tens
     return row_timesteps, row_layers
 
 
-def encode_spacetime(
-    text_encoder,
-    input_ids: torch.Tensor,
-    timesteps: torch.Tensor,
-    layers: torch.Tensor,
-    concepts: Mapping[int, ConceptSlot] | None = None,
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encode N prompts, each at its own (timestep, layer), in one call of one text encoder (SD
-    1.x/2.x): :func:`encode_context` with its final-LayerNorm'd output. Returns the keys and the
-    values (N x S x D each); they differ only at placeholder positions."""
-    encoding = encode_context([TextEncoder(text_encoder)], [input_ids], timesteps, layers, concepts, generator)
-    return encoding.keys, encoding.values
-
-
 def encode_context(
     encoders: list[TextEncoder],
     input_ids: list[torch.Tensor],

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .mapper_config import HIDDEN_DIM, NUM_UNET_LAYERS, MapperConfig  # noqa: F401 (what a mapper is built from)
+from .mapper_config import HIDDEN_DIM, NUM_UNET_LAYERS, MapperConfig, check_rank  # noqa: F401 (a mapper's config)
 
 
 class FourierEncoding(nn.Module):
@@ -148,8 +148,7 @@ def split_outputs(outputs: torch.Tensor, config: MapperConfig) -> tuple[torch.Te
 def truncate(hidden: torch.Tensor, rank: int) -> torch.Tensor:
     """Zero the hidden dims >= rank (nested-dropout truncation at inference)."""
     dim = hidden.shape[-1]
-    if not 1 <= rank <= dim:
-        raise ValueError(f"rank must be between 1 and {dim}, got {rank}")
+    check_rank("the mapper", rank, dim)
     if rank == dim:
         return hidden
     mask = torch.zeros(dim, dtype=hidden.dtype, device=hidden.device)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from ..errors import BadInput
+
 NUM_UNET_LAYERS = 16
 HIDDEN_DIM = 128
 
@@ -88,3 +90,26 @@ class MapperConfig:
     def from_dict(cls, data: dict) -> "MapperConfig":
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def rank_max_of(config: dict) -> int | None:
+    """:attr:`MapperConfig.rank_max` of a config given as a mapping (a concept.yaml's ``mapper``),
+    tolerating a damaged one: an absent or non-numeric ``hidden_dim`` counts as the default."""
+    hidden = config.get("hidden_dim")
+    if isinstance(hidden, bool) or not isinstance(hidden, (int, float)) or hidden <= 0:
+        hidden = HIDDEN_DIM
+    return MapperConfig(text_width=1, norm_scale=1.0, hidden_dim=int(hidden),
+                        nested_dropout=config.get("nested_dropout", True) is not False).rank_max
+
+
+def check_rank(name: str, rank: int, rank_max: int | None, written: str | None = None) -> int:
+    """The one rank rule: a rank lies in 1..``rank_max`` (the concept's mapper hidden size), and a
+    concept without ranks (``rank_max`` None) takes none. ``written`` is how the user gave it
+    (``<mydog:200>``, ``--rank 200``), for the message."""
+    written = written or f"rank {rank}"
+    if rank_max is None:
+        raise BadInput(f"{name} has no ranks (it was trained without nested dropout, or is an imported "
+                       f"textual-inversion embedding): {written} does not apply to it")
+    if not 1 <= rank <= rank_max:
+        raise BadInput(f"{name} has ranks 1..{rank_max}; {written} is outside them")
+    return rank

@@ -37,11 +37,17 @@ def add_to_tokenizers(tokenizers: list, tokens: list[str]) -> list[list[int]]:
     return [add_placeholder_tokens(tokenizer, tokens) for tokenizer in tokenizers]
 
 
+def write_placeholder(text: str, token: str, words: str) -> str:
+    """``text`` with each placeholder ``token`` (``<name>``) written as ``words``: its n tokens, an
+    initializer word, or n embeddings' tokens (the one home of where a placeholder goes in a text)."""
+    return text.replace(token, words)
+
+
 def expand_placeholders(text: str, tokens: list[str]) -> str:
     """``text`` with each ``tokens[0]`` written as all of ``tokens`` (a no-op for one token)."""
     if len(tokens) < 2:
         return text
-    return text.replace(tokens[0], " ".join(tokens))
+    return write_placeholder(text, tokens[0], " ".join(tokens))
 
 
 def single_token_id(tokenizer, word: str) -> int:

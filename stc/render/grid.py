@@ -406,7 +406,3 @@ class GridOutput:
             compose_grid(grid).save(temporary, format="PNG", pnginfo=info)
         return SavedGrid(path=self.path, folder=self.folder, images=images)
 
-
-def save_grid(grid: Grid, path: Path) -> SavedGrid:
-    """Write the grid PNG at a free name near ``path`` and every cell into a folder beside it."""
-    return GridOutput(path).finish(grid)

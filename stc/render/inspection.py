@@ -176,7 +176,7 @@ def rank_agreements(mapper, timesteps: list[int], num_layers: int) -> list[RankA
 
 def inspect_mapper(mapper, name: str, layer_names: list[str], rank: int | None = None,
                    num_timesteps: int = DEFAULT_TIMESTEPS) -> Inspection:
-    from .prompts import check_rank
+    from ..method.mapper_config import check_rank
 
     limit = mapper.config.rank_max  # None: a concept without ranks, inspected in full
     rank = limit if rank is None else check_rank(name, rank, limit, f"--rank {rank}")

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ..errors import BadInput
+from ..method.mapper_config import check_rank  # the one rank rule (re-exported: prompts resolve ranks)
 from ..names import NAME_PATTERN
 
 CONCEPT_REF = re.compile(rf"<({NAME_PATTERN})(?::(\d+))?>")
@@ -92,19 +93,6 @@ def _what_is_wrong(span: str) -> str:
                 "'-' or '_', without spaces; write <name> or <name:8>")
     return (f"{shown}: the rank after ':' must be a whole number without spaces, as in <{name}:8> (or write "
             f"<{name}> for the full concept)")
-
-
-def check_rank(name: str, rank: int, rank_max: int | None, written: str | None = None) -> int:
-    """The one rank rule: a rank lies in 1..``rank_max`` (the concept's mapper hidden size), and a
-    concept without ranks (``rank_max`` None) takes none. ``written`` is how the user gave it
-    (``<mydog:200>``, ``--rank 200``), for the message."""
-    written = written or f"rank {rank}"
-    if rank_max is None:
-        raise BadInput(f"{name} has no ranks (it was trained without nested dropout, or is an imported "
-                       f"textual-inversion embedding): {written} does not apply to it")
-    if not 1 <= rank <= rank_max:
-        raise BadInput(f"{name} has ranks 1..{rank_max}; {written} is outside them")
-    return rank
 
 
 def resolve_ranks(parsed: ParsedPrompt, rank_max: Mapping[str, int | None], default: int | None = None,

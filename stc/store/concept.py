@@ -203,9 +203,9 @@ class Concept:
     def rank_max(self) -> int | None:
         """The highest truncation rank: the mapper's hidden size (rank r keeps dims [:r]); None
         for a concept without ranks (no nested dropout: ``MapperConfig.rank_max``)."""
-        if self.mapper.get("nested_dropout", True) is False:
-            return None
-        return _optional(int, self.mapper.get("hidden_dim")) or 128
+        from ..method.mapper_config import rank_max_of
+
+        return rank_max_of(self.mapper)
 
     def to_yaml_dict(self) -> dict:
         data = {

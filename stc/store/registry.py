@@ -16,7 +16,6 @@ import contextlib
 import functools
 import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -31,7 +30,6 @@ from ..errors import (
     CorruptConcept,
     DamagedWeights,
     RegistryWriteError,
-    StcError,
     one_line,
 )
 from ..names import is_valid_name, suggest_name, validate_name
@@ -260,14 +258,6 @@ class Registry:
         if not self.concepts_dir.is_dir():
             return []
         return [entry.name for entry in _entries(self.concepts_dir) if entry.is_dir() and is_valid_name(entry.name)]
-
-    def scan(self) -> Iterator[tuple[str, Concept | None, StcError | None]]:
-        """Every entry with its concept, or the error that stops it from loading."""
-        for name in self.names():
-            try:
-                yield name, self.load(name), None
-            except StcError as exc:
-                yield name, None, exc
 
     def foreign_entries(self) -> list[tuple[Path, str]]:
         """Things in the concepts folder that are not concepts (hidden staging folders excluded)."""
