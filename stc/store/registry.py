@@ -149,7 +149,8 @@ def read_concept(path: Path) -> Concept:
     except OSError as exc:
         if isinstance(exc, FileNotFoundError):
             raise CorruptConcept(
-                f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {path.name})"
+                f"{path} has no {CONCEPT_FILE}; it is not a usable concept (remove it: stc rm {path.name}, or "
+                "Registry.remove)"
             ) from None
         raise CorruptConcept(f"{meta} cannot be read: {exc.strerror or exc}") from exc
     if not isinstance(data, dict):
@@ -372,8 +373,8 @@ class Registry:
             sweep(self.concepts_dir)
             if path.exists() and not overwrite:
                 raise ConceptExists(
-                    f"a concept named {concept.name!r} exists already; choose another --name, or "
-                    f"remove it first (stc rm {concept.name})"
+                    f"a concept named {concept.name!r} exists already; choose another name, or "
+                    f"remove it first (stc rm {concept.name}, or Registry.remove)"
                 )
             concept.extra = {**self._unknown_keys_on_disk(path), **concept.extra}
             with staging_folder(self.concepts_dir, concept.name) as staging:
@@ -477,13 +478,14 @@ class Registry:
                 raise BadInput(
                     f"cannot {action} {name!r}: {path} is a symbolic link (to {os.readlink(path)}); stc does not "
                     f"follow links out of the registry. Replace the link with the real {kind}, or remove the "
-                    f"entry (stc rm {name} removes only the link)"
+                    f"entry (stc rm {name}, or Registry.remove, removes only the link)"
                 )
 
     def _refuse_existing(self, name: str) -> None:
         if self.path_of(name).exists():
             raise ConceptExists(
-                f"a concept named {name!r} exists already; choose another name or remove it first (stc rm {name})"
+                f"a concept named {name!r} exists already; choose another name or remove it first (stc rm {name}, "
+                "or Registry.remove)"
             )
 
     def _unknown_keys_on_disk(self, path: Path) -> dict:
