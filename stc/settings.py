@@ -102,9 +102,9 @@ def requested_threads(value: int | str | None = None) -> int | None:
     try:
         threads = int(raw)
     except (TypeError, ValueError):
-        raise BadInput(f"--threads / STC_THREADS must be a whole number, not {raw!r}") from None
+        raise BadInput(f"threads (--threads / STC_THREADS) must be a whole number, not {raw!r}") from None
     if threads < 1:
-        raise BadInput(f"--threads / STC_THREADS must be at least 1, got {threads}")
+        raise BadInput(f"threads (--threads / STC_THREADS) must be at least 1, got {threads}")
     return threads
 
 

@@ -38,7 +38,7 @@ def test_unknown_and_unavailable_devices_are_clear_errors(no_gpu):
         with pytest.raises(ModelError, match="unknown device"):
             check_device(bad)
     for device in ("cuda", "cuda:0"):
-        with pytest.raises(ModelError, match="no CUDA GPU is available; use --device cpu"):
+        with pytest.raises(ModelError, match="no CUDA GPU is available; use the CPU"):
             check_device(device)
     with pytest.raises(ModelError, match="MPS is not available"):
         check_device("mps")
@@ -57,12 +57,12 @@ def test_each_device_gets_a_sensible_precision(two_gpus, monkeypatch):
     assert torch_dtype(None, "cuda:1") == torch.float16
     assert torch_dtype("bf16", "cpu") == torch.bfloat16
     assert torch_dtype("bf16", "cuda") == torch.bfloat16
-    with pytest.raises(ModelError, match="fp16 is not supported on the CPU; use fp32 or bf16"):
+    with pytest.raises(ModelError, match=r"fp16 \(--dtype\) is not supported on the CPU; use fp32 or bf16"):
         torch_dtype("fp16", "cpu")
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: False)  # e.g. a T4 or V100
-    with pytest.raises(ModelError, match="bf16 is not supported on this CUDA device; use fp16 or fp32"):
+    with pytest.raises(ModelError, match=r"bf16 \(--dtype\) is not supported on this CUDA device; use fp16 or fp32"):
         torch_dtype("bf16", "cuda")
-    with pytest.raises(ModelError, match="--dtype must be one of fp32, fp16, bf16"):
+    with pytest.raises(ModelError, match=r"dtype \(--dtype\) must be one of fp32, fp16, bf16"):
         torch_dtype("fp64", "cpu")
 
 
@@ -84,4 +84,4 @@ def test_the_cli_takes_auto_and_refuses_bad_devices_before_loading(no_gpu, photo
     assert_one_line_error(invoke("train", photos, "--name", "dev", "--model", "builtin:tiny", "--device", "cuda",
                                  "--steps", 1), "no CUDA GPU is available")
     assert_one_line_error(invoke("gen", "a cat", "--model", "builtin:tiny", "--device", "cpu", "--dtype", "fp16"),
-                          "fp16 is not supported on the CPU")
+                          "fp16 (--dtype) is not supported on the CPU")

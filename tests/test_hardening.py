@@ -41,9 +41,9 @@ def test_brackets_that_open_no_reference_stay_text():
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (("--cfg", "nan"), "--cfg must be a finite number"),
+    (("--cfg", "nan"), "cfg (--cfg) must be a finite number"),
     (("--seed", str(10**23)), "seeds must lie between 0 and"),
-    (("--rank", "0"), "--rank 0: ranks start at 1"),
+    (("--rank", "0"), "rank 0 (--rank): ranks start at 1"),
 ])
 def test_gen_refuses_bad_numbers_before_loading(args, fragment):
     save_concept("pup")
@@ -54,7 +54,7 @@ def test_train_refuses_bad_numbers(photos):
     for args, fragment in ((("--lr", "nan"), "--lr must be a finite number"),
                            (("--lr", "inf"), "--lr must be a finite number"),
                            (("--adam-beta1", "1.5"), "--adam-beta1 must be a finite number in [0.0, 1.0)"),
-                           (("--seed", str(10**23)), "--seed must lie between")):
+                           (("--seed", str(10**23)), "seed (--seed) must lie between")):
         assert_one_line_error(invoke("train", photos, "--name", "x", "--model", "builtin:tiny", *args), fragment)
     assert Registry().names() == []
 
@@ -142,7 +142,7 @@ def test_settings_and_folders_that_cannot_work_are_named_before_anything_loads(t
     assert_one_line_error(invoke("gen", "a cat"), "config.yaml", "must be YAML")
     (tmp_path / "home" / "config.yaml").unlink()
     monkeypatch.setenv("STC_THREADS", "abc")
-    assert_one_line_error(invoke("gen", "a cat", "--model", "builtin:tiny"), "STC_THREADS must be a whole number")
+    assert_one_line_error(invoke("gen", "a cat", "--model", "builtin:tiny"), "STC_THREADS) must be a whole number")
     monkeypatch.delenv("STC_THREADS")
     loop = tmp_path / "loop"
     loop.mkdir()
@@ -154,7 +154,7 @@ def test_settings_and_folders_that_cannot_work_are_named_before_anything_loads(t
     (unusable / "broken.jpg").write_bytes(b"garbage")
     assert_one_line_error(invoke("train", unusable, "--name", "x", "--model", "builtin:tiny"), "no usable images")
     assert_one_line_error(invoke("train", photos, "--name", "x", "--init", "", "--model", "builtin:tiny"),
-                          "--init must be a word")
+                          "the initializer word (--init) must be a word")
 
 
 def test_odd_files_among_the_photos_are_named_and_many_warnings_are_counted(tmp_path):

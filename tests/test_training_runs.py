@@ -136,7 +136,7 @@ def test_config_file_and_flag_precedence(photos, tmp_path):
                          ({"bypass": "no"}, "bypass: --bypass must be true or false, got 'no'"),
                          ({"lr": float("nan")}, "--lr must be a finite number"),
                          ({"adam-beta1": 1.5}, "--adam-beta1 must be a finite number in [0.0, 1.0)"),
-                         ({"seed": 10**23}, "--seed must lie between 0 and")):
+                         ({"seed": 10**23}, "seed (--seed) must lie between 0 and")):
         config_file.write_text(yaml.safe_dump(bad))
         with pytest.raises(BadInput) as caught:
             TrainConfig.from_file(config_file, {})

@@ -141,7 +141,8 @@ def import_concept(registry, path: Path, name: str | None = None, init: str | No
     if not path.exists():
         raise BadInput(f"{path} does not exist")
     if init is not None and not init.strip():
-        raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out to take the file's")
+        raise BadInput("the initializer word (--init) must be a word (e.g. dog), not empty; leave it out to take "
+                       "the file's")
     request = ImportRequest(path, name, init, model, model_config, env or Settings.from_environment())
     reader = reader_of(path)
     if reader is None:

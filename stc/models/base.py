@@ -133,12 +133,12 @@ def torch_dtype(name: str | None, device: str):
     if name is None:
         name = default_dtype(device)
     if name not in DTYPES:
-        raise ModelError(f"--dtype must be one of {', '.join(DTYPES)}, not {name!r}")
+        raise ModelError(f"dtype (--dtype) must be one of {', '.join(DTYPES)}, not {name!r}")
     kind = device.split(":")[0]
     if kind == "cpu" and name == "fp16":
-        raise ModelError("--dtype fp16 is not supported on the CPU; use fp32 or bf16")
+        raise ModelError("fp16 (--dtype) is not supported on the CPU; use fp32 or bf16")
     if name == "bf16" and not bf16_supported(device):
-        raise ModelError(f"--dtype bf16 is not supported on this {kind.upper()} device; use fp16 or fp32")
+        raise ModelError(f"bf16 (--dtype) is not supported on this {kind.upper()} device; use fp16 or fp32")
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[name]
 
 
@@ -171,14 +171,15 @@ def check_device(device: str | None) -> str:
         raise ModelError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ModelError(f"--device {device} was asked for, but no CUDA GPU is available; use --device cpu")
+            raise ModelError(f"device {device} (--device) was asked for, but no CUDA GPU is available; use the "
+                             "CPU (--device cpu)")
         if index and int(index) >= torch.cuda.device_count():
             raise ModelError(
-                f"--device {device} was asked for, but there are only {torch.cuda.device_count()} CUDA GPU(s) "
+                f"device {device} (--device) was asked for, but there are only {torch.cuda.device_count()} CUDA GPU(s) "
                 f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})"
             )
     if kind == "mps" and not _mps_available():
-        raise ModelError("--device mps was asked for, but MPS is not available; use --device cpu")
+        raise ModelError("device mps (--device) was asked for, but MPS is not available; use --device cpu")
     return device
 
 

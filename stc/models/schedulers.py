@@ -14,7 +14,7 @@ SCHEDULERS = {  # --scheduler: (diffusers class, A1111 sampler name)
 
 def check_scheduler(name: str) -> str:
     if name not in SCHEDULERS:
-        raise BadInput(f"--scheduler must be one of {', '.join(SCHEDULERS)}, not {name!r}")
+        raise BadInput(f"scheduler (--scheduler) must be one of {', '.join(SCHEDULERS)}, not {name!r}")
     return name
 
 

@@ -37,19 +37,19 @@ class RenderSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise BadInput(f"--steps must be at least 1, got {self.steps}")
+            raise BadInput(f"steps (--steps) must be at least 1, got {self.steps}")
         if self.batch_size < 1:
-            raise BadInput(f"--batch-size must be at least 1, got {self.batch_size}")
+            raise BadInput(f"batch size (--batch-size) must be at least 1, got {self.batch_size}")
         if not math.isfinite(self.cfg):
-            raise BadInput(f"--cfg must be a finite number, got {self.cfg}")
+            raise BadInput(f"cfg (--cfg) must be a finite number, got {self.cfg}")
         if self.rank is not None and self.rank < 1:
-            raise BadInput(f"--rank {self.rank}: ranks start at 1 (1..128 for concepts trained by stc)")
+            raise BadInput(f"rank {self.rank} (--rank): ranks start at 1 (1..128 for concepts trained by stc)")
         for flag, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and (value < 8 or value % 8):
                 raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
         check_scheduler(self.scheduler)
         if CONCEPT_REF.search(self.negative):
-            raise BadInput("--negative cannot use concepts (<name>); write the negative prompt in plain words")
+            raise BadInput("the negative prompt (--negative) cannot use concepts (<name>); write it in plain words")
 
 
 @dataclass

@@ -63,7 +63,8 @@ def parse_ranks(text: str) -> list[int]:
     ranks = _int_list(text, "--ranks")
     bad = [rank for rank in ranks if rank < 1]
     if bad:
-        raise BadInput(f"--ranks {', '.join(map(str, bad))}: ranks start at 1 (1..128 for concepts trained by stc)")
+        raise BadInput(f"ranks {', '.join(map(str, bad))} (--ranks): ranks start at 1 (1..128 for concepts trained "
+                       "by stc)")
     return ranks
 
 
@@ -71,7 +72,7 @@ def parse_seeds(text: str) -> list[int]:
     seeds = _int_list(text, "--seeds")
     bad = [seed for seed in seeds if not 0 <= seed <= MAX_SEED]
     if bad:
-        raise BadInput(f"--seeds must be non-negative integers; got {', '.join(map(str, bad))}")
+        raise BadInput(f"seeds (--seeds) must be non-negative integers; got {', '.join(map(str, bad))}")
     return seeds
 
 
@@ -80,13 +81,14 @@ def read_prompts(path: Path) -> list[str]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise BadInput(f"--prompts: {path} does not exist") from None
+        raise BadInput(f"prompts (--prompts): {path} does not exist") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise BadInput(f"--prompts: cannot read {path}: {exc}") from None
+        raise BadInput(f"prompts (--prompts): cannot read {path}: {exc}") from None
     prompts = [line.strip() for line in text.splitlines()]
     prompts = [line for line in prompts if line and not line.startswith("#")]
     if not prompts:
-        raise BadInput(f"--prompts: {path} holds no prompts (one per line; blank lines and # comments are skipped)")
+        raise BadInput(f"prompts (--prompts): {path} holds no prompts (one per line; blank lines and # comments are "
+                       "skipped)")
     for prompt in prompts:
         parse_prompt(prompt)  # bad inline ranks fail before anything loads
     return prompts
@@ -362,7 +364,7 @@ def default_grid_path(prompts: list[str], prompts_file: Path | None = None) -> P
 def free_grid_path(path: Path) -> Path:
     """``path``, or ``stem-1.png``... such that neither the PNG nor its folder exists yet."""
     if path.suffix.lower() != ".png":
-        raise BadInput(f"--out must name a .png file, got {path}")
+        raise BadInput(f"out (--out) must name a .png file, got {path}")
     return free_path(path.parent, path.stem, path.suffix, with_folder=True)
 
 

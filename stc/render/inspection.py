@@ -31,7 +31,7 @@ AGREEMENT_THRESHOLD = 0.95  # mean cosine at which a rank counts as "close to th
 def sampler_timesteps(count: int, num_train_timesteps: int = NUM_TRAIN_TIMESTEPS) -> list[int]:
     """``count`` timesteps evenly spaced from the noisiest (999) down to 0, like a sampler."""
     if not 1 <= count <= num_train_timesteps:
-        raise BadInput(f"--steps must be between 1 and {num_train_timesteps}, got {count}")
+        raise BadInput(f"steps (--steps) must be between 1 and {num_train_timesteps}, got {count}")
     if count == 1:
         return [num_train_timesteps - 1]
     last = num_train_timesteps - 1
@@ -184,7 +184,7 @@ def inspect_mapper(mapper, name: str, layer_names: list[str], rank: int | None =
     if len(layer_names) != num_layers:
         layer_names = [f"layer {index}" for index in range(num_layers)]
     if not 1 <= num_timesteps <= MAX_TIMESTEPS:
-        raise BadInput(f"--steps must be between 1 and {MAX_TIMESTEPS}, got {num_timesteps}")
+        raise BadInput(f"steps (--steps) must be between 1 and {MAX_TIMESTEPS}, got {num_timesteps}")
     timesteps = sampler_timesteps(num_timesteps)
     return Inspection(
         name=name,
@@ -294,11 +294,11 @@ def check_plot_path(path: Path, force: bool = False) -> Path:
     path = Path(path)
     refuse_existing([path], force, "--plot")
     if path.suffix.lower() != ".png":
-        raise BadInput(f"--plot writes a PNG; give a file name ending in .png, not {path.name!r}")
+        raise BadInput(f"plot (--plot) writes a PNG; give a file name ending in .png, not {path.name!r}")
     if not path.parent.is_dir():
-        raise BadInput(f"--plot: the folder {path.parent} does not exist; create it first")
+        raise BadInput(f"plot (--plot): the folder {path.parent} does not exist; create it first")
     if path.is_dir():
-        raise BadInput(f"--plot: {path} is a folder; give a file name ending in .png")
+        raise BadInput(f"plot (--plot): {path} is a folder; give a file name ending in .png")
     return path
 
 

@@ -61,17 +61,17 @@ class TrainConfig:
             _check_range(name, getattr(self, name), low=0.0, high=1.0, high_open=True)
         _check_range("nested_dropout_prob", self.nested_dropout_prob, low=0.0, high=1.0)
         if not 0 <= self.seed <= MAX_SEED:
-            raise BadInput(f"--seed must lie between 0 and {MAX_SEED}, got {self.seed}")
+            raise BadInput(f"seed (--seed) must lie between 0 and {MAX_SEED}, got {self.seed}")
         if self.kind not in DEFAULT_INITIALIZER:
-            raise BadInput(f"--kind must be 'object' or 'style', not {self.kind!r}")
+            raise BadInput(f"kind (--kind) must be 'object' or 'style', not {self.kind!r}")
         if self.mixed_precision not in MIXED_PRECISION:
-            raise BadInput(f"--mixed-precision must be one of {', '.join(MIXED_PRECISION)}, "
+            raise BadInput(f"mixed precision (--mixed-precision) must be one of {', '.join(MIXED_PRECISION)}, "
                            f"not {self.mixed_precision!r}")
         if self.initializer is not None and not self.initializer.strip():
-            raise BadInput("--init must be a word (e.g. --init dog), not empty; leave it out for the default "
-                           f"({DEFAULT_INITIALIZER[self.kind]!r})")
+            raise BadInput("the initializer word (--init) must be a word (e.g. dog), not empty; leave it out for the "
+                           f"default ({DEFAULT_INITIALIZER[self.kind]!r})")
         if self.resolution is not None and (self.resolution < 8 or self.resolution % 8):
-            raise BadInput(f"--resolution must be a positive multiple of 8, got {self.resolution}")
+            raise BadInput(f"resolution (--resolution) must be a positive multiple of 8, got {self.resolution}")
 
     @property
     def initializer_word(self) -> str:

@@ -262,7 +262,7 @@ class _Run:
             mixed_precision=precision, gradient_accumulation_steps=self.config.grad_accum, cpu=(device == "cpu"),
         )
         if precision == "fp16" and self.accelerator.device.type == "cpu":
-            raise BadInput("--mixed-precision fp16 needs a GPU; on the CPU use bf16 or no")
+            raise BadInput("mixed precision fp16 (--mixed-precision) needs a GPU; on the CPU use bf16 or no")
         weight_dtype = {"no": "fp32", "fp16": "fp16", "bf16": "bf16"}[precision]
         self.callbacks.status(f"loading {self.model}")
         self.base = load_base_model(

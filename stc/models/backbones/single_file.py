@@ -245,7 +245,7 @@ def load_single_file(path: Path, config: str | None, dtype, prediction_type: str
     info = inspect_checkpoint({key: tuple(value.shape) for key, value in checkpoint.items()}, path.name)
     folder = Path(config).expanduser() if config else None
     if folder is not None and not folder.is_dir():
-        raise ModelError(f"--model-config {config}: no such folder")
+        raise ModelError(f"the model config folder {config} (--model-config) does not exist")
     if folder is not None and (folder / "model_index.json").is_file():
         config_dir, tokenizer = folder, None  # the folder's configs and tokenizer
         width = _config_text_width(folder)
