@@ -67,11 +67,6 @@ class Backbone:
     def config_dir(self) -> Path:
         return CONFIGS / self.name
 
-    @property
-    def is_known(self) -> bool:
-        """A real family (its configs ship with stc), not a layout at other widths."""
-        return self.hub_model is not None
-
     def with_widths(self, widths) -> Backbone:
         """This layout with text encoders of ``widths`` (a test model's), labelled by the layout."""
         return dataclasses.replace(self, name=self.layout, label=self.layout_label, widths=tuple(widths),
