@@ -69,7 +69,8 @@ PredictionTypeOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[
-    int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result.")
+    int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result. -1 draws one at "
+                      "random (as the A1111 webui does), prints it and records it in the PNG.")
 ]
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: CUDA, "

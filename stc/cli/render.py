@@ -10,6 +10,7 @@ from rich.markup import escape
 
 from ..models.schedulers import SCHEDULERS
 from ..render.generation import RenderSettings
+from ..settings import RANDOM_SEED, draw_seed
 from ._base import (
     DeviceOpt,
     JsonOpt,
@@ -141,6 +142,10 @@ def gen(
 
     if num_images < 1:
         raise BadInput(f"-n must be at least 1, got {num_images}")
+    if seed == RANDOM_SEED:
+        seed = draw_seed(seed)
+        err.print(f"Seed: {seed} (drawn at random; --seed {seed} renders the same image again)", markup=False,
+                  highlight=False)
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
         rank=rank, batch_size=batch_size,

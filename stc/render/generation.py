@@ -65,7 +65,8 @@ class RenderRequest:
             raise BadInput('the prompt is empty: say what to render, e.g. stc gen "a <name> on the moon" (without '
                            "a <concept>, plain Stable Diffusion), or try --model builtin:shapes offline")
         if not 0 <= self.seed <= MAX_SEED:
-            raise BadInput(f"seeds must lie between 0 and {MAX_SEED}, got {self.seed}")
+            raise BadInput(f"seeds must lie between 0 and {MAX_SEED} (or be -1 on the command line: a random one), "
+                           f"got {self.seed}")
 
 
 @dataclass(frozen=True)
