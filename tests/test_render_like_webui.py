@@ -28,3 +28,107 @@ def test_seed_minus_one_draws_a_seed_prints_and_records_it(tmp_path):
     assert np.array_equal(pixels(record["path"]), pixels(json.loads(again.stdout)["path"]))
     other = invoke("gen", "a cat", *TINY, "--seed", -1, "--json", "--out", tmp_path / "c")
     assert json.loads(other.stdout)["seed"] != seed  # 1 in 2**32 to draw the same one
+
+
+# --------------------------------------------------------------------------- negative embeddings
+
+
+def embedding_renderer(base, vectors, widths=None, name="easyneg"):
+    """A renderer with concept ``name``: an imported textual-inversion embedding of ``vectors``."""
+    from helpers import make_concept
+
+    from stc.exchange.ti import constant_mapper
+    from stc.method.spacetime import cross_attention_layer_names
+    from stc.render.generation import Renderer
+
+    mapper = constant_mapper(vectors, widths)
+    concept = make_concept(name, cross_attention_layer_names(base.pipeline.unet), mapper=mapper.config.to_dict(),
+                           text_width=int(vectors.shape[-1]), base_model=base.spec)
+    return Renderer(base, {name: (concept, mapper)})
+
+
+def test_a_negative_embedding_equals_diffusers_with_it_loaded_in_the_negative_prompt(tiny):
+    import copy
+
+    import torch
+    from helpers import assert_close_in_scale
+
+    from stc.render.generation import RenderSettings
+
+    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))  # two vectors, as EasyNegative has many
+    plain_pipe = copy.deepcopy(tiny.pipeline)
+    plain_pipe.load_textual_inversion(vectors, token="<easyneg>", tokenizer=plain_pipe.tokenizer,
+                                      text_encoder=plain_pipe.text_encoder)
+    expected = plain_pipe(
+        "a cat on the beach", negative_prompt="<easyneg>, blurry", num_inference_steps=5, guidance_scale=5.0,
+        height=64, width=64, generator=[torch.Generator().manual_seed(4)], output_type="latent",
+    ).images
+    renderer = embedding_renderer(tiny, vectors)
+    settings = RenderSettings(steps=5, cfg=5.0, negative="<easyneg>, blurry")
+    ours = renderer.latents("a cat on the beach", [4], settings)
+    # diffusers encodes the negative prompt once, stc per (step, layer) rows in one batch: other
+    # GEMM shapes, so rounding relative to the latents' scale (~50), as in test_equivalence.py
+    assert_close_in_scale(ours, expected, 1e-4)
+    without = renderer.latents("a cat on the beach", [4], RenderSettings(steps=5, cfg=5.0, negative="blurry"))
+    assert (without - ours).abs().max() > 1e-2  # the embedding changes the image
+    # and it is recorded with the image
+    image = renderer.render("a cat on the beach", [4], settings)[0]
+    assert "easyneg" in image.metadata["concepts"] and image.metadata["negative"] == "<easyneg>, blurry"
+
+
+def test_a_negative_embedding_on_sdxl_is_diffusers_negative_context_in_every_layer():
+    """SDXL: the negative half reads, at every step and layer, the context diffusers' encode_prompt
+    gives the negative prompt with the embedding loaded once per encoder. (Its pooled embedding
+    is taken at the end-of-text token, where transformers pools at the highest token id, the
+    placeholder's: docs/method.md, "SDXL"; so whole renders are compared with SD 1.x above.)"""
+    import copy
+
+    import torch
+    from helpers import assert_close_in_scale
+
+    from stc.models.base import load_base_model
+    from stc.render.generation import RenderSettings
+
+    sdxl = load_base_model("builtin:tiny-sdxl", device="cpu")
+    clip_l = torch.randn(1, 32, generator=torch.Generator().manual_seed(1))
+    clip_g = torch.randn(1, 48, generator=torch.Generator().manual_seed(2))
+    plain_pipe = copy.deepcopy(sdxl.pipeline)
+    plain_pipe.load_textual_inversion(clip_l, token="<easyneg>", tokenizer=plain_pipe.tokenizer,
+                                      text_encoder=plain_pipe.text_encoder)
+    plain_pipe.load_textual_inversion(clip_g, token="<easyneg>", tokenizer=plain_pipe.tokenizer_2,
+                                      text_encoder=plain_pipe.text_encoder_2)
+    with torch.no_grad():
+        _, expected, _, _ = plain_pipe.encode_prompt("a cat", device="cpu", num_images_per_prompt=1,
+                                                     do_classifier_free_guidance=True,
+                                                     negative_prompt="<easyneg> blurry")
+    renderer = embedding_renderer(sdxl, torch.cat([clip_l, clip_g], dim=-1), widths=[32, 48])
+    settings = RenderSettings(steps=2, negative="<easyneg> blurry")
+    negative = renderer.condition("a cat", settings).negative
+    for step in range(2):
+        for layer in (0, 5, 10):
+            # stc's batched encoder vs diffusers' encode_prompt over the same weights: rounding only
+            assert_close_in_scale(negative.keys[step, layer], expected[0], 1e-5)
+    plain = renderer.latents("a cat", [4], RenderSettings(steps=2, negative="blurry"))
+    assert (renderer.latents("a cat", [4], settings) - plain).abs().max() > 1e-2
+
+
+def test_gen_and_grid_take_an_imported_embedding_in_negative(tmp_path, stc_home):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"emb_params": torch.randn(2, 32, generator=torch.Generator().manual_seed(5))},
+              str(tmp_path / "easyneg.safetensors"))
+    assert invoke("import", tmp_path / "easyneg.safetensors", "--model", "builtin:tiny").exit_code == 0
+    with_it = invoke("gen", "a cat", *TINY, "--negative", "<easyneg>, blurry", "--json", "--out", tmp_path / "a")
+    assert with_it.exit_code == 0, with_it.output
+    record = json.loads(with_it.stdout)
+    assert "easyneg" in record["concepts"]
+    assert "Negative prompt: <easyneg>, blurry" in Image.open(record["path"]).text["parameters"]
+    plain = json.loads(invoke("gen", "a cat", *TINY, "--negative", "blurry", "--json", "--out", tmp_path / "b").stdout)
+    assert not np.array_equal(pixels(record["path"]), pixels(plain["path"]))
+    grid = invoke("grid", "a cat", *TINY, "--negative", "<easyneg:3>", "--ranks", 1, "--seeds", 0,
+                  "--out", tmp_path / "g.png")
+    assert grid.exit_code == 1 and "easyneg has no ranks" in grid.stderr  # an embedding has no ranks
+    grid = invoke("grid", "a cat", *TINY, "--negative", "<easyneg>", "--ranks", 1, "--seeds", 0,
+                  "--out", tmp_path / "g.png")
+    assert grid.exit_code == 0, grid.output

@@ -44,7 +44,9 @@ BatchSizeOpt = Annotated[
 ]
 StepsOpt = Annotated[Optional[int], _render_option("--steps", "Denoising steps.", _DEFAULTS.steps)]
 CfgOpt = Annotated[Optional[float], _render_option("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
-NegativeOpt = Annotated[Optional[str], _render_option("--negative", "Negative prompt (plain words, no concepts).")]
+NegativeOpt = Annotated[Optional[str], _render_option(
+    "--negative", "Negative prompt; may use concepts and imported embeddings (--negative \"<easynegative>, "
+    "blurry\", after stc import easynegative.safetensors), each at its inline rank or in full.")]
 WidthOpt = Annotated[Optional[int], _render_option("--width", "Width in px, a multiple of 8.", "the model's")]
 HeightOpt = Annotated[Optional[int], _render_option("--height", "Height in px, a multiple of 8.", "the model's")]
 SchedulerOpt = Annotated[

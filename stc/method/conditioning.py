@@ -20,7 +20,9 @@ class Conditioning:
 
     negative, positive: the stock :class:`~stc.method.encoding.Encoding` of the negative
     prompt and of the prompt (1 x S x D; its pooled embedding 1 x P on SDXL); the positive one
-    is what every layer reads when the prompt names no concept. keys, values: K x L x S x D per
+    is what every layer reads when the prompt names no concept. A negative prompt that uses
+    concepts (``<easynegative>``) is its own Conditioning instead (keys and values per step and
+    layer, its ``negative`` None). keys, values: K x L x S x D per
     (step, layer) sequences without and with the textual bypass, or None without concepts;
     pooled: K x P, the pooled embedding of each step (SDXL), the mean over layers of each
     layer's (docs/method.md, "SDXL").

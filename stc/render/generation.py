@@ -18,7 +18,7 @@ from ..method.conditioning import Conditioning, TextConditioner
 from ..models.schedulers import check_scheduler, make_scheduler
 from ..settings import MAX_SEED, Settings
 from ..store.concept import Concept
-from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
+from .prompts import parse_prompt, resolve_ranks
 
 # progress(done, total): denoising steps summed over images
 ProgressCallback = Callable[[int, int], None]
@@ -48,8 +48,15 @@ class RenderSettings:
             if value is not None and (value < 8 or value % 8):
                 raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
         check_scheduler(self.scheduler)
-        if CONCEPT_REF.search(self.negative):
-            raise BadInput("--negative cannot use concepts (<name>); write the negative prompt in plain words")
+        try:  # a malformed <…> in --negative fails before anything loads
+            parse_prompt(self.negative)
+        except BadInput as exc:
+            raise BadInput(f"--negative: {exc}") from None
+
+    @property
+    def negative_concepts(self) -> list[str]:
+        """The concepts (imported embeddings too: ``<easynegative>``) the negative prompt uses."""
+        return list(parse_prompt(self.negative).ranks)
 
 
 @dataclass
@@ -95,6 +102,17 @@ class RenderedImage:
     ranks: dict[str, int | None]  # None: a concept without ranks
     metadata: dict = field(default_factory=dict)
     key: tuple = ()  # which distinct image of a render this is
+
+
+def resolve_negative(settings: RenderSettings, concepts: dict[str, Concept]) -> tuple[str, dict[str, int | None]]:
+    """The negative prompt's text and its concepts' ranks: each concept's inline rank
+    (``<easynegative:4>``), else its full rank (``--rank`` and a grid's columns are the prompt's)."""
+    parsed = parse_prompt(settings.negative)
+    unknown = [name for name in parsed.ranks if name not in concepts]
+    if unknown:
+        raise BadInput(f"concept(s) {', '.join(unknown)} of --negative are not loaded for this render")
+    ranks = resolve_ranks(parsed, {name: concepts[name].rank_max for name in parsed.ranks}, None, "--negative")
+    return parsed.text, ranks
 
 
 def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: dict[str, Concept]) -> _Job:
@@ -152,9 +170,11 @@ class Renderer:
         env = env or Settings.from_environment()
         registry = registry or Registry(env.home)
         names = dict.fromkeys(name for request in requests for name in parse_prompt(request.prompt).ranks)
+        names.update(dict.fromkeys(settings.negative_concepts))
         concepts = {name: registry.load(name) for name in names}
         for request in requests:
             resolve_request(request, settings, concepts)
+        resolve_negative(settings, concepts)
         spec = choose_model(list(concepts.values()), model, env)
         widths = encoder_widths_of(spec, model_config)  # from the model's config: no weights, no network
         if widths is not None:
@@ -174,9 +194,19 @@ class Renderer:
         ``negative``: a precomputed plain encoding of settings.negative, to share it.
         """
         job = resolve_request(RenderRequest(prompt, seed=0, rank=rank), settings, self.concepts)
+        timesteps = self.timesteps(settings)
         if negative is None:
-            negative = self.text.negative(settings.negative)
-        return self.text.condition(job.text, dict(job.ranks), self.timesteps(settings), negative)
+            negative = self.negative(settings, timesteps)
+        return self.text.condition(job.text, dict(job.ranks), timesteps, negative)
+
+    def negative(self, settings: RenderSettings, timesteps):
+        """The encoding of the negative prompt: the plain one (an Encoding), or, when it uses
+        concepts, their conditioning for every (step, layer) of ``timesteps`` (a Conditioning),
+        as the prompt's own."""
+        text, ranks = resolve_negative(settings, self.concepts)
+        if not ranks:
+            return self.text.negative(settings.negative)
+        return self.text.condition(text, ranks, timesteps, negative=None)
 
     def timesteps(self, settings: RenderSettings):
         """The scheduler's timesteps for ``settings`` (what the mapper receives at each step)."""
@@ -268,7 +298,7 @@ class Renderer:
         scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
         calls_per_image = len(scheduler.timesteps)  # PNDM's warm-up makes 11 UNet calls of --steps 10
         total, done = len(jobs) * settings.steps, 0  # progress counts the user's steps
-        negative = self.text.negative(settings.negative)
+        negative = self.negative(settings, scheduler.timesteps)
         conditionings: dict[tuple, Conditioning] = {}
         for start in range(0, len(jobs), settings.batch_size):
             batch = jobs[start : start + settings.batch_size]
@@ -303,28 +333,31 @@ class Renderer:
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
         latents = latents * scheduler.init_noise_sigma
-        negative = torch.cat([c.negative.keys for c in conditionings])  # B, S, D
-        use_spacetime = any(c.keys is not None for c in conditionings)
-        negative_pooled = _pooled_batch([c.negative for c in conditionings])  # B, P (SDXL) or None
+        unconditional = uncond_conditionings(conditionings)  # the negative prompt's, as conditionings
+        both_halves = unconditional + list(conditionings)  # CFG: the negative half first
+        use_spacetime = any(c.keys is not None for c in both_halves)
         hidden = pooled = None
         if not use_spacetime:
-            hidden = torch.cat([negative, torch.cat([c.positive.keys for c in conditionings])])  # 2B, S, D
-            pooled = _pooled_batch([c.positive for c in conditionings])
+            hidden = torch.cat([c.positive.keys for c in both_halves])  # 2B, S, D
+            pooled = _pooled_batch([c.positive for c in both_halves])  # 2B, P (SDXL) or None
         num_layers = len(self.layer_names)
         with torch.no_grad():
             for step_index, timestep in enumerate(scheduler.timesteps):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 kwargs = None
                 if use_spacetime:
+                    uncond_keys, uncond_values, uncond_pooled = stack_step(unconditional, step_index, num_layers)
                     keys, values, pooled = stack_step(conditionings, step_index, num_layers)  # L, B, S, D; B, P
                     kwargs = {"spacetime": SpaceTimeConditioning(
-                        keys=with_uncond(negative, keys), values=with_uncond(negative, values)
+                        keys=torch.cat([uncond_keys.to(keys.dtype), keys], dim=1),  # L, 2B, S, D
+                        values=torch.cat([uncond_values.to(values.dtype), values], dim=1),
                     )}
                     hidden = kwargs["spacetime"].keys[0]  # read by no layer; sets the batch shape
+                    if pooled is not None:  # the negative prompt's first, then each sample's at the step
+                        pooled = torch.cat([uncond_pooled.to(pooled.dtype), pooled])
                 added_kwargs = None
-                if negative_pooled is not None:  # the negative prompt's first, then each sample's at the step
-                    both = torch.cat([negative_pooled, pooled.to(negative_pooled.dtype)])
-                    added_kwargs = self.backbone.added_conditioning(both, height, width)
+                if pooled is not None:
+                    added_kwargs = self.backbone.added_conditioning(pooled, height, width)
                 noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs,
                              added_cond_kwargs=added_kwargs).sample
                 uncond, cond = noise.chunk(2)
@@ -343,6 +376,7 @@ class Renderer:
         return pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def metadata(self, prompt, seed, width, height, settings: RenderSettings, ranks) -> dict:
+        ranks = {**resolve_negative(settings, self.concepts)[1], **ranks}  # the negative prompt's concepts too
         concepts = {name: {"rank": ranks[name], "sha256": self.concepts[name].weights_sha256} for name in ranks}
         return {
             "prompt": prompt,
@@ -381,6 +415,22 @@ def stack_step(conditionings: list[Conditioning], step_index: int, num_layers: i
     steps = [c.at_step(step_index, num_layers) for c in conditionings]
     pooled = torch.stack([p for _, _, p in steps]) if steps[0][2] is not None else None
     return torch.stack([k for k, _, _ in steps], dim=1), torch.stack([v for _, v, _ in steps], dim=1), pooled
+
+
+def uncond_conditionings(conditionings: list[Conditioning]) -> list[Conditioning]:
+    """The negative prompt of each sample as a Conditioning: its own per (step, layer) one when it
+    uses concepts, else its plain encoding read by every layer (one object per distinct negative,
+    so :func:`stack_step` shares it)."""
+    wrapped: dict[int, Conditioning] = {}
+    result = []
+    for conditioning in conditionings:
+        negative = conditioning.negative
+        if not isinstance(negative, Conditioning):
+            if id(negative) not in wrapped:
+                wrapped[id(negative)] = Conditioning(ranks={}, negative=None, positive=negative)
+            negative = wrapped[id(negative)]
+        result.append(negative)
+    return result
 
 
 def with_uncond(negative, conditional):
