@@ -132,3 +132,53 @@ def test_gen_and_grid_take_an_imported_embedding_in_negative(tmp_path, stc_home)
     grid = invoke("grid", "a cat", *TINY, "--negative", "<easyneg>", "--ranks", 1, "--seeds", 0,
                   "--out", tmp_path / "g.png")
     assert grid.exit_code == 0, grid.output
+
+
+# --------------------------------------------------------------------------- --from IMAGE.png
+
+
+def test_from_a_png_renders_the_same_pixels_and_options_override(tmp_path, stc_home):
+    from helpers import save_concept
+
+    from stc.models.backbones import SD_LAYER_NAMES
+
+    save_concept("mydog", seed=1, layer_names=SD_LAYER_NAMES)
+    first = invoke("gen", "<mydog> next to a cat", "--rank", 8, "--negative", "blurry", "--cfg", 6, "--seed", 3,
+                   "--scheduler", "euler", *TINY, "--json", "--out", tmp_path / "a")
+    assert first.exit_code == 0, first.output
+    original = json.loads(first.stdout)
+    again = invoke("gen", "--from", original["path"], "--json", "--out", tmp_path / "b")
+    assert again.exit_code == 0, again.output
+    record = json.loads(again.stdout)
+    assert np.array_equal(pixels(record["path"]), pixels(original["path"]))  # bit-exact
+    assert {key: record[key] for key in original if key != "path"} == {
+        key: original[key] for key in original if key != "path"}
+    # an option on the command line wins: the same as rendering with it directly
+    other = json.loads(invoke("gen", "--from", original["path"], "--seed", 5, "--json",
+                              "--out", tmp_path / "c").stdout)
+    direct = json.loads(invoke("gen", "<mydog> next to a cat", "--rank", 8, "--negative", "blurry", "--cfg", 6,
+                               "--seed", 5, "--scheduler", "euler", *TINY, "--json", "--out", tmp_path / "d").stdout)
+    assert other["seed"] == 5 and np.array_equal(pixels(other["path"]), pixels(direct["path"]))
+    assert not np.array_equal(pixels(other["path"]), pixels(original["path"]))
+
+
+def test_from_a_webui_png_and_from_an_image_without_parameters(tmp_path):
+    from PIL.PngImagePlugin import PngInfo
+
+    info = PngInfo()
+    info.add_text("parameters", "a cat on the moon\nNegative prompt: blurry, ugly\nSteps: 2, Sampler: Euler a, "
+                  "Schedule type: Karras, CFG scale: 7, Seed: 12, Size: 64x64, Model hash: 6ce0161689, "
+                  "Model: v1-5-pruned-emaonly, Version: v1.10.1")
+    Image.new("RGB", (64, 64)).save(tmp_path / "webui.png", pnginfo=info)
+    result = invoke("gen", "--from", tmp_path / "webui.png", "--model", "builtin:tiny", "--json",
+                    "--out", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert (record["prompt"], record["negative"], record["seed"], record["steps"], record["cfg"]) == (
+        "a cat on the moon", "blurry, ugly", 12, 2, 7.0)
+    assert record["scheduler"] == "dpm" and "'Euler a'" in result.stderr  # a sampler stc lacks: noted
+    assert "v1-5-pruned-emaonly" in result.stderr  # the webui's model name: noted, --model given
+    Image.new("RGB", (8, 8)).save(tmp_path / "plain.png")
+    bare = invoke("gen", "--from", tmp_path / "plain.png", "--model", "builtin:tiny")
+    assert bare.exit_code == 1 and "holds no generation parameters" in bare.stderr
+    assert invoke("gen", "--model", "builtin:tiny").exit_code == 1  # neither a prompt nor --from

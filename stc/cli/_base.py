@@ -69,8 +69,7 @@ PredictionTypeOpt = Annotated[
     ),
 ]
 SeedOpt = Annotated[
-    int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result. -1 draws one at "
-                      "random (as the A1111 webui does), prints it and records it in the PNG.")
+    int, typer.Option("--seed", "-s", help="Random seed; the same seed gives the same result.")
 ]
 DeviceOpt = Annotated[
     Optional[str], typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.  [default: auto: CUDA, "

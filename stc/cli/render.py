@@ -17,7 +17,6 @@ from ._base import (
     ModelConfigOpt,
     ModelOpt,
     PredictionTypeOpt,
-    SeedOpt,
     app,
     command_env,
     err,
@@ -101,9 +100,10 @@ def _load_renderer(requests, settings, model, model_config, device, dtype, env, 
 def gen(
     ctx: typer.Context,
     prompt: Annotated[
-        str,
-        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank."),
-    ],
+        Optional[str],
+        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank. "
+                       "Optional with --from."),
+    ] = None,
     rank: Annotated[
         Optional[int],
         typer.Option(
@@ -114,7 +114,13 @@ def gen(
             show_default=False,
         ),
     ] = None,
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", "-s", show_default=False, help="Random seed; the same seed gives the same result. -1 draws one "
+        "at random (as the A1111 webui does), prints it and records it in the PNG.  [default: 0]")] = None,
+    from_image: Annotated[Optional[Path], typer.Option(
+        "--from", help="Render again the image a PNG was made with: its parameters (stc's PNGs and the A1111 "
+        "webui's) give the prompt, negative prompt, seed, steps, CFG, size, sampler, model and rank; every "
+        "option given here overrides them (--from a.png --seed 5).")] = None,
     num_images: Annotated[
         int, typer.Option("-n", "--num-images", help="Images to render (seeds S, S+1, ...).")
     ] = 1,
@@ -144,6 +150,20 @@ def gen(
 
     if num_images < 1:
         raise BadInput(f"-n must be at least 1, got {num_images}")
+    if from_image is not None:
+        from ..render.pngmeta import recipe_from_png
+
+        recipe = recipe_from_png(from_image)
+        for note in recipe.notes:
+            err.print(f"[dim]Note: {escape(note)}[/]", soft_wrap=True)
+        prompt, negative, seed, steps, cfg, width, height, scheduler, model, rank = (
+            given if given is not None else recorded for given, recorded in (
+                (prompt, recipe.prompt), (negative, recipe.negative), (seed, recipe.seed), (steps, recipe.steps),
+                (cfg, recipe.cfg), (width, recipe.width), (height, recipe.height), (scheduler, recipe.scheduler),
+                (model, recipe.model), (rank, recipe.rank)))
+    if prompt is None:
+        raise BadInput('give a PROMPT (stc gen "a <name> on the moon") or --from IMAGE.png')
+    seed = 0 if seed is None else seed
     if seed == RANDOM_SEED:
         seed = draw_seed(seed)
         err.print(f"Seed: {seed} (drawn at random; --seed {seed} renders the same image again)", markup=False,

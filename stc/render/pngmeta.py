@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import BadInput
 from ..models.schedulers import SCHEDULERS
 from ..outputs import free_path, staged
 from .prompts import parse_prompt
@@ -122,3 +124,79 @@ def save_png(rendered, folder: Path, stem: str | None = None) -> Path:
     with staged(path) as temporary:  # a PNG is there whole or not at all (Ctrl-C, a full disk)
         rendered.image.save(temporary, format="PNG", pnginfo=png_info(rendered.metadata))
     return path
+
+
+# --------------------------------------------------------------------------- re-rendering a PNG
+
+
+@dataclass
+class PngRecipe:
+    """What ``stc gen --from IMAGE.png`` renders: the image's parameters as gen's options (None:
+    not recorded, the default applies), and notes on what could not be carried over."""
+
+    prompt: str
+    negative: str
+    seed: int | None
+    steps: int | None
+    cfg: float | None
+    width: int | None
+    height: int | None
+    scheduler: str | None
+    model: str | None
+    rank: int | None  # the rank every concept without an inline one had (stc's --rank)
+    notes: list[str] = field(default_factory=list)
+
+
+def read_parameters(path: Path) -> str:
+    """The ``parameters`` text chunk of a PNG (stc's and the A1111 webui's); a file that is no
+    image or has none is a one-line error."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            text = dict(getattr(image, "text", None) or image.info).get("parameters")
+    except FileNotFoundError:
+        raise BadInput(f"--from: {path} does not exist") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BadInput(f"--from: cannot read {path} as an image: {exc}") from None
+    if not isinstance(text, str) or not text.strip():
+        raise BadInput(f"--from: {path} holds no generation parameters (no 'parameters' text, as stc and the "
+                       "A1111 webui write); give the prompt and options on the command line")
+    return text
+
+
+def recipe_from_png(path: Path) -> PngRecipe:
+    """The render that made the PNG at ``path`` (stc's own or the A1111 webui's), as gen's options."""
+    text = read_parameters(path)
+    try:
+        parsed = parse_parameters(text)
+    except (KeyError, ValueError) as exc:
+        raise BadInput(f"--from: {path}'s parameters lack or garble a field stc needs ({exc}); "
+                       "give the prompt and options on the command line") from None
+    from .generation import RenderSettings
+
+    notes = []
+    scheduler = parsed["scheduler"] or None
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        notes.append(f"{path.name} was rendered with the sampler {scheduler!r}, which stc does not have; "
+                     f"rendering with --scheduler {RenderSettings().scheduler} (or pass --scheduler)")
+        scheduler = None
+    model = parsed["base_model"] or None
+    if model is not None and not parsed["stc_version"]:  # the webui names a checkpoint file, not a path
+        notes.append(f"{path.name} names the webui's model {model!r}, which stc cannot load by that name; pass "
+                     "--model for it")
+        model = None
+    return PngRecipe(
+        prompt=parsed["prompt"], negative=parsed["negative"], seed=parsed["seed"], steps=parsed["steps"],
+        cfg=parsed["cfg"], width=parsed["width"], height=parsed["height"], scheduler=scheduler, model=model,
+        rank=_default_rank(parsed["prompt"], parsed["concepts"]), notes=notes,
+    )
+
+
+def _default_rank(prompt: str, concepts: dict) -> int | None:
+    """The rank the concepts of ``prompt`` without an inline rank rendered at (``--rank``): their
+    recorded rank (they all share it); None when none has one."""
+    inline = parse_prompt(prompt).ranks
+    ranks = {concepts[name]["rank"] for name, rank in inline.items()
+             if rank is None and name in concepts and concepts[name].get("rank") is not None}
+    return ranks.pop() if len(ranks) == 1 else None
