@@ -182,3 +182,91 @@ def test_from_a_webui_png_and_from_an_image_without_parameters(tmp_path):
     bare = invoke("gen", "--from", tmp_path / "plain.png", "--model", "builtin:tiny")
     assert bare.exit_code == 1 and "holds no generation parameters" in bare.stderr
     assert invoke("gen", "--model", "builtin:tiny").exit_code == 1  # neither a prompt nor --from
+
+
+# --------------------------------------------------------------------------- prompt weighting
+
+
+def test_the_weighting_grammar_reads_as_the_webuis():
+    from stc.render.prompts import weighted_segments
+
+    # the webui's own examples (modules/prompt_parser.py, parse_prompt_attention's doctest)
+    assert weighted_segments("normal text") == [("normal text", 1.0)]
+    assert weighted_segments("an (important) word") == [("an ", 1.0), ("important", 1.1), (" word", 1.0)]
+    assert weighted_segments("(unbalanced") == [("unbalanced", 1.1)]
+    assert weighted_segments(r"\(literal\]") == [("(literal]", 1.0)]
+    assert weighted_segments("(unnecessary)(parens)") == [("unnecessaryparens", 1.1)]
+    got = weighted_segments("a (((house:1.3)) [on] a (hill:0.5), sun, (((sky))).")
+    expected = [("a ", 1.0), ("house", 1.3 * 1.1 * 1.1), (" ", 1.1), ("on", 1.0), (" a ", 1.1), ("hill", 0.55),
+                (", sun, ", 1.1), ("sky", 1.1 ** 4), (".", 1.1)]
+    assert [text for text, _ in got] == [text for text, _ in expected]
+    assert np.allclose([weight for _, weight in got], [weight for _, weight in expected], rtol=1e-12)
+    assert weighted_segments("(<mydog>:1.2) on a [beach]") == [("<mydog>", 1.2), (" on a ", 1.0),
+                                                               ("beach", 1 / 1.1)]
+
+
+def webui_emphasis(states, weights):
+    """The webui's rule, written out (modules/sd_hijack_clip.py, process_tokens): z is the text
+    encoder's output (S x D), each token's row times its multiplier, then the whole z times
+    original_mean / new_mean (z.mean() before and after)."""
+    original_mean = states.mean()
+    weighted = states * weights[:, None]
+    return weighted * (original_mean / weighted.mean())
+
+
+def test_weight_one_is_a_no_op_and_other_weights_follow_the_webuis_rule(tiny):
+    import torch
+    from helpers import assert_close_in_scale, make_concept, make_mapper
+
+    from stc.method.encoding import text_transformer
+    from stc.method.spacetime import cross_attention_layer_names
+    from stc.render.generation import Renderer, RenderSettings
+
+    with torch.no_grad():  # a final LayerNorm with a bias, as real CLIPs have: states with a mean to restore
+        final_norm = text_transformer(tiny.pipeline.text_encoder).final_layer_norm
+        final_norm.bias.normal_(0.3, 0.2, generator=torch.Generator().manual_seed(0))
+    concept = make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet))
+    renderer = Renderer(tiny, {"mydog": (concept, make_mapper(1))})
+    settings = RenderSettings(steps=2)
+    # weight 1.0 is a no-op, plain and with a concept, bit for bit
+    assert torch.equal(renderer.text.plain("a (cat:1.0) on a beach").keys, renderer.text.plain("a cat on a beach").keys)
+    one = renderer.condition("(<mydog>:1.0) on a (beach:1.0)", settings)
+    plain = renderer.condition("<mydog> on a beach", settings)
+    assert torch.equal(one.keys, plain.keys) and torch.equal(one.values, plain.values)
+
+    # other weights: per (step, layer) row, the webui's rule applied to the unweighted encoding
+    weighted = renderer.condition("(<mydog>:1.3) on a [beach]", settings)
+    ids = renderer.text.tokenize("<mydog> on a beach")[0][0].tolist()
+    multipliers = torch.ones(len(ids))
+    multipliers[ids.index(renderer.text.slots["mydog"].token_id)] = 1.3
+    multipliers[ids.index(tiny.pipeline.tokenizer.convert_tokens_to_ids("beach</w>"))] = 1 / 1.1
+    assert renderer.text.tokenize("(<mydog>:1.3) on a [beach]")[0][0].tolist() == ids  # the same tokens
+    for step in range(2):
+        for layer in (0, 7, 15):
+            for ours, unweighted in ((weighted.keys, plain.keys), (weighted.values, plain.values)):
+                # one multiplication and one mean in another order: rounding relative to the scale
+                assert_close_in_scale(ours[step, layer], webui_emphasis(unweighted[step, layer], multipliers), 1e-6)
+    assert (weighted.keys - plain.keys).abs().max() > 1e-3
+    text = renderer.text.plain("a (cat:1.5) on a beach").keys[0]
+    multipliers = torch.ones(len(ids))
+    cat_ids = renderer.text.tokenize("a cat on a beach")[0][0].tolist()
+    multipliers[cat_ids.index(tiny.pipeline.tokenizer.convert_tokens_to_ids("cat</w>"))] = 1.5
+    assert_close_in_scale(text, webui_emphasis(renderer.text.plain("a cat on a beach").keys[0], multipliers), 1e-6)
+
+
+def test_weighting_renders_on_sdxl_per_encoder_and_on_a_model_without_a_state_mean(tiny):
+    import torch
+
+    from stc.models.base import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
+
+    # builtin:tiny's final LayerNorm has no bias: its states' mean is ~0, which the rule cannot restore
+    weighted = Renderer(tiny, {}).latents("a (cat:1.4) on a [beach]", [0], RenderSettings(steps=2))
+    assert bool(torch.isfinite(weighted).all())
+    sdxl = Renderer(load_base_model("builtin:tiny-sdxl", device="cpu"), {})
+    keys = sdxl.text.plain("a (cat:1.4) on a beach").keys
+    plain = sdxl.text.plain("a cat on a beach").keys
+    for part, plain_part in zip(keys.split([32, 48], dim=-1), plain.split([32, 48], dim=-1)):
+        # each encoder's part keeps its own mean (the webui weights each CLIP's output on its own)
+        assert torch.allclose(part.mean(), plain_part.mean(), rtol=1e-4)
+        assert (part - plain_part).abs().max() > 1e-3

@@ -101,8 +101,8 @@ def gen(
     ctx: typer.Context,
     prompt: Annotated[
         Optional[str],
-        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank. "
-                       "Optional with --from."),
+        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank; "
+                       "(word:1.3), (word) and [word] weight words as the A1111 webui does. Optional with --from."),
     ] = None,
     rank: Annotated[
         Optional[int],

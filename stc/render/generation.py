@@ -18,7 +18,7 @@ from ..method.conditioning import Conditioning, TextConditioner
 from ..models.schedulers import check_scheduler, make_scheduler
 from ..settings import MAX_SEED, Settings
 from ..store.concept import Concept
-from .prompts import parse_prompt, resolve_ranks
+from .prompts import parse_prompt, resolve_ranks, weighted_segments
 
 # progress(done, total): denoising steps summed over images
 ProgressCallback = Callable[[int, int], None]
@@ -150,6 +150,7 @@ class Renderer:
         self.text = TextConditioner(
             backbone.text_encoders(pipe), backbone.tokenizers(pipe), base.device, slots, len(self.layer_names), tokens,
             zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+            segmenter=weighted_segments,
         )
 
     @classmethod
