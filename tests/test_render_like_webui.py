@@ -270,3 +270,108 @@ def test_weighting_renders_on_sdxl_per_encoder_and_on_a_model_without_a_state_me
         # each encoder's part keeps its own mean (the webui weights each CLIP's output on its own)
         assert torch.allclose(part.mean(), plain_part.mean(), rtol=1e-4)
         assert (part - plain_part).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- img2img
+
+
+def a_photo(path, size=64):
+    """A smooth synthetic photo: a warm disc on a cool gradient."""
+    from PIL import ImageDraw
+
+    ramp = np.linspace(40, 200, size, dtype=np.float32)
+    array = np.stack([np.add.outer(ramp, ramp) / 2, np.tile(ramp, (size, 1)), np.full((size, size), 160.0)], -1)
+    image = Image.fromarray(array.astype("uint8"))
+    ImageDraw.Draw(image).ellipse((size // 4, size // 4, 3 * size // 4, 3 * size // 4), fill=(220, 90, 40))
+    image.save(path)
+    return path
+
+
+def test_img2img_at_strength_one_is_txt2img_and_at_zero_the_photo_through_the_vae(tiny, tmp_path):
+    import torch
+
+    from stc.render.generation import Renderer, RenderSettings
+
+    photo = a_photo(tmp_path / "photo.png")
+    renderer = Renderer(tiny, {})
+    txt2img = renderer.latents("a cat", [3, 4], RenderSettings(steps=3))
+    full = renderer.latents("a cat", [3, 4], RenderSettings(steps=3, init_image=str(photo), strength=1.0))
+    assert torch.equal(full, txt2img)  # the same code path: bit for bit
+    kept = renderer.latents("a cat", [3], RenderSettings(steps=3, init_image=str(photo), strength=0.0))
+    pipe = tiny.pipeline
+    with torch.no_grad():  # the VAE round trip by hand: the posterior sampled with the seed's generator
+        posterior = pipe.vae.encode(pipe.image_processor.preprocess(Image.open(photo).convert("RGB"))).latent_dist
+        expected = posterior.sample(generator=torch.Generator().manual_seed(3)) * pipe.vae.config.scaling_factor
+    assert torch.equal(kept, expected)
+    half = renderer.latents("a cat", [3], RenderSettings(steps=3, init_image=str(photo), strength=0.5))
+    assert (half - kept).abs().max() > 1e-2 and (half - txt2img[:1]).abs().max() > 1e-2
+
+
+def test_img2img_on_builtin_shapes_at_strength_zero_returns_the_photo(tmp_path):
+    from stc.models.base import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
+
+    renderer = Renderer(load_base_model("builtin:shapes", device="cpu"), {})
+    photo = tmp_path / "photo.png"  # a picture of the world (its VAE knows only shapes on plain grounds)
+    renderer.render("a red circle", [5], RenderSettings(steps=8))[0].image.save(photo)
+    [image] = renderer.render("a red circle", [0], RenderSettings(steps=4, init_image=str(photo), strength=0.0))
+    error = np.abs(np.asarray(image.image, dtype=np.float32) - np.asarray(Image.open(photo), dtype=np.float32))
+    assert error.mean() < 8  # the world's small VAE round trip: within its reconstruction error
+    [redrawn] = renderer.render("a red circle", [0], RenderSettings(steps=4, init_image=str(photo), strength=1.0))
+    assert np.abs(np.asarray(redrawn.image, dtype=np.float32) - np.asarray(Image.open(photo))).mean() > error.mean()
+
+
+def test_img2img_equals_diffusers_img2img_pipeline(tiny, tmp_path):
+    import torch
+    from diffusers import StableDiffusionImg2ImgPipeline
+    from helpers import assert_close_in_scale
+
+    from stc.render.generation import Renderer, RenderSettings
+
+    photo = a_photo(tmp_path / "photo.png")
+    reference = StableDiffusionImg2ImgPipeline(**tiny.pipeline.components)
+    expected = reference("a cat", image=Image.open(photo).convert("RGB"), strength=0.6, num_inference_steps=5,
+                         guidance_scale=7.5, generator=[torch.Generator().manual_seed(2)], output_type="latent").images
+    ours = Renderer(tiny, {}).latents("a cat", [2], RenderSettings(steps=5, init_image=str(photo), strength=0.6))
+    # stc's loop and attention processors vs diffusers' own: rounding relative to the latents' scale
+    assert_close_in_scale(ours, expected, 1e-4)
+
+
+def test_gen_and_grid_with_an_init_image(tmp_path):
+    photo = a_photo(tmp_path / "photo.png")
+    result = invoke("gen", "a cat", *TINY, "--init-image", photo, "--strength", 0.5, "--json", "--out", tmp_path / "a")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["strength"] == 0.5 and record["init_image"] == str(photo)
+    assert "Denoising strength: 0.5" in Image.open(record["path"]).text["parameters"]
+    again = json.loads(invoke("gen", "--from", record["path"], "--json", "--out", tmp_path / "b").stdout)
+    assert np.array_equal(pixels(again["path"]), pixels(record["path"]))  # --from takes the photo again
+    grid = invoke("grid", "a cat", *TINY, "--init-image", photo, "--ranks", 1, "--seeds", "0,1",
+                  "--out", tmp_path / "g.png")
+    assert grid.exit_code == 0, grid.output
+    for args, fragment in ((("--init-image", tmp_path / "none.png"), "does not exist"),
+                           (("--init-image", photo, "--strength", 1.5), "--strength"),
+                           (("--strength", 0.5), "--init-image")):
+        bad = invoke("gen", "a cat", *TINY, *args)
+        assert bad.exit_code == 1 and fragment in bad.stderr, bad.output
+
+
+def test_img2img_on_sdxl_equals_diffusers_sdxl_img2img_pipeline(tmp_path):
+    import torch
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionXLImg2ImgPipeline
+    from helpers import assert_close_in_scale
+
+    from stc.models.base import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
+
+    sdxl = load_base_model("builtin:tiny-sdxl", device="cpu")
+    size = sdxl.default_resolution
+    photo = a_photo(tmp_path / "photo.png", size=size)
+    components = dict(sdxl.pipeline.components)
+    components["scheduler"] = DPMSolverMultistepScheduler.from_config(components["scheduler"].config)  # stc's
+    reference = StableDiffusionXLImg2ImgPipeline(**components, requires_aesthetics_score=False)
+    expected = reference("a cat", image=Image.open(photo).convert("RGB"), strength=0.6, num_inference_steps=5,
+                         guidance_scale=7.5, generator=[torch.Generator().manual_seed(2)], output_type="latent").images
+    ours = Renderer(sdxl, {}).latents("a cat", [2], RenderSettings(steps=5, init_image=str(photo), strength=0.6))
+    # stc's loop and attention processors vs diffusers' own: rounding relative to the latents' scale
+    assert_close_in_scale(ours, expected, 1e-4)

@@ -51,6 +51,13 @@ HeightOpt = Annotated[Optional[int], _render_option("--height", "Height in px, a
 SchedulerOpt = Annotated[
     Optional[str], _render_option("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
+InitImageOpt = Annotated[Optional[Path], typer.Option(
+    "--init-image", help="img2img: start from this photo (resized to --width/--height, else the model's size) "
+    "instead of noise, as diffusers' img2img pipelines do; --strength says how much of it is redrawn.")]
+StrengthOpt = Annotated[Optional[float], _render_option(
+    "--strength", "With --init-image: the part of the schedule that runs, 0 (the photo as it is, through the "
+    "VAE) to 1 (all steps from noise: the photo is not used); the webui's denoising strength.",
+    _DEFAULTS.strength)]
 ForceSizeOpt = Annotated[
     bool, typer.Option("--force-size", help="Render a size far outside the model's range (more than 8x its "
                        "resolution on a side, or 16x its pixels), which is otherwise refused with the memory it "
@@ -64,6 +71,19 @@ DtypeOpt = Annotated[
 def _settings(**given) -> RenderSettings:
     """RenderSettings from the options given (None: the library's default)."""
     return RenderSettings(**{key: value for key, value in given.items() if value is not None})
+
+
+def _img2img(init_image, strength) -> dict:
+    """The img2img settings of --init-image / --strength; the photo is read here, before any model loads."""
+    from ..errors import BadInput
+    from ..render.generation import load_init_image
+
+    if init_image is None:
+        if strength is not None:
+            raise BadInput("--strength applies to img2img: give the photo with --init-image")
+        return {}
+    load_init_image(init_image)
+    return {"init_image": str(init_image), "strength": strength}
 
 
 def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False):
@@ -131,6 +151,8 @@ def gen(
     width: WidthOpt = None,
     height: HeightOpt = None,
     scheduler: SchedulerOpt = None,
+    init_image: InitImageOpt = None,
+    strength: StrengthOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -156,11 +178,12 @@ def gen(
         recipe = recipe_from_png(from_image)
         for note in recipe.notes:
             err.print(f"[dim]Note: {escape(note)}[/]", soft_wrap=True)
-        prompt, negative, seed, steps, cfg, width, height, scheduler, model, rank = (
+        prompt, negative, seed, steps, cfg, width, height, scheduler, model, rank, init_image, strength = (
             given if given is not None else recorded for given, recorded in (
                 (prompt, recipe.prompt), (negative, recipe.negative), (seed, recipe.seed), (steps, recipe.steps),
                 (cfg, recipe.cfg), (width, recipe.width), (height, recipe.height), (scheduler, recipe.scheduler),
-                (model, recipe.model), (rank, recipe.rank)))
+                (model, recipe.model), (rank, recipe.rank), (init_image, recipe.init_image),
+                (strength, recipe.strength)))
     if prompt is None:
         raise BadInput('give a PROMPT (stc gen "a <name> on the moon") or --from IMAGE.png')
     seed = 0 if seed is None else seed
@@ -170,7 +193,7 @@ def gen(
                   highlight=False)
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
-        rank=rank, batch_size=batch_size,
+        rank=rank, batch_size=batch_size, **_img2img(init_image, strength),
     )
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
     check_folder(out_dir)  # before anything loads
@@ -232,6 +255,8 @@ def grid(
     width: WidthOpt = None,
     height: HeightOpt = None,
     scheduler: SchedulerOpt = None,
+    init_image: InitImageOpt = None,
+    strength: StrengthOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -265,7 +290,7 @@ def grid(
         seed_list = [0] if prompts_file else list(DEFAULT_SEEDS)
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
-        batch_size=batch_size,
+        batch_size=batch_size, **_img2img(init_image, strength),
     )
     requests = grid_requests(prompts, rank_list, seed_list)  # an empty prompt fails here
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first

@@ -34,6 +34,8 @@ class RenderSettings:
     negative: str = ""
     rank: int | None = None  # default rank of concepts without an inline rank (None: full)
     batch_size: int = 4
+    init_image: str | None = None  # img2img: the photo to start from (a path), resized to the render's size
+    strength: float = 0.75  # img2img: how much of the schedule runs (0: the photo, 1: all, as txt2img)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -42,6 +44,8 @@ class RenderSettings:
             raise BadInput(f"--batch-size must be at least 1, got {self.batch_size}")
         if not math.isfinite(self.cfg):
             raise BadInput(f"--cfg must be a finite number, got {self.cfg}")
+        if not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
+            raise BadInput(f"--strength must lie between 0 (the photo as it is) and 1 (all steps), got {self.strength}")
         if self.rank is not None and self.rank < 1:
             raise BadInput(f"--rank {self.rank}: ranks start at 1 (1..128 for concepts trained by stc)")
         for flag, value in (("--width", self.width), ("--height", self.height)):
@@ -297,7 +301,8 @@ class Renderer:
         jobs = list(distinct.values())
         last_use = {job.conditioning_key: index for index, job in enumerate(jobs)}
         scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
-        calls_per_image = len(scheduler.timesteps)  # PNDM's warm-up makes 11 UNet calls of --steps 10
+        # PNDM's warm-up makes 11 UNet calls of --steps 10; img2img runs the last ones only
+        calls_per_image = max(len(scheduler.timesteps) - img2img_start(scheduler, settings), 1)
         total, done = len(jobs) * settings.steps, 0  # progress counts the user's steps
         negative = self.negative(settings, scheduler.timesteps)
         conditionings: dict[tuple, Conditioning] = {}
@@ -332,8 +337,12 @@ class Renderer:
         width, height = self.size(settings)
         shape = (len(seeds), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
-        latents = latents * scheduler.init_noise_sigma
+        first = img2img_start(scheduler, settings)
+        if first == 0:  # txt2img (and img2img at strength 1): the schedule from pure noise
+            latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            latents = self._photo_latents(scheduler, settings, generators, shape, first).to(unet.dtype)
         unconditional = uncond_conditionings(conditionings)  # the negative prompt's, as conditionings
         both_halves = unconditional + list(conditionings)  # CFG: the negative half first
         use_spacetime = any(c.keys is not None for c in both_halves)
@@ -343,7 +352,7 @@ class Renderer:
             pooled = _pooled_batch([c.positive for c in both_halves])  # 2B, P (SDXL) or None
         num_layers = len(self.layer_names)
         with torch.no_grad():
-            for step_index, timestep in enumerate(scheduler.timesteps):
+            for step_index, timestep in enumerate(scheduler.timesteps[first:], start=first):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 kwargs = None
                 if use_spacetime:
@@ -365,8 +374,32 @@ class Renderer:
                 noise = uncond + settings.cfg * (cond - uncond)
                 latents = scheduler.step(noise, timestep, latents).prev_sample
                 if on_step is not None:
-                    on_step(step_index + 1)
+                    on_step(step_index + 1 - first)
         return latents
+
+    def _photo_latents(self, scheduler, settings: RenderSettings, generators, shape, first: int):
+        """img2img's first latents, as StableDiffusionImg2ImgPipeline makes them: the photo's VAE
+        latents (a sample of its posterior, each image's from its seed's generator), noised to the
+        first timestep that runs (``first``: its index in the schedule; none left at strength 0)
+        with noise drawn next from the same generator."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, device = self.base.pipeline, torch.device(self.base.device)
+        width, height = self.size(settings)
+        photo = pipe.image_processor.preprocess(load_init_image(settings.init_image), height=height, width=width)
+        vae = pipe.vae
+        with torch.no_grad():
+            posterior = vae.encode(photo.to(device, vae.dtype)).latent_dist
+        init = torch.cat([posterior.sample(generator=generator) for generator in generators])
+        init = init * vae.config.scaling_factor  # B, C, h, w
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=init.dtype)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        timesteps = scheduler.timesteps[first:]
+        if len(timesteps) == 0:  # strength 0: the photo's latents as they are
+            return init
+        return scheduler.add_noise(init, noise, timesteps[:1].repeat(shape[0]))
 
     def decode(self, latents) -> list:
         import torch
@@ -392,7 +425,33 @@ class Renderer:
             "dtype": str(self.base.dtype).removeprefix("torch."),
             "concepts": concepts,
             "stc_version": __version__,
+            **({"init_image": str(settings.init_image), "strength": settings.strength}
+               if settings.init_image is not None else {}),
         }
+
+
+def img2img_start(scheduler, settings: RenderSettings) -> int:
+    """The index in ``scheduler``'s timesteps of the first one that runs: 0 without a photo and at
+    strength 1 (all of them, from pure noise: txt2img); else diffusers' img2img rule: the last
+    int(steps x strength) steps (all of them at strength 0 skipped)."""
+    if settings.init_image is None or settings.strength >= 1:
+        return 0
+    run = min(int(settings.steps * settings.strength), settings.steps)
+    return (settings.steps - run) * scheduler.order
+
+
+def load_init_image(path):
+    """The img2img photo at ``path`` as an RGB PIL image (turned as its EXIF says); a file that is no
+    image is a one-line error."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise BadInput(f"--init-image: {path} does not exist") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BadInput(f"--init-image: cannot read {path} as an image: {exc}") from None
 
 
 def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps: int,

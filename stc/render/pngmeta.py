@@ -40,6 +40,8 @@ def a1111_parameters(metadata: dict) -> str:
         ("Seed", metadata["seed"]), ("Size", f"{metadata['width']}x{metadata['height']}"),
         ("Model", metadata["base_model"]),
     ]
+    if metadata.get("init_image") is not None:  # img2img: the webui's field, and stc's path of the photo
+        fields += [("Denoising strength", metadata["strength"]), ("stc init image", metadata["init_image"])]
     for name, info in metadata["concepts"].items():
         parts = ([f"rank {info['rank']}"] if info.get("rank") is not None else []) + (
             [f"sha256 {info['sha256']}"] if info.get("sha256") else [])
@@ -82,6 +84,9 @@ def parse_parameters(text: str) -> dict:
         "concepts": {},
         "stc_version": fields.pop("stc version", ""),
     }
+    if "Denoising strength" in fields:  # img2img (the webui's own PNGs name no photo)
+        result["strength"] = float(fields.pop("Denoising strength"))
+        result["init_image"] = fields.pop("stc init image", None)
     sampler = fields.pop("Sampler", "")
     result["scheduler"] = fields.pop("stc scheduler", samplers.get(sampler, sampler))
     for key in list(fields):
@@ -145,6 +150,8 @@ class PngRecipe:
     model: str | None
     rank: int | None  # the rank every concept without an inline one had (stc's --rank)
     notes: list[str] = field(default_factory=list)
+    init_image: str | None = None  # img2img: the photo it started from (stc records its path)
+    strength: float | None = None
 
 
 def read_parameters(path: Path) -> str:
@@ -186,11 +193,17 @@ def recipe_from_png(path: Path) -> PngRecipe:
         notes.append(f"{path.name} names the webui's model {model!r}, which stc cannot load by that name; pass "
                      "--model for it")
         model = None
-    return PngRecipe(
+    recipe = PngRecipe(
         prompt=parsed["prompt"], negative=parsed["negative"], seed=parsed["seed"], steps=parsed["steps"],
         cfg=parsed["cfg"], width=parsed["width"], height=parsed["height"], scheduler=scheduler, model=model,
         rank=_default_rank(parsed["prompt"], parsed["concepts"]), notes=notes,
+        init_image=parsed.get("init_image"), strength=parsed.get("strength"),
     )
+    if recipe.strength is not None and recipe.init_image is None:
+        notes.append(f"{path.name} is an img2img render whose photo is not recorded; pass --init-image to "
+                     "render from a photo again (without it, it renders from noise)")
+        recipe.strength = None  # given with --init-image, or the default
+    return recipe
 
 
 def _default_rank(prompt: str, concepts: dict) -> int | None:
