@@ -86,6 +86,18 @@ class Settings:
         return model
 
 
+def lora_folder(settings: "Settings") -> Path | None:
+    """The folder ``<lora:NAME>`` tags are looked up in: ``loras:`` in the registry's ``config.yaml``
+    (relative to it), else None."""
+    path = settings.home / CONFIG_FILE
+    folder = _read_config(path).get("loras")
+    if folder in (None, ""):
+        return None
+    if not isinstance(folder, str):
+        raise BadInput(f"{path}: 'loras' must be a folder of LoRA files, not {folder!r}")
+    return (path.parent / Path(folder).expanduser()).resolve()
+
+
 def draw_seed(seed: int) -> int:
     """``seed`` itself, or a seed drawn from the OS's randomness for :data:`RANDOM_SEED` (-1)."""
     if seed != RANDOM_SEED:

@@ -375,3 +375,112 @@ def test_img2img_on_sdxl_equals_diffusers_sdxl_img2img_pipeline(tmp_path):
     ours = Renderer(sdxl, {}).latents("a cat", [2], RenderSettings(steps=5, init_image=str(photo), strength=0.6))
     # stc's loop and attention processors vs diffusers' own: rounding relative to the latents' scale
     assert_close_in_scale(ours, expected, 1e-4)
+
+
+# --------------------------------------------------------------------------- LoRAs
+
+
+def random_lora(pipeline, path, layout="diffusers", seed=0):
+    """A random LoRA (rank 4, on every attention projection of the UNet) for ``pipeline``'s model,
+    in diffusers/peft's layout (built with peft, saved with diffusers' save_lora_weights) or in
+    kohya/webui's (the same tensors under kohya's names, with alpha = rank: scale 1, as peft's)."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    pipe = copy.deepcopy(pipeline)
+    torch.manual_seed(seed)  # peft draws the random A and B from the global generator
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                     target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    folder = path.parent / f"{path.stem}-diffusers"
+    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    tensors = load_file(folder / "pytorch_lora_weights.safetensors")
+    if layout == "diffusers":
+        save_file(tensors, str(path))
+        return path
+    kohya = {}
+    for key, tensor in tensors.items():  # unet.<module>.lora_A.weight -> lora_unet_<module_>.lora_down.weight
+        module, _, kind = key.removeprefix("unet.").rpartition(".lora_")
+        name = "lora_unet_" + module.replace(".", "_")
+        kohya[f"{name}.lora_down.weight" if kind == "A.weight" else f"{name}.lora_up.weight"] = tensor
+        kohya[f"{name}.alpha"] = torch.tensor(4.0)
+    save_file(kohya, str(path))
+    return path
+
+
+def test_a_lora_equals_diffusers_load_lora_weights_in_both_layouts(tmp_path):
+    import copy
+
+    import torch
+    from helpers import assert_close_in_scale
+
+    from stc.models.base import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
+    from stc.render.loras import Lora
+
+    fresh = load_base_model("builtin:tiny", device="cpu")
+    peft_file = random_lora(fresh.pipeline, tmp_path / "style.safetensors")
+    kohya_file = random_lora(fresh.pipeline, tmp_path / "kohya.safetensors", layout="kohya")
+    plain_pipe = copy.deepcopy(fresh.pipeline)
+    plain_pipe.load_lora_weights(str(peft_file), adapter_name="style")
+    plain_pipe.set_adapters(["style"], adapter_weights=[0.8])
+    expected = plain_pipe("a cat on the beach", num_inference_steps=4, guidance_scale=7.5,
+                          generator=[torch.Generator().manual_seed(3)], output_type="latent").images
+    without = Renderer(load_base_model("builtin:tiny", device="cpu"), {}).latents(
+        "a cat on the beach", [3], RenderSettings(steps=4))
+    for path in (peft_file, kohya_file):
+        renderer = Renderer(load_base_model("builtin:tiny", device="cpu"), {}, [Lora("style", path, 0.8)])
+        ours = renderer.latents("a cat on the beach", [3], RenderSettings(steps=4))
+        # stc's loop and attention processors vs diffusers' own over the same LoRA-wrapped layers:
+        # rounding relative to the latents' scale, as in test_equivalence.py
+        assert_close_in_scale(ours, expected, 1e-4)
+        assert (ours - without).abs().max() > 1e-2  # the LoRA changes the image
+
+
+def test_a_lora_of_another_family_is_refused_before_any_weights_load(tmp_path, monkeypatch):
+    from helpers import assert_one_line_error
+
+    import stc.models.base
+    from stc.models.base import load_base_model
+
+    xl_lora = random_lora(load_base_model("builtin:tiny-sdxl", device="cpu").pipeline, tmp_path / "xl.safetensors")
+    kohya_xl = random_lora(load_base_model("builtin:tiny-sdxl", device="cpu").pipeline, tmp_path / "xlk.safetensors",
+                           layout="kohya")
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(stc.models.base, "load_base_model", no_loading)
+    for path in (xl_lora, kohya_xl):
+        result = invoke("gen", "a cat", *TINY, "--lora", f"{path}:0.5", "--out", tmp_path / "out")
+        assert_one_line_error(result, path.name, "cross-attention reads a text context 80 wide", "builtin:tiny")
+
+
+def test_inline_lora_tags_the_lora_folder_the_png_record_and_from(tmp_path, stc_home):
+    random_lora(__import__("stc.models.base", fromlist=["x"]).load_base_model("builtin:tiny", device="cpu").pipeline,
+                tmp_path / "loras" / "style.safetensors")
+    stc_home.mkdir(parents=True, exist_ok=True)
+    (stc_home / "config.yaml").write_text(f"loras: {tmp_path / 'loras'}\n")
+    tagged = invoke("gen", "a cat <lora:style:0.8>", *TINY, "--json", "--out", tmp_path / "a")
+    assert tagged.exit_code == 0, tagged.output
+    record = json.loads(tagged.stdout)
+    given = json.loads(invoke("gen", "a cat", *TINY, "--lora", f"{tmp_path / 'loras' / 'style.safetensors'}:0.8",
+                              "--json", "--out", tmp_path / "b").stdout)
+    assert np.array_equal(pixels(record["path"]), pixels(given["path"]))  # the tag is the option
+    [lora] = record["loras"]
+    assert (lora["name"], lora["weight"]) == ("style", 0.8)
+    parameters = Image.open(given["path"]).text["parameters"]
+    assert parameters.startswith("a cat <lora:style:0.8>\n")  # as the webui writes it
+    assert f'Lora hashes: "style: {lora["hash"][:12]}"' in parameters
+    plain = json.loads(invoke("gen", "a cat", *TINY, "--json", "--out", tmp_path / "c").stdout)
+    assert not np.array_equal(pixels(plain["path"]), pixels(record["path"]))
+    for source in (record, given):  # --from: the tag resolves again, the --lora file is recorded
+        again = json.loads(invoke("gen", "--from", source["path"], "--json", "--out", tmp_path / "d").stdout)
+        assert np.array_equal(pixels(again["path"]), pixels(source["path"]))
+    (stc_home / "config.yaml").write_text("model: builtin:tiny\n")
+    missing = invoke("gen", "a cat <lora:style:0.8>", *TINY)
+    assert missing.exit_code == 1 and "no LoRA folder is set" in missing.stderr
+    other = invoke("gen", "a cat <lora:nope>", *TINY, "--lora-dir", tmp_path / "loras")
+    assert other.exit_code == 1 and "no nope.safetensors" in other.stderr and "style" in other.stderr

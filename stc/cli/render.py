@@ -58,6 +58,14 @@ StrengthOpt = Annotated[Optional[float], _render_option(
     "--strength", "With --init-image: the part of the schedule that runs, 0 (the photo as it is, through the "
     "VAE) to 1 (all steps from noise: the photo is not used); the webui's denoising strength.",
     _DEFAULTS.strength)]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", show_default=False, metavar="FILE[:WEIGHT]",
+    help="A LoRA to render with, FILE[:WEIGHT] (default weight 1; repeatable): a "
+    "kohya/webui or diffusers/peft .safetensors for the model's family (SD 1.x, 2.x, SDXL; another family's is "
+    "refused before anything loads). In the prompt, <lora:NAME:WEIGHT> loads NAME.safetensors from the LoRA "
+    "folder, as in the webui.")]
+LoraDirOpt = Annotated[Optional[Path], typer.Option(
+    "--lora-dir", help="The folder <lora:NAME> tags are looked up in.  [default: loras: in $STC_HOME/config.yaml]")]
 ForceSizeOpt = Annotated[
     bool, typer.Option("--force-size", help="Render a size far outside the model's range (more than 8x its "
                        "resolution on a side, or 16x its pixels), which is otherwise refused with the memory it "
@@ -86,7 +94,16 @@ def _img2img(init_image, strength) -> dict:
     return {"init_image": str(init_image), "strength": strength}
 
 
-def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False):
+def _loras(prompts, options, folder, env) -> list:
+    """The LoRAs of --lora and the prompts' <lora:NAME> tags; files and names are checked here."""
+    from ..render.loras import parse_lora_option, render_loras
+    from ..settings import lora_folder
+
+    folder = folder if folder is not None else lora_folder(env)
+    return render_loras(prompts, [parse_lora_option(value) for value in options or []], folder)
+
+
+def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False, loras=()):
     quiet_libraries()
     from ..models.sizes import check_size
     from ..render.generation import Renderer
@@ -101,7 +118,7 @@ def _load_renderer(requests, settings, model, model_config, device, dtype, env, 
             renderer = Renderer.from_registry(
                 requests, settings, registry=open_registry(env), model=model,
                 model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
-                on_status=lambda message: status.update(message), env=env,
+                on_status=lambda message: status.update(message), env=env, loras=loras,
             )
     except KeyboardInterrupt:
         raise Interrupted("stopped while loading the model, before the first image: nothing was written and "
@@ -153,6 +170,8 @@ def gen(
     scheduler: SchedulerOpt = None,
     init_image: InitImageOpt = None,
     strength: StrengthOpt = None,
+    lora: LoraOpt = None,
+    lora_dir: LoraDirOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -178,6 +197,7 @@ def gen(
         recipe = recipe_from_png(from_image)
         for note in recipe.notes:
             err.print(f"[dim]Note: {escape(note)}[/]", soft_wrap=True)
+        lora = lora or recipe.loras
         prompt, negative, seed, steps, cfg, width, height, scheduler, model, rank, init_image, strength = (
             given if given is not None else recorded for given, recorded in (
                 (prompt, recipe.prompt), (negative, recipe.negative), (seed, recipe.seed), (steps, recipe.steps),
@@ -197,8 +217,9 @@ def gen(
     )
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
     check_folder(out_dir)  # before anything loads
-    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type), force_size)
+    env = command_env(ctx, prediction_type=prediction_type)
+    loras = _loras([prompt], lora, lora_dir, env)
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size, loras)
     saved = 0
     try:
         with progress_bar(f"rendering {num_images} image(s)", "denoising steps") as progress:
@@ -257,6 +278,8 @@ def grid(
     scheduler: SchedulerOpt = None,
     init_image: InitImageOpt = None,
     strength: StrengthOpt = None,
+    lora: LoraOpt = None,
+    lora_dir: LoraDirOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -295,8 +318,9 @@ def grid(
     requests = grid_requests(prompts, rank_list, seed_list)  # an empty prompt fails here
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
-    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type), force_size)
+    env = command_env(ctx, prediction_type=prediction_type)
+    loras = _loras(prompts, lora, lora_dir, env)
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size, loras)
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)

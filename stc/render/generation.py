@@ -52,6 +52,10 @@ class RenderSettings:
             if value is not None and (value < 8 or value % 8):
                 raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
         check_scheduler(self.scheduler)
+        from .loras import LORA_TAG
+
+        if LORA_TAG.search(self.negative):
+            raise BadInput("--negative: <lora:…> tags apply to the whole render; put them in the prompt or use --lora")
         try:  # a malformed <…> in --negative fails before anything loads
             parse_prompt(self.negative)
         except BadInput as exc:
@@ -134,14 +138,19 @@ def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: 
 class Renderer:
     """A base model with concepts attached; renders prompts that reference them."""
 
-    def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
+    def __init__(self, base, concepts: dict[str, tuple[Concept, object]], loras=()):
         from ..method.encoding import ConceptSlot
         from ..method.placeholders import add_to_tokenizers, placeholder_tokens
         from ..method.spacetime import install_processors
+        from .loras import check_lora_family, load_loras
 
         self.base = base
         pipe, backbone = base.pipeline, base.backbone
         self.backbone = backbone
+        self.loras = list(loras)
+        check_lora_family(self.loras, backbone, base.spec)
+        load_loras(pipe, self.loras)  # peft wraps the layers' projections; stc's processors call them
+        self._lora_hashes: dict[str, str] | None = None
         self.layer_names = install_processors(pipe.unet)
         self.concepts = {name: concept for name, (concept, _) in concepts.items()}
         self.notes = compatibility_notes(list(self.concepts.values()), base) if self.concepts else []
@@ -161,7 +170,7 @@ class Renderer:
     def from_registry(
         cls, requests: list[RenderRequest], settings: RenderSettings, registry=None, model: str | None = None,
         model_config: str | None = None, device: str | None = None, dtype: str | None = None,
-        on_status: Callable[[str], None] | None = None, env: Settings | None = None,
+        on_status: Callable[[str], None] | None = None, env: Settings | None = None, loras=(),
     ) -> "Renderer":
         """Load the concepts ``requests`` use and their base model (or ``model``; ``env``: the
         environment's settings, e.g. the default model).
@@ -185,10 +194,16 @@ class Renderer:
         if widths is not None:
             for concept in concepts.values():
                 check_family(concept, canonical_spec(spec), widths)
+            from ..models.backbones import backbone_for_widths
+            from .loras import check_lora_family
+
+            backbone = backbone_for_widths(widths)
+            if backbone is not None:  # a LoRA of another family: before any weights load
+                check_lora_family(list(loras), backbone, canonical_spec(spec))
         loaded = {name: (concept, load_mapper(concept)) for name, concept in concepts.items()}
         if on_status is not None:
             on_status(f"loading {spec}")
-        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config, env=env), loaded)
+        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config, env=env), loaded, loras)
 
     # ------------------------------------------------------------------ text
 
@@ -427,7 +442,17 @@ class Renderer:
             "stc_version": __version__,
             **({"init_image": str(settings.init_image), "strength": settings.strength}
                if settings.init_image is not None else {}),
+            **({"loras": self.lora_records()} if self.loras else {}),
         }
+
+    def lora_records(self) -> list[dict]:
+        """Each LoRA of this render: name, weight, file and the webui's hash of it (computed once)."""
+        from .loras import lora_hash
+
+        if self._lora_hashes is None:
+            self._lora_hashes = {lora.name: lora_hash(lora.path) for lora in self.loras}
+        return [{"name": lora.name, "weight": lora.weight, "path": str(lora.path), "hash": self._lora_hashes[lora.name]}
+                for lora in self.loras]
 
 
 def img2img_start(scheduler, settings: RenderSettings) -> int:

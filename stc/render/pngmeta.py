@@ -46,9 +46,16 @@ def a1111_parameters(metadata: dict) -> str:
         parts = ([f"rank {info['rank']}"] if info.get("rank") is not None else []) + (
             [f"sha256 {info['sha256']}"] if info.get("sha256") else [])
         fields.append((f"stc concept {name}", " ".join(parts) or "full"))
+    loras = metadata.get("loras") or []
+    if loras:  # the webui's field: the first 12 characters of each file's hash
+        fields.append(("Lora hashes", ", ".join(f"{lora['name']}: {lora['hash'][:12]}" for lora in loras)))
     fields.append(("stc scheduler", metadata["scheduler"]))
     fields.append(("stc version", metadata["stc_version"]))
-    lines = [metadata["prompt"]]
+    from .loras import strip_lora_tags
+
+    inline = strip_lora_tags(metadata["prompt"])[1]
+    tags = [f"<lora:{lora['name']}:{lora['weight']:g}>" for lora in loras if lora["name"] not in inline]
+    lines = [" ".join([metadata["prompt"], *tags])]  # as the webui: every LoRA's tag in the prompt text
     if metadata["negative"]:
         lines.append(f"Negative prompt: {metadata['negative']}")
     lines.append(", ".join(f"{key}: {_quote(value)}" for key, value in fields))
@@ -152,16 +159,23 @@ class PngRecipe:
     notes: list[str] = field(default_factory=list)
     init_image: str | None = None  # img2img: the photo it started from (stc records its path)
     strength: float | None = None
+    loras: list[str] = field(default_factory=list)  # --lora FILE:WEIGHT of LoRAs not tagged in the prompt
 
 
 def read_parameters(path: Path) -> str:
     """The ``parameters`` text chunk of a PNG (stc's and the A1111 webui's); a file that is no
     image or has none is a one-line error."""
+    return _read_chunks(path)[0]
+
+
+def _read_chunks(path: Path) -> tuple[str, dict | None]:
+    """(the ``parameters`` text, stc's JSON record or None) of a PNG."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            text = dict(getattr(image, "text", None) or image.info).get("parameters")
+            chunks = dict(getattr(image, "text", None) or image.info)
+            text = chunks.get("parameters")
     except FileNotFoundError:
         raise BadInput(f"--from: {path} does not exist") from None
     except (OSError, UnidentifiedImageError) as exc:
@@ -169,14 +183,21 @@ def read_parameters(path: Path) -> str:
     if not isinstance(text, str) or not text.strip():
         raise BadInput(f"--from: {path} holds no generation parameters (no 'parameters' text, as stc and the "
                        "A1111 webui write); give the prompt and options on the command line")
-    return text
+    try:
+        record = json.loads(chunks["stc"]) if "stc" in chunks else None
+    except ValueError:
+        record = None
+    return text, record if isinstance(record, dict) else None
 
 
 def recipe_from_png(path: Path) -> PngRecipe:
     """The render that made the PNG at ``path`` (stc's own or the A1111 webui's), as gen's options."""
-    text = read_parameters(path)
+    text, record = _read_chunks(path)
     try:
         parsed = parse_parameters(text)
+        if record is not None:  # stc's own record: exact (the prompt without the LoRA tags added to the text)
+            parsed = {**parsed, **{key: record[key] for key in record if key in parsed or key in (
+                "init_image", "strength", "loras")}}
     except (KeyError, ValueError) as exc:
         raise BadInput(f"--from: {path}'s parameters lack or garble a field stc needs ({exc}); "
                        "give the prompt and options on the command line") from None
@@ -198,6 +219,7 @@ def recipe_from_png(path: Path) -> PngRecipe:
         cfg=parsed["cfg"], width=parsed["width"], height=parsed["height"], scheduler=scheduler, model=model,
         rank=_default_rank(parsed["prompt"], parsed["concepts"]), notes=notes,
         init_image=parsed.get("init_image"), strength=parsed.get("strength"),
+        loras=_option_loras(parsed),
     )
     if recipe.strength is not None and recipe.init_image is None:
         notes.append(f"{path.name} is an img2img render whose photo is not recorded; pass --init-image to "
@@ -213,3 +235,12 @@ def _default_rank(prompt: str, concepts: dict) -> int | None:
     ranks = {concepts[name]["rank"] for name, rank in inline.items()
              if rank is None and name in concepts and concepts[name].get("rank") is not None}
     return ranks.pop() if len(ranks) == 1 else None
+
+
+def _option_loras(parsed: dict) -> list[str]:
+    """stc's record of LoRAs given as files (``--lora``), as ``--lora`` values; the prompt's
+    ``<lora:NAME>`` tags resolve again in the LoRA folder."""
+    from .loras import strip_lora_tags
+
+    inline = strip_lora_tags(parsed["prompt"])[1]
+    return [f"{lora['path']}:{lora['weight']}" for lora in parsed.get("loras") or [] if lora["name"] not in inline]

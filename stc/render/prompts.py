@@ -31,6 +31,9 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
     opens one and is not ``<name>`` or ``<name:rank>`` is an error that says what is wrong, so a
     mistyped reference never renders silently without its concept.
     """
+    from .loras import strip_lora_tags
+
+    prompt, _ = strip_lora_tags(prompt)  # <lora:name:0.8> tags are the render's LoRAs (loras.py), not text
     for span in _reference_spans(prompt):
         if not CONCEPT_REF.fullmatch(span):
             raise BadInput(_what_is_wrong(span))
@@ -85,7 +88,9 @@ def _what_is_wrong(span: str) -> str:
     name, colon, rank = inner.partition(":")
     if name.lower() != name and re.fullmatch(NAME_PATTERN, name.lower()):
         return f"concept names are lower-case: write <{name.lower()}{colon}{rank}>, not {shown}"
-    if colon and name.lower() in ("lora", "lyco", "hypernet"):
+    if colon and name.lower() == "lora":
+        return f"{shown} is not a LoRA tag stc reads: write <lora:NAME> or <lora:NAME:0.8>"
+    if colon and name.lower() in ("lyco", "hypernet"):
         return f"{shown} is an A1111 extension tag, which stc does not apply; remove it from the prompt"
     if not re.fullmatch(NAME_PATTERN, name):
         return (f"{shown} is not a concept reference: a concept name is 1-64 lower-case ASCII letters, digits, "
