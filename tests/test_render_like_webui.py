@@ -380,22 +380,31 @@ def test_img2img_on_sdxl_equals_diffusers_sdxl_img2img_pipeline(tmp_path):
 # --------------------------------------------------------------------------- LoRAs
 
 
-def random_lora(pipeline, path, layout="diffusers", seed=0):
+def random_lora(pipeline, path, layout="diffusers", seed=0, text_encoders=False):
     """A random LoRA (rank 4, on every attention projection of the UNet) for ``pipeline``'s model,
     in diffusers/peft's layout (built with peft, saved with diffusers' save_lora_weights) or in
     kohya/webui's (the same tensors under kohya's names, with alpha = rank: scale 1, as peft's)."""
     import copy
 
     import torch
-    from peft import LoraConfig, get_peft_model_state_dict
+    from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
     from safetensors.torch import load_file, save_file
 
     pipe = copy.deepcopy(pipeline)
     torch.manual_seed(seed)  # peft draws the random A and B from the global generator
     pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
                                      target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    layers = {"unet_lora_layers": get_peft_model_state_dict(pipe.unet)}
+    if text_encoders:  # and on every text encoder's attention projections
+        for attribute in ("text_encoder", "text_encoder_2"):
+            if getattr(pipe, attribute, None) is not None:
+                # peft's own injection (transformers' add_adapter asks for a newer peft than PyPI has)
+                inject_adapter_in_model(LoraConfig(r=4, lora_alpha=4, init_lora_weights=False,
+                                                   target_modules=["q_proj", "k_proj", "v_proj"]),
+                                        getattr(pipe, attribute))
+                layers[f"{attribute}_lora_layers"] = get_peft_model_state_dict(getattr(pipe, attribute))
     folder = path.parent / f"{path.stem}-diffusers"
-    type(pipe).save_lora_weights(folder, unet_lora_layers=get_peft_model_state_dict(pipe.unet))
+    type(pipe).save_lora_weights(folder, **layers)
     tensors = load_file(folder / "pytorch_lora_weights.safetensors")
     if layout == "diffusers":
         save_file(tensors, str(path))
@@ -484,3 +493,29 @@ def test_inline_lora_tags_the_lora_folder_the_png_record_and_from(tmp_path, stc_
     assert missing.exit_code == 1 and "no LoRA folder is set" in missing.stderr
     other = invoke("gen", "a cat <lora:nope>", *TINY, "--lora-dir", tmp_path / "loras")
     assert other.exit_code == 1 and "no nope.safetensors" in other.stderr and "style" in other.stderr
+
+
+def test_sdxl_and_text_encoder_loras_equal_diffusers(tmp_path):
+    import copy
+
+    import torch
+    from diffusers import DPMSolverMultistepScheduler
+    from helpers import assert_close_in_scale
+
+    from stc.models.base import load_base_model
+    from stc.render.generation import Renderer, RenderSettings
+    from stc.render.loras import Lora
+
+    for spec in ("builtin:tiny-sdxl", "builtin:tiny"):
+        fresh = load_base_model(spec, device="cpu")
+        path = random_lora(fresh.pipeline, tmp_path / f"{spec[8:]}.safetensors", text_encoders=True)
+        plain_pipe = copy.deepcopy(fresh.pipeline)
+        plain_pipe.scheduler = DPMSolverMultistepScheduler.from_config(plain_pipe.scheduler.config)  # stc's
+        plain_pipe.load_lora_weights(str(path), adapter_name="x")
+        plain_pipe.set_adapters(["x"], adapter_weights=[0.7])
+        expected = plain_pipe("a cat on the beach", num_inference_steps=3, guidance_scale=7.5,
+                              generator=[torch.Generator().manual_seed(1)], output_type="latent").images
+        renderer = Renderer(load_base_model(spec, device="cpu"), {}, [Lora("x", path, 0.7)])
+        ours = renderer.latents("a cat on the beach", [1], RenderSettings(steps=3))
+        # stc's own text encoding and loop over the same LoRA-wrapped layers: rounding relative to scale
+        assert_close_in_scale(ours, expected, 1e-4)
