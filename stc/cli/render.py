@@ -60,7 +60,7 @@ StrengthOpt = Annotated[Optional[float], _render_option(
     _DEFAULTS.strength)]
 LoraOpt = Annotated[Optional[list[str]], typer.Option(
     "--lora", show_default=False, metavar="FILE[:WEIGHT]",
-    help="A LoRA to render with, FILE[:WEIGHT] (default weight 1; repeatable): a "
+    help="A LoRA to render with, FILE[:WEIGHT] (weight 1 when none is given; repeatable): a "
     "kohya/webui or diffusers/peft .safetensors for the model's family (SD 1.x, 2.x, SDXL; another family's is "
     "refused before anything loads). In the prompt, <lora:NAME:WEIGHT> loads NAME.safetensors from the LoRA "
     "folder, as in the webui.")]
