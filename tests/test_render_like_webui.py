@@ -4,6 +4,7 @@ prompt, re-rendering from a PNG's parameters, prompt weighting, img2img, LoRAs."
 import json
 
 import numpy as np
+import pytest
 from helpers import invoke
 from PIL import Image
 
@@ -468,8 +469,9 @@ def test_a_lora_of_another_family_is_refused_before_any_weights_load(tmp_path, m
 
 
 def test_inline_lora_tags_the_lora_folder_the_png_record_and_from(tmp_path, stc_home):
-    random_lora(__import__("stc.models.base", fromlist=["x"]).load_base_model("builtin:tiny", device="cpu").pipeline,
-                tmp_path / "loras" / "style.safetensors")
+    from stc.models.base import load_base_model
+
+    random_lora(load_base_model("builtin:tiny", device="cpu").pipeline, tmp_path / "loras" / "style.safetensors")
     stc_home.mkdir(parents=True, exist_ok=True)
     (stc_home / "config.yaml").write_text(f"loras: {tmp_path / 'loras'}\n")
     tagged = invoke("gen", "a cat <lora:style:0.8>", *TINY, "--json", "--out", tmp_path / "a")
@@ -488,6 +490,17 @@ def test_inline_lora_tags_the_lora_folder_the_png_record_and_from(tmp_path, stc_
     for source in (record, given):  # --from: the tag resolves again, the --lora file is recorded
         again = json.loads(invoke("gen", "--from", source["path"], "--json", "--out", tmp_path / "d").stdout)
         assert np.array_equal(pixels(again["path"]), pixels(source["path"]))
+    grid = invoke("grid", "a cat <lora:style:0.5>", *TINY, "--ranks", 1, "--seeds", 0, "--out", tmp_path / "g.png")
+    assert grid.exit_code == 0, grid.output
+    (tmp_path / "prompts.txt").write_text("a cat <lora:style>\na dog\n")
+    mixed = invoke("grid", "--prompts", tmp_path / "prompts.txt", *TINY, "--ranks", 1)
+    assert mixed.exit_code == 1 and "different <lora:" in mixed.stderr
+    from stc.errors import BadInput
+    from stc.render.generation import Renderer, RenderSettings
+
+    with pytest.raises(BadInput, match="not loaded in this render"):
+        Renderer(load_base_model("builtin:tiny", device="cpu"), {}).render("a cat <lora:style>", [0],
+                                                                          RenderSettings(steps=1))
     (stc_home / "config.yaml").write_text("model: builtin:tiny\n")
     missing = invoke("gen", "a cat <lora:style:0.8>", *TINY)
     assert missing.exit_code == 1 and "no LoRA folder is set" in missing.stderr

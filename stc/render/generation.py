@@ -311,6 +311,7 @@ class Renderer:
         """Yield (jobs, latents) per batch of distinct jobs, in first-request order."""
         distinct: dict[tuple, _Job] = {}
         for request in requests:
+            self.check_lora_tags(request.prompt)
             job = resolve_request(request, settings, self.concepts)
             distinct.setdefault(job.image_key, job)  # first occurrence order, duplicates dropped
         jobs = list(distinct.values())
@@ -444,6 +445,17 @@ class Renderer:
                if settings.init_image is not None else {}),
             **({"loras": self.lora_records()} if self.loras else {}),
         }
+
+    def check_lora_tags(self, prompt: str) -> None:
+        """A ``<lora:NAME>`` tag of ``prompt`` that names none of this render's LoRAs is an error (it
+        would render without it): a library caller passes the LoRAs (``loras=``, ``render_loras``)."""
+        from .loras import strip_lora_tags
+
+        loaded = {lora.name: lora.weight for lora in self.loras}
+        for name, weight in strip_lora_tags(prompt)[1].items():
+            if loaded.get(name) != weight:
+                raise BadInput(f"<lora:{name}:{weight:g}> is not loaded in this render (its LoRAs: "
+                               f"{', '.join(lora.tag for lora in self.loras) or 'none'}); pass it in loras=")
 
     def lora_records(self) -> list[dict]:
         """Each LoRA of this render: name, weight, file and the webui's hash of it (computed once)."""
