@@ -48,21 +48,27 @@ def embedding_renderer(base, vectors, widths=None, name="easyneg"):
     return Renderer(base, {name: (concept, mapper)})
 
 
-def test_a_negative_embedding_equals_diffusers_with_it_loaded_in_the_negative_prompt(tiny):
+@pytest.mark.parametrize("spec", ["builtin:tiny", "builtin:tiny-sd2"])
+def test_a_negative_embedding_equals_diffusers_with_it_loaded_in_the_negative_prompt(spec):
     import copy
 
     import torch
+    from diffusers import DPMSolverMultistepScheduler
     from helpers import assert_close_in_scale
 
+    from stc.models.base import load_base_model
     from stc.render.generation import RenderSettings
 
-    vectors = torch.randn(2, 32, generator=torch.Generator().manual_seed(5))  # two vectors, as EasyNegative has many
+    tiny = load_base_model(spec, device="cpu")
+    width = tiny.text_width
+    vectors = torch.randn(2, width, generator=torch.Generator().manual_seed(5))  # two vectors: EasyNegative has many
     plain_pipe = copy.deepcopy(tiny.pipeline)
+    plain_pipe.scheduler = DPMSolverMultistepScheduler.from_config(plain_pipe.scheduler.config)  # stc's default
     plain_pipe.load_textual_inversion(vectors, token="<easyneg>", tokenizer=plain_pipe.tokenizer,
                                       text_encoder=plain_pipe.text_encoder)
     expected = plain_pipe(
         "a cat on the beach", negative_prompt="<easyneg>, blurry", num_inference_steps=5, guidance_scale=5.0,
-        height=64, width=64, generator=[torch.Generator().manual_seed(4)], output_type="latent",
+        generator=[torch.Generator().manual_seed(4)], output_type="latent",
     ).images
     renderer = embedding_renderer(tiny, vectors)
     settings = RenderSettings(steps=5, cfg=5.0, negative="<easyneg>, blurry")
@@ -519,7 +525,7 @@ def test_sdxl_and_text_encoder_loras_equal_diffusers(tmp_path):
     from stc.render.generation import Renderer, RenderSettings
     from stc.render.loras import Lora
 
-    for spec in ("builtin:tiny-sdxl", "builtin:tiny"):
+    for spec in ("builtin:tiny-sdxl", "builtin:tiny", "builtin:tiny-sd2"):
         fresh = load_base_model(spec, device="cpu")
         path = random_lora(fresh.pipeline, tmp_path / f"{spec[8:]}.safetensors", text_encoders=True)
         plain_pipe = copy.deepcopy(fresh.pipeline)
