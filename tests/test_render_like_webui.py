@@ -538,3 +538,19 @@ def test_sdxl_and_text_encoder_loras_equal_diffusers(tmp_path):
         ours = renderer.latents("a cat on the beach", [1], RenderSettings(steps=3))
         # stc's own text encoding and loop over the same LoRA-wrapped layers: rounding relative to scale
         assert_close_in_scale(ours, expected, 1e-4)
+
+
+def test_lora_hashes_are_the_webuis(tmp_path):
+    import hashlib
+
+    import torch
+    from safetensors.torch import save_file
+
+    from stc.render.loras import lora_hash
+
+    save_file({"w": torch.ones(3)}, str(tmp_path / "a.safetensors"))
+    data = (tmp_path / "a.safetensors").read_bytes()
+    start = 8 + int.from_bytes(data[:8], "little")
+    assert lora_hash(tmp_path / "a.safetensors") == hashlib.sha256(data[start:]).hexdigest()  # "addnet" hash
+    save_file({"w": torch.ones(3)}, str(tmp_path / "b.safetensors"), metadata={"sshs_model_hash": "ab" * 32})
+    assert lora_hash(tmp_path / "b.safetensors") == "ab" * 32  # kohya's recorded hash wins, as in the webui

@@ -119,11 +119,20 @@ def check_lora_family(loras: list[Lora], backbone, spec: str) -> None:
 
 
 def lora_hash(path: Path) -> str:
-    """The webui's hash of a LoRA safetensors file (its "addnet" hash: sha256 of the bytes after the
-    header), in full; the webui prints its first 12 characters."""
+    """The webui's hash of a LoRA safetensors file, in full (it prints the first 12 characters): the
+    ``sshs_model_hash`` its header's metadata holds (kohya writes it), else the "addnet" hash, the
+    sha256 of the bytes after the header."""
+    import json
+
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         header_length = int.from_bytes(handle.read(8), "little")
+        try:
+            recorded = json.loads(handle.read(header_length)).get("__metadata__", {}).get("sshs_model_hash")
+        except (ValueError, AttributeError):
+            recorded = None
+        if isinstance(recorded, str) and re.fullmatch(r"[0-9a-fA-F]{12,64}", recorded):
+            return recorded.lower()
         handle.seek(8 + header_length)
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
