@@ -91,7 +91,7 @@ def _img2img(init_image, strength) -> dict:
             raise BadInput("--strength applies to img2img: give the photo with --init-image")
         return {}
     load_init_image(init_image)
-    return {"init_image": str(init_image), "strength": strength}
+    return {"init_image": str(Path(init_image).resolve()), "strength": strength}  # recorded: --from finds it
 
 
 def _loras(prompts, options, folder, env) -> list:

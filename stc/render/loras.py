@@ -58,7 +58,7 @@ def parse_lora_option(value: str) -> Lora:
         path, value_weight = Path(path_text), float(weight)
     else:
         path, value_weight = Path(value), 1.0
-    return Lora(name=path.stem, path=check_lora_file(path, "--lora"), weight=value_weight)
+    return Lora(name=path.stem, path=check_lora_file(path, "--lora").resolve(), weight=value_weight)  # for --from
 
 
 def check_lora_file(path: Path, flag: str) -> Path:
