@@ -21,6 +21,8 @@ from pathlib import Path
 from .errors import BadInput
 
 MAX_SEED = 2**63 - 1  # torch generators take 64-bit seeds
+RANDOM_SEED = -1  # --seed -1: draw one (the A1111 webui's "random")
+DRAWN_SEED_LIMIT = 2**32  # drawn seeds lie in 0..2**32-1, as the webui draws them (short to retype)
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 CONFIG_FILE = "config.yaml"  # in the registry root: settings of this registry (today: model)
@@ -82,6 +84,27 @@ class Settings:
         if not isinstance(model, str):
             raise BadInput(f"{path}: 'model' must be a model name or path, not {model!r}")
         return model
+
+
+def lora_folder(settings: "Settings") -> Path | None:
+    """The folder ``<lora:NAME>`` tags are looked up in: ``loras:`` in the registry's ``config.yaml``
+    (relative to it), else None."""
+    path = settings.home / CONFIG_FILE
+    folder = _read_config(path).get("loras")
+    if folder in (None, ""):
+        return None
+    if not isinstance(folder, str):
+        raise BadInput(f"{path}: 'loras' must be a folder of LoRA files, not {folder!r}")
+    return (path.parent / Path(folder).expanduser()).resolve()
+
+
+def draw_seed(seed: int) -> int:
+    """``seed`` itself, or a seed drawn from the OS's randomness for :data:`RANDOM_SEED` (-1)."""
+    if seed != RANDOM_SEED:
+        return seed
+    import secrets
+
+    return secrets.randbelow(DRAWN_SEED_LIMIT)
 
 
 def registry_root() -> Path:

@@ -130,9 +130,9 @@ def test_each_placeholder_is_conditioned_by_its_own_mapper(tiny):
     assert torch.allclose(back, straight_images, atol=1e-5)
 
 
-def test_negative_with_a_concept_and_overlong_prompts_are_clear_errors(tiny):
+def test_negative_with_a_malformed_concept_and_overlong_prompts_are_clear_errors(tiny):
     with pytest.raises(BadInput, match="--negative"):
-        RenderSettings(negative="<mydog>")
+        RenderSettings(negative="<mydog:abc>")
     renderer = Renderer(tiny, {"mydog": (make_concept("mydog", cross_attention_layer_names(tiny.pipeline.unet)),
                                          make_mapper(1))})
     with pytest.raises(BadInput, match="shorten the prompt"):
@@ -249,7 +249,7 @@ def test_gen_unknown_concept_lists_close_names(saved_concepts):
     (("--dtype", "fp8"), "--dtype"),
     (("--dtype", "fp16", "--device", "cpu"), "fp16"),
     (("--rank", 0), "--rank"),
-    (("--negative", "<mycat>"), "--negative"),
+    (("--negative", "<mycat:abc>"), "--negative"),
 ])
 def test_gen_bad_options_are_one_line_errors(saved_concepts, args, fragment):
     result = invoke("gen", "<mydog>", "--steps", 1, *args)

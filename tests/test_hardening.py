@@ -26,7 +26,8 @@ def test_unbalanced_brackets_are_refused(prompt):
     ("a <> on the moon", "<> names no concept"),
     ("<x y> on the moon", "<x y> is not a concept reference"),
     ("<wedge_!> here", "is not a concept reference"),
-    ("<lora:foo:0.8> a cat", "A1111 extension tag"),
+    ("<lyco:foo:0.8> a cat", "A1111 extension tag"),
+    ("<lora:> a cat", "write <lora:NAME> or <lora:NAME:0.8>"),
     ("<Wedge:8>", "write <wedge:8>"),
 ])
 def test_anything_that_opens_a_reference_and_is_not_one_is_refused(prompt, fragment):

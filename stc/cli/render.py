@@ -10,13 +10,13 @@ from rich.markup import escape
 
 from ..models.schedulers import SCHEDULERS
 from ..render.generation import RenderSettings
+from ..settings import RANDOM_SEED, draw_seed
 from ._base import (
     DeviceOpt,
     JsonOpt,
     ModelConfigOpt,
     ModelOpt,
     PredictionTypeOpt,
-    SeedOpt,
     app,
     command_env,
     err,
@@ -43,12 +43,29 @@ BatchSizeOpt = Annotated[
 ]
 StepsOpt = Annotated[Optional[int], _render_option("--steps", "Denoising steps.", _DEFAULTS.steps)]
 CfgOpt = Annotated[Optional[float], _render_option("--cfg", "Classifier-free guidance scale.", _DEFAULTS.cfg)]
-NegativeOpt = Annotated[Optional[str], _render_option("--negative", "Negative prompt (plain words, no concepts).")]
+NegativeOpt = Annotated[Optional[str], _render_option(
+    "--negative", "Negative prompt; may use concepts and imported embeddings (--negative \"<easynegative>, "
+    "blurry\", after stc import easynegative.safetensors), each at its inline rank or in full.")]
 WidthOpt = Annotated[Optional[int], _render_option("--width", "Width in px, a multiple of 8.", "the model's")]
 HeightOpt = Annotated[Optional[int], _render_option("--height", "Height in px, a multiple of 8.", "the model's")]
 SchedulerOpt = Annotated[
     Optional[str], _render_option("--scheduler", f"{', '.join(SCHEDULERS)}.", _DEFAULTS.scheduler)
 ]
+InitImageOpt = Annotated[Optional[Path], typer.Option(
+    "--init-image", help="img2img: start from this photo (resized to --width/--height, else the model's size) "
+    "instead of noise, as diffusers' img2img pipelines do; --strength says how much of it is redrawn.")]
+StrengthOpt = Annotated[Optional[float], _render_option(
+    "--strength", "With --init-image: the part of the schedule that runs, 0 (the photo as it is, through the "
+    "VAE) to 1 (all steps from noise: the photo is not used); the webui's denoising strength.",
+    _DEFAULTS.strength)]
+LoraOpt = Annotated[Optional[list[str]], typer.Option(
+    "--lora", show_default=False, metavar="FILE[:WEIGHT]",
+    help="A LoRA to render with, FILE[:WEIGHT] (weight 1 when none is given; repeatable): a "
+    "kohya/webui or diffusers/peft .safetensors for the model's family (SD 1.x, 2.x, SDXL; another family's is "
+    "refused before anything loads). In the prompt, <lora:NAME:WEIGHT> loads NAME.safetensors from the LoRA "
+    "folder, as in the webui.")]
+LoraDirOpt = Annotated[Optional[Path], typer.Option(
+    "--lora-dir", help="The folder <lora:NAME> tags are looked up in.  [default: loras: in $STC_HOME/config.yaml]")]
 ForceSizeOpt = Annotated[
     bool, typer.Option("--force-size", help="Render a size far outside the model's range (more than 8x its "
                        "resolution on a side, or 16x its pixels), which is otherwise refused with the memory it "
@@ -64,7 +81,29 @@ def _settings(**given) -> RenderSettings:
     return RenderSettings(**{key: value for key, value in given.items() if value is not None})
 
 
-def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False):
+def _img2img(init_image, strength) -> dict:
+    """The img2img settings of --init-image / --strength; the photo is read here, before any model loads."""
+    from ..errors import BadInput
+    from ..render.generation import load_init_image
+
+    if init_image is None:
+        if strength is not None:
+            raise BadInput("--strength applies to img2img: give the photo with --init-image")
+        return {}
+    load_init_image(init_image)
+    return {"init_image": str(Path(init_image).resolve()), "strength": strength}  # recorded: --from finds it
+
+
+def _loras(prompts, options, folder, env) -> list:
+    """The LoRAs of --lora and the prompts' <lora:NAME> tags; files and names are checked here."""
+    from ..render.loras import parse_lora_option, render_loras
+    from ..settings import lora_folder
+
+    folder = folder if folder is not None else lora_folder(env)
+    return render_loras(prompts, [parse_lora_option(value) for value in options or []], folder)
+
+
+def _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size=False, loras=()):
     quiet_libraries()
     from ..models.sizes import check_size
     from ..render.generation import Renderer
@@ -79,7 +118,7 @@ def _load_renderer(requests, settings, model, model_config, device, dtype, env, 
             renderer = Renderer.from_registry(
                 requests, settings, registry=open_registry(env), model=model,
                 model_config=str(model_config) if model_config else None, device=device, dtype=dtype,
-                on_status=lambda message: status.update(message), env=env,
+                on_status=lambda message: status.update(message), env=env, loras=loras,
             )
     except KeyboardInterrupt:
         raise Interrupted("stopped while loading the model, before the first image: nothing was written and "
@@ -98,9 +137,10 @@ def _load_renderer(requests, settings, model, model_config, device, dtype, env, 
 def gen(
     ctx: typer.Context,
     prompt: Annotated[
-        str,
-        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank."),
-    ],
+        Optional[str],
+        typer.Argument(help="Prompt; <name> uses a concept (several may appear), <name:8> sets its rank; "
+                       "(word:1.3), (word) and [word] weight words as the A1111 webui does. Optional with --from."),
+    ] = None,
     rank: Annotated[
         Optional[int],
         typer.Option(
@@ -111,7 +151,13 @@ def gen(
             show_default=False,
         ),
     ] = None,
-    seed: SeedOpt = 0,
+    seed: Annotated[Optional[int], typer.Option(
+        "--seed", "-s", show_default=False, help="Random seed; the same seed gives the same result. -1 draws one "
+        "at random (as the A1111 webui does), prints it and records it in the PNG.  [default: 0]")] = None,
+    from_image: Annotated[Optional[Path], typer.Option(
+        "--from", help="Render again the image a PNG was made with: its parameters (stc's PNGs and the A1111 "
+        "webui's) give the prompt, negative prompt, seed, steps, CFG, size, sampler, model and rank; every "
+        "option given here overrides them (--from a.png --seed 5).")] = None,
     num_images: Annotated[
         int, typer.Option("-n", "--num-images", help="Images to render (seeds S, S+1, ...).")
     ] = 1,
@@ -122,6 +168,10 @@ def gen(
     width: WidthOpt = None,
     height: HeightOpt = None,
     scheduler: SchedulerOpt = None,
+    init_image: InitImageOpt = None,
+    strength: StrengthOpt = None,
+    lora: LoraOpt = None,
+    lora_dir: LoraDirOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -141,14 +191,35 @@ def gen(
 
     if num_images < 1:
         raise BadInput(f"-n must be at least 1, got {num_images}")
+    if from_image is not None:
+        from ..render.pngmeta import recipe_from_png
+
+        recipe = recipe_from_png(from_image)
+        for note in recipe.notes:
+            err.print(f"[dim]Note: {escape(note)}[/]", soft_wrap=True)
+        lora = lora or recipe.loras
+        prompt, negative, seed, steps, cfg, width, height, scheduler, model, rank, init_image, strength = (
+            given if given is not None else recorded for given, recorded in (
+                (prompt, recipe.prompt), (negative, recipe.negative), (seed, recipe.seed), (steps, recipe.steps),
+                (cfg, recipe.cfg), (width, recipe.width), (height, recipe.height), (scheduler, recipe.scheduler),
+                (model, recipe.model), (rank, recipe.rank), (init_image, recipe.init_image),
+                (strength, recipe.strength)))
+    if prompt is None:
+        raise BadInput('give a PROMPT (stc gen "a <name> on the moon") or --from IMAGE.png')
+    seed = 0 if seed is None else seed
+    if seed == RANDOM_SEED:
+        seed = draw_seed(seed)
+        err.print(f"Seed: {seed} (drawn at random; --seed {seed} renders the same image again)", markup=False,
+                  highlight=False)
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
-        rank=rank, batch_size=batch_size,
+        rank=rank, batch_size=batch_size, **_img2img(init_image, strength),
     )
     requests = [RenderRequest(prompt, image_seed) for image_seed in range(seed, seed + num_images)]
     check_folder(out_dir)  # before anything loads
-    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type), force_size)
+    env = command_env(ctx, prediction_type=prediction_type)
+    loras = _loras([prompt], lora, lora_dir, env)
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size, loras)
     saved = 0
     try:
         with progress_bar(f"rendering {num_images} image(s)", "denoising steps") as progress:
@@ -205,6 +276,10 @@ def grid(
     width: WidthOpt = None,
     height: HeightOpt = None,
     scheduler: SchedulerOpt = None,
+    init_image: InitImageOpt = None,
+    strength: StrengthOpt = None,
+    lora: LoraOpt = None,
+    lora_dir: LoraDirOpt = None,
     model: ModelOpt = None,
     model_config: ModelConfigOpt = None,
     device: DeviceOpt = None,
@@ -238,13 +313,14 @@ def grid(
         seed_list = [0] if prompts_file else list(DEFAULT_SEEDS)
     settings = _settings(
         steps=steps, cfg=cfg, width=width, height=height, scheduler=scheduler, negative=negative,
-        batch_size=batch_size,
+        batch_size=batch_size, **_img2img(init_image, strength),
     )
     requests = grid_requests(prompts, rank_list, seed_list)  # an empty prompt fails here
     target = free_grid_path(out_file or default_grid_path(prompts, prompts_file))  # a bad --out fails first
     check_folder(target.parent)
-    renderer = _load_renderer(requests, settings, model, model_config, device, dtype,
-                              command_env(ctx, prediction_type=prediction_type), force_size)
+    env = command_env(ctx, prediction_type=prediction_type)
+    loras = _loras(prompts, lora, lora_dir, env)
+    renderer = _load_renderer(requests, settings, model, model_config, device, dtype, env, force_size, loras)
     cells = len(prompts) * len(seed_list) * len(rank_list)
     description = f"rendering a {len(rank_list)}x{len(prompts) * len(seed_list)} grid ({cells} cells)"
     output = GridOutput(target)

@@ -18,7 +18,7 @@ from ..method.conditioning import Conditioning, TextConditioner
 from ..models.schedulers import check_scheduler, make_scheduler
 from ..settings import MAX_SEED, Settings
 from ..store.concept import Concept
-from .prompts import CONCEPT_REF, parse_prompt, resolve_ranks
+from .prompts import parse_prompt, resolve_ranks, weighted_segments
 
 # progress(done, total): denoising steps summed over images
 ProgressCallback = Callable[[int, int], None]
@@ -34,6 +34,8 @@ class RenderSettings:
     negative: str = ""
     rank: int | None = None  # default rank of concepts without an inline rank (None: full)
     batch_size: int = 4
+    init_image: str | None = None  # img2img: the photo to start from (a path), resized to the render's size
+    strength: float = 0.75  # img2img: how much of the schedule runs (0: the photo, 1: all, as txt2img)
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -42,14 +44,29 @@ class RenderSettings:
             raise BadInput(f"batch size (--batch-size) must be at least 1, got {self.batch_size}")
         if not math.isfinite(self.cfg):
             raise BadInput(f"cfg (--cfg) must be a finite number, got {self.cfg}")
+        if not (math.isfinite(self.strength) and 0 <= self.strength <= 1):
+            raise BadInput(f"strength (--strength) must lie between 0 (the photo as it is) and 1 (all steps), "
+                           f"got {self.strength}")
         if self.rank is not None and self.rank < 1:
             raise BadInput(f"rank {self.rank} (--rank): ranks start at 1 (1..128 for concepts trained by stc)")
         for flag, value in (("--width", self.width), ("--height", self.height)):
             if value is not None and (value < 8 or value % 8):
-                raise BadInput(f"{flag} must be a positive multiple of 8, got {value}")
+                raise BadInput(f"{flag.removeprefix('--')} ({flag}) must be a positive multiple of 8, got {value}")
         check_scheduler(self.scheduler)
-        if CONCEPT_REF.search(self.negative):
-            raise BadInput("the negative prompt (--negative) cannot use concepts (<name>); write it in plain words")
+        from .loras import LORA_TAG
+
+        if LORA_TAG.search(self.negative):
+            raise BadInput("the negative prompt (--negative): <lora:…> tags apply to the whole render; put them in "
+                           "the prompt or use --lora")
+        try:  # a malformed <…> in --negative fails before anything loads
+            parse_prompt(self.negative)
+        except BadInput as exc:
+            raise BadInput(f"the negative prompt (--negative): {exc}") from None
+
+    @property
+    def negative_concepts(self) -> list[str]:
+        """The concepts (imported embeddings too: ``<easynegative>``) the negative prompt uses."""
+        return list(parse_prompt(self.negative).ranks)
 
 
 @dataclass
@@ -65,7 +82,8 @@ class RenderRequest:
             raise BadInput('the prompt is empty: say what to render, e.g. stc gen "a <name> on the moon" (without '
                            "a <concept>, plain Stable Diffusion), or try --model builtin:shapes offline")
         if not 0 <= self.seed <= MAX_SEED:
-            raise BadInput(f"seeds must lie between 0 and {MAX_SEED}, got {self.seed}")
+            raise BadInput(f"seeds must lie between 0 and {MAX_SEED} (or be -1 on the command line: a random one), "
+                           f"got {self.seed}")
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,17 @@ class RenderedImage:
     key: tuple = ()  # which distinct image of a render this is
 
 
+def resolve_negative(settings: RenderSettings, concepts: dict[str, Concept]) -> tuple[str, dict[str, int | None]]:
+    """The negative prompt's text and its concepts' ranks: each concept's inline rank
+    (``<easynegative:4>``), else its full rank (``--rank`` and a grid's columns are the prompt's)."""
+    parsed = parse_prompt(settings.negative)
+    unknown = [name for name in parsed.ranks if name not in concepts]
+    if unknown:
+        raise BadInput(f"concept(s) {', '.join(unknown)} of --negative are not loaded for this render")
+    ranks = resolve_ranks(parsed, {name: concepts[name].rank_max for name in parsed.ranks}, None, "--negative")
+    return parsed.text, ranks
+
+
 def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: dict[str, Concept]) -> _Job:
     """The concepts and ranks ``request`` needs; unknown concepts and bad ranks fail here."""
     parsed = parse_prompt(request.prompt)
@@ -111,14 +140,19 @@ def resolve_request(request: RenderRequest, settings: RenderSettings, concepts: 
 class Renderer:
     """A base model with concepts attached; renders prompts that reference them."""
 
-    def __init__(self, base, concepts: dict[str, tuple[Concept, object]]):
+    def __init__(self, base, concepts: dict[str, tuple[Concept, object]], loras=()):
         from ..method.encoding import ConceptSlot
         from ..method.placeholders import add_to_tokenizers, placeholder_tokens
         from ..method.spacetime import install_processors
+        from .loras import check_lora_family, load_loras
 
         self.base = base
         pipe, backbone = base.pipeline, base.backbone
         self.backbone = backbone
+        self.loras = list(loras)
+        check_lora_family(self.loras, backbone, base.spec)
+        load_loras(pipe, self.loras)  # peft wraps the layers' projections; stc's processors call them
+        self._lora_hashes: dict[str, str] | None = None
         self.layer_names = install_processors(pipe.unet)
         self.concepts = {name: concept for name, (concept, _) in concepts.items()}
         self.notes = compatibility_notes(list(self.concepts.values()), base) if self.concepts else []
@@ -131,13 +165,14 @@ class Renderer:
         self.text = TextConditioner(
             backbone.text_encoders(pipe), backbone.tokenizers(pipe), base.device, slots, len(self.layer_names), tokens,
             zero_empty_negative=bool(pipe.config.get("force_zeros_for_empty_prompt", False)),
+            segmenter=weighted_segments,
         )
 
     @classmethod
     def from_registry(
         cls, requests: list[RenderRequest], settings: RenderSettings, registry=None, model: str | None = None,
         model_config: str | None = None, device: str | None = None, dtype: str | None = None,
-        on_status: Callable[[str], None] | None = None, env: Settings | None = None,
+        on_status: Callable[[str], None] | None = None, env: Settings | None = None, loras=(),
     ) -> "Renderer":
         """Load the concepts ``requests`` use and their base model (or ``model``; ``env``: the
         environment's settings, e.g. the default model).
@@ -151,18 +186,26 @@ class Renderer:
         env = env or Settings.from_environment()
         registry = registry or Registry(env.home)
         names = dict.fromkeys(name for request in requests for name in parse_prompt(request.prompt).ranks)
+        names.update(dict.fromkeys(settings.negative_concepts))
         concepts = {name: registry.load(name) for name in names}
         for request in requests:
             resolve_request(request, settings, concepts)
+        resolve_negative(settings, concepts)
         spec = choose_model(list(concepts.values()), model, env)
         widths = encoder_widths_of(spec, model_config)  # from the model's config: no weights, no network
         if widths is not None:
             for concept in concepts.values():
                 check_family(concept, canonical_spec(spec), widths)
+            from ..models.backbones import backbone_for_widths
+            from .loras import check_lora_family
+
+            backbone = backbone_for_widths(widths)
+            if backbone is not None:  # a LoRA of another family: before any weights load
+                check_lora_family(list(loras), backbone, canonical_spec(spec))
         loaded = {name: (concept, load_mapper(concept)) for name, concept in concepts.items()}
         if on_status is not None:
             on_status(f"loading {spec}")
-        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config, env=env), loaded)
+        return cls(load_base_model(spec, device=device, dtype=dtype, config=model_config, env=env), loaded, loras)
 
     # ------------------------------------------------------------------ text
 
@@ -173,9 +216,19 @@ class Renderer:
         ``negative``: a precomputed plain encoding of settings.negative, to share it.
         """
         job = resolve_request(RenderRequest(prompt, seed=0, rank=rank), settings, self.concepts)
+        timesteps = self.timesteps(settings)
         if negative is None:
-            negative = self.text.negative(settings.negative)
-        return self.text.condition(job.text, dict(job.ranks), self.timesteps(settings), negative)
+            negative = self.negative(settings, timesteps)
+        return self.text.condition(job.text, dict(job.ranks), timesteps, negative)
+
+    def negative(self, settings: RenderSettings, timesteps):
+        """The encoding of the negative prompt: the plain one (an Encoding), or, when it uses
+        concepts, their conditioning for every (step, layer) of ``timesteps`` (a Conditioning),
+        as the prompt's own."""
+        text, ranks = resolve_negative(settings, self.concepts)
+        if not ranks:
+            return self.text.negative(settings.negative)
+        return self.text.condition(text, ranks, timesteps, negative=None)
 
     def timesteps(self, settings: RenderSettings):
         """The scheduler's timesteps for ``settings`` (what the mapper receives at each step)."""
@@ -260,14 +313,16 @@ class Renderer:
         """Yield (jobs, latents) per batch of distinct jobs, in first-request order."""
         distinct: dict[tuple, _Job] = {}
         for request in requests:
+            self.check_lora_tags(request.prompt)
             job = resolve_request(request, settings, self.concepts)
             distinct.setdefault(job.image_key, job)  # first occurrence order, duplicates dropped
         jobs = list(distinct.values())
         last_use = {job.conditioning_key: index for index, job in enumerate(jobs)}
         scheduler = self._scheduler(settings)  # one per render; each batch restarts its schedule
-        calls_per_image = len(scheduler.timesteps)  # PNDM's warm-up makes 11 UNet calls of --steps 10
+        # PNDM's warm-up makes 11 UNet calls of --steps 10; img2img runs the last ones only
+        calls_per_image = max(len(scheduler.timesteps) - img2img_start(scheduler, settings), 1)
         total, done = len(jobs) * settings.steps, 0  # progress counts the user's steps
-        negative = self.text.negative(settings.negative)
+        negative = self.negative(settings, scheduler.timesteps)
         conditionings: dict[tuple, Conditioning] = {}
         for start in range(0, len(jobs), settings.batch_size):
             batch = jobs[start : start + settings.batch_size]
@@ -300,38 +355,69 @@ class Renderer:
         width, height = self.size(settings)
         shape = (len(seeds), unet.config.in_channels, height // pipe.vae_scale_factor, width // pipe.vae_scale_factor)
         generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
-        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        negative = torch.cat([c.negative.keys for c in conditionings])  # B, S, D
-        use_spacetime = any(c.keys is not None for c in conditionings)
-        negative_pooled = _pooled_batch([c.negative for c in conditionings])  # B, P (SDXL) or None
+        first = img2img_start(scheduler, settings)
+        if first == 0:  # txt2img (and img2img at strength 1): the schedule from pure noise
+            latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=unet.dtype)
+            latents = latents * scheduler.init_noise_sigma
+        else:
+            latents = self._photo_latents(scheduler, settings, generators, shape, first).to(unet.dtype)
+        unconditional = uncond_conditionings(conditionings)  # the negative prompt's, as conditionings
+        both_halves = unconditional + list(conditionings)  # CFG: the negative half first
+        use_spacetime = any(c.keys is not None for c in both_halves)
         hidden = pooled = None
         if not use_spacetime:
-            hidden = torch.cat([negative, torch.cat([c.positive.keys for c in conditionings])])  # 2B, S, D
-            pooled = _pooled_batch([c.positive for c in conditionings])
+            hidden = torch.cat([c.positive.keys for c in both_halves])  # 2B, S, D
+            pooled = _pooled_batch([c.positive for c in both_halves])  # 2B, P (SDXL) or None
         num_layers = len(self.layer_names)
         with torch.no_grad():
-            for step_index, timestep in enumerate(scheduler.timesteps):
+            for step_index, timestep in enumerate(scheduler.timesteps[first:], start=first):
                 model_input = scheduler.scale_model_input(torch.cat([latents] * 2), timestep)
                 kwargs = None
                 if use_spacetime:
+                    uncond_keys, uncond_values, uncond_pooled = stack_step(unconditional, step_index, num_layers)
                     keys, values, pooled = stack_step(conditionings, step_index, num_layers)  # L, B, S, D; B, P
                     kwargs = {"spacetime": SpaceTimeConditioning(
-                        keys=with_uncond(negative, keys), values=with_uncond(negative, values)
+                        keys=torch.cat([uncond_keys.to(keys.dtype), keys], dim=1),  # L, 2B, S, D
+                        values=torch.cat([uncond_values.to(values.dtype), values], dim=1),
                     )}
                     hidden = kwargs["spacetime"].keys[0]  # read by no layer; sets the batch shape
+                    if pooled is not None:  # the negative prompt's first, then each sample's at the step
+                        pooled = torch.cat([uncond_pooled.to(pooled.dtype), pooled])
                 added_kwargs = None
-                if negative_pooled is not None:  # the negative prompt's first, then each sample's at the step
-                    both = torch.cat([negative_pooled, pooled.to(negative_pooled.dtype)])
-                    added_kwargs = self.backbone.added_conditioning(both, height, width)
+                if pooled is not None:
+                    added_kwargs = self.backbone.added_conditioning(pooled, height, width)
                 noise = unet(model_input, timestep, encoder_hidden_states=hidden, cross_attention_kwargs=kwargs,
                              added_cond_kwargs=added_kwargs).sample
                 uncond, cond = noise.chunk(2)
                 noise = uncond + settings.cfg * (cond - uncond)
                 latents = scheduler.step(noise, timestep, latents).prev_sample
                 if on_step is not None:
-                    on_step(step_index + 1)
+                    on_step(step_index + 1 - first)
         return latents
+
+    def _photo_latents(self, scheduler, settings: RenderSettings, generators, shape, first: int):
+        """img2img's first latents, as StableDiffusionImg2ImgPipeline makes them: the photo's VAE
+        latents (a sample of its posterior, each image's from its seed's generator), noised to the
+        first timestep that runs (``first``: its index in the schedule; none left at strength 0)
+        with noise drawn next from the same generator."""
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        pipe, device = self.base.pipeline, torch.device(self.base.device)
+        width, height = self.size(settings)
+        photo = pipe.image_processor.preprocess(load_init_image(settings.init_image), height=height, width=width)
+        vae = pipe.vae
+        with torch.no_grad():
+            posterior = vae.encode(photo.to(device, vae.dtype)).latent_dist
+        init = torch.cat([posterior.sample(generator=generator) for generator in generators])
+        init = init * vae.config.scaling_factor  # B, C, h, w
+        noise = randn_tensor(shape, generator=generators, device=device, dtype=init.dtype)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(first)
+        timesteps = scheduler.timesteps[first:]
+        if len(timesteps) == 0:  # strength 0: the photo's latents as they are
+            return init
+        return scheduler.add_noise(init, noise, timesteps[:1].repeat(shape[0]))
 
     def decode(self, latents) -> list:
         import torch
@@ -342,6 +428,7 @@ class Renderer:
         return pipe.image_processor.postprocess(decoded, output_type="pil")
 
     def metadata(self, prompt, seed, width, height, settings: RenderSettings, ranks) -> dict:
+        ranks = {**resolve_negative(settings, self.concepts)[1], **ranks}  # the negative prompt's concepts too
         concepts = {name: {"rank": ranks[name], "sha256": self.concepts[name].weights_sha256} for name in ranks}
         return {
             "prompt": prompt,
@@ -356,7 +443,54 @@ class Renderer:
             "dtype": str(self.base.dtype).removeprefix("torch."),
             "concepts": concepts,
             "stc_version": __version__,
+            **({"init_image": str(settings.init_image), "strength": settings.strength}
+               if settings.init_image is not None else {}),
+            **({"loras": self.lora_records()} if self.loras else {}),
         }
+
+    def check_lora_tags(self, prompt: str) -> None:
+        """A ``<lora:NAME>`` tag of ``prompt`` that names none of this render's LoRAs is an error (it
+        would render without it): a library caller passes the LoRAs (``loras=``, ``render_loras``)."""
+        from .loras import strip_lora_tags
+
+        loaded = {lora.name: lora.weight for lora in self.loras}
+        for name, weight in strip_lora_tags(prompt)[1].items():
+            if loaded.get(name) != weight:
+                raise BadInput(f"<lora:{name}:{weight:g}> is not loaded in this render (its LoRAs: "
+                               f"{', '.join(lora.tag for lora in self.loras) or 'none'}); pass it in loras=")
+
+    def lora_records(self) -> list[dict]:
+        """Each LoRA of this render: name, weight, file and the webui's hash of it (computed once)."""
+        from .loras import lora_hash
+
+        if self._lora_hashes is None:
+            self._lora_hashes = {lora.name: lora_hash(lora.path) for lora in self.loras}
+        return [{"name": lora.name, "weight": lora.weight, "path": str(lora.path), "hash": self._lora_hashes[lora.name]}
+                for lora in self.loras]
+
+
+def img2img_start(scheduler, settings: RenderSettings) -> int:
+    """The index in ``scheduler``'s timesteps of the first one that runs: 0 without a photo and at
+    strength 1 (all of them, from pure noise: txt2img); else diffusers' img2img rule: the last
+    int(steps x strength) steps (all of them at strength 0 skipped)."""
+    if settings.init_image is None or settings.strength >= 1:
+        return 0
+    run = min(int(settings.steps * settings.strength), settings.steps)
+    return (settings.steps - run) * scheduler.order
+
+
+def load_init_image(path):
+    """The img2img photo at ``path`` as an RGB PIL image (turned as its EXIF says); a file that is no
+    image is a one-line error."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            return ImageOps.exif_transpose(image).convert("RGB")
+    except FileNotFoundError:
+        raise BadInput(f"the init image (--init-image): {path} does not exist") from None
+    except (OSError, UnidentifiedImageError) as exc:
+        raise BadInput(f"the init image (--init-image): cannot read {path} as an image: {exc}") from None
 
 
 def _report_progress(progress: ProgressCallback, done_before: int, batch: int, total: int, steps: int,
@@ -380,6 +514,22 @@ def stack_step(conditionings: list[Conditioning], step_index: int, num_layers: i
     steps = [c.at_step(step_index, num_layers) for c in conditionings]
     pooled = torch.stack([p for _, _, p in steps]) if steps[0][2] is not None else None
     return torch.stack([k for k, _, _ in steps], dim=1), torch.stack([v for _, v, _ in steps], dim=1), pooled
+
+
+def uncond_conditionings(conditionings: list[Conditioning]) -> list[Conditioning]:
+    """The negative prompt of each sample as a Conditioning: its own per (step, layer) one when it
+    uses concepts, else its plain encoding read by every layer (one object per distinct negative,
+    so :func:`stack_step` shares it)."""
+    wrapped: dict[int, Conditioning] = {}
+    result = []
+    for conditioning in conditionings:
+        negative = conditioning.negative
+        if not isinstance(negative, Conditioning):
+            if id(negative) not in wrapped:
+                wrapped[id(negative)] = Conditioning(ranks={}, negative=None, positive=negative)
+            negative = wrapped[id(negative)]
+        result.append(negative)
+    return result
 
 
 def with_uncond(negative, conditional):

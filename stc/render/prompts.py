@@ -32,6 +32,9 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
     opens one and is not ``<name>`` or ``<name:rank>`` is an error that says what is wrong, so a
     mistyped reference never renders silently without its concept.
     """
+    from .loras import strip_lora_tags
+
+    prompt, _ = strip_lora_tags(prompt)  # <lora:name:0.8> tags are the render's LoRAs (loras.py), not text
     for span in _reference_spans(prompt):
         if not CONCEPT_REF.fullmatch(span):
             raise BadInput(_what_is_wrong(span))
@@ -86,7 +89,9 @@ def _what_is_wrong(span: str) -> str:
     name, colon, rank = inner.partition(":")
     if name.lower() != name and re.fullmatch(NAME_PATTERN, name.lower()):
         return f"concept names are lower-case: write <{name.lower()}{colon}{rank}>, not {shown}"
-    if colon and name.lower() in ("lora", "lyco", "hypernet"):
+    if colon and name.lower() == "lora":
+        return f"{shown} is not a LoRA tag stc reads: write <lora:NAME> or <lora:NAME:0.8>"
+    if colon and name.lower() in ("lyco", "hypernet"):
         return f"{shown} is an A1111 extension tag, which stc does not apply; remove it from the prompt"
     if not re.fullmatch(NAME_PATTERN, name):
         return (f"{shown} is not a concept reference: a concept name is 1-64 lower-case ASCII letters, digits, "
@@ -115,3 +120,67 @@ def resolve_ranks(parsed: ParsedPrompt, rank_max: Mapping[str, int | None], defa
         else:
             resolved[name] = limit
     return resolved
+
+
+# --------------------------------------------------------------------------- prompt weighting
+
+# The A1111 webui's emphasis grammar: "(text)" x1.1, "[text]" / 1.1, "(text:1.3)" x1.3, nested
+# brackets multiply, "\(" "\)" "\[" "\]" "\\" are the literal characters. An unclosed bracket
+# weights the rest of the prompt; a stray closing one is text. Tokens of the grammar, in order:
+_EMPHASIS = re.compile(r"""
+    \\[()\[\]\\]           # an escaped bracket or backslash: the literal character
+  | \\                     # a lone backslash: text
+  | [(\[]                  # an opening bracket
+  | :([+-]?[.\d]+)\)       # ":1.3)": closes a round bracket with that weight
+  | [)\]]                  # a closing bracket
+  | [^\\()\[\]:]+          # plain text
+  | :                      # a colon that is not a weight: text
+""", re.X)
+ROUND_WEIGHT = 1.1  # "(text)"; "[text]" divides by it
+
+
+def weighted_segments(text: str) -> list[tuple[str, float]]:
+    """``text`` (the prompt after concept references are resolved) as (text, weight) segments, as the
+    A1111 webui reads its emphasis syntax; neighbouring segments of one weight are merged. A
+    prompt without brackets or backslashes is one segment of weight 1.0, itself."""
+    segments: list[list] = []
+    opened: dict[str, list[int]] = {"(": [], "[": []}
+
+    def scale(start: int, factor: float) -> None:
+        for segment in segments[start:]:
+            segment[1] *= factor
+
+    for match in _EMPHASIS.finditer(text):
+        token, weight = match.group(0), match.group(1)
+        if token.startswith("\\") and len(token) == 2:
+            segments.append([token[1], 1.0])
+        elif token in "([":
+            opened[token].append(len(segments))
+        elif weight is not None and opened["("]:
+            try:
+                factor = float(weight)
+            except ValueError:
+                raise BadInput(f"({weight}) is not a weight: write (word:1.3)") from None
+            scale(opened["("].pop(), factor)
+        elif token == ")" and opened["("]:
+            scale(opened["("].pop(), ROUND_WEIGHT)
+        elif token == "]" and opened["["]:
+            scale(opened["["].pop(), 1 / ROUND_WEIGHT)
+        else:
+            segments.append([token, 1.0])
+    for start in opened["("]:
+        scale(start, ROUND_WEIGHT)
+    for start in opened["["]:
+        scale(start, 1 / ROUND_WEIGHT)
+    merged: list[list] = []
+    for segment in segments:
+        if merged and merged[-1][1] == segment[1]:
+            merged[-1][0] += segment[0]
+        else:
+            merged.append(segment)
+    return [(segment_text, weight) for segment_text, weight in merged] or [("", 1.0)]
+
+
+def uses_weighting(text: str) -> bool:
+    """Whether ``text`` holds any of the emphasis syntax (a bracket or a backslash)."""
+    return any(char in text for char in "()[]\\")

@@ -20,7 +20,7 @@ LAYOUTS = (SDXL, SD1)  # one of each layout, the one with more text encoders fir
 __all__ = [
     "BACKBONES", "CONFIGS", "LAYOUTS", "SD1", "SD2", "SDXL", "SDXL_LAYER_NAMES", "SD_LAYER_NAMES", "Backbone",
     "StableDiffusion", "StableDiffusionXL", "backbone_for_widths", "backbone_of", "backbone_of_hub_model",
-    "backbone_of_ti_keys", "encoder_components", "label_of_widths", "tokenizer_components",
+    "backbone_of_ti_keys", "encoder_components", "label_of_lora", "label_of_widths", "tokenizer_components",
 ]
 
 
@@ -75,3 +75,12 @@ def backbone_of_ti_keys(keys) -> Backbone | None:
     """The layout whose textual-inversion file holds the tensors ``keys`` (all of its ``ti_keys``)."""
     keys = set(keys)
     return next((layout for layout in LAYOUTS if set(layout.ti_keys) <= keys), None)
+
+
+def label_of_lora(shapes) -> str | None:
+    """The known family a LoRA file of these tensors (key -> shape) is for; None when they do not say."""
+    for backbone in BACKBONES:
+        context, encoders = backbone.lora_widths(shapes)
+        if (context is not None or any(width is not None for width in encoders)) and not backbone.lora_mismatch(shapes):
+            return backbone.label
+    return None

@@ -57,6 +57,7 @@ class Backbone:
     pretrained_kwargs: ClassVar[dict] = {}  # what its pipeline's from_pretrained gets besides the dtype
     ti_keys: ClassVar[tuple[str, ...]]  # its textual-inversion safetensors' tensors, one per text encoder
     single_file_encoders: ClassVar[tuple[tuple[str, str], ...]]  # (key layout, config subfolder) per text encoder
+    lora_text_prefixes: ClassVar[tuple[tuple[str, ...], ...]]  # per text encoder: its keys' prefixes in LoRA files
 
     @property
     def text_width(self) -> int:
@@ -107,6 +108,38 @@ class Backbone:
         """The diffusers pipeline of a single file's ``components`` (vae, unet, scheduler, and each
         text encoder and tokenizer under its reading's names); ``index``: its model_index.json."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ LoRA files
+
+    def lora_widths(self, shapes: dict) -> tuple[int | None, tuple[int | None, ...]]:
+        """What a LoRA file's tensors (key -> shape, its header) say it was trained for: the width of
+        the text context its UNet cross-attention keys and values read, and each of this layout's
+        text encoders' width (None where the file has no such weights). Kohya/webui names
+        (``lora_unet_…attn2_to_k.lora_down.weight``, ``lora_te_``, ``lora_te1_``/``lora_te2_``) and
+        diffusers/peft names (``unet.….attn2.to_k.lora_A.weight``, ``text_encoder.``/``text_encoder_2.``)."""
+        def down_width(key: str, shape) -> int | None:
+            down = key.endswith((".lora_down.weight", ".lora_A.weight", ".lora.down.weight", "_lora.down.weight"))
+            return int(shape[1]) if down and len(shape) == 2 else None
+
+        context = next((down_width(key, shape) for key, shape in shapes.items()
+                        if "attn2" in key and ("to_k" in key or "to_v" in key) and down_width(key, shape)), None)
+        encoders = []
+        for prefixes in self.lora_text_prefixes:
+            encoders.append(next((down_width(key, shape) for key, shape in shapes.items()
+                                  if key.startswith(prefixes) and ("q_proj" in key or "k_proj" in key)
+                                  and down_width(key, shape)), None))
+        return context, tuple(encoders)
+
+    def lora_mismatch(self, shapes: dict) -> str | None:
+        """Why a LoRA file of these tensors is not for this family, naming the family it is for;
+        None when it fits (or its tensors do not say)."""
+        context, encoders = self.lora_widths(shapes)
+        if context is not None and context != self.text_width:
+            return f"its cross-attention reads a text context {context} wide; {self.label}'s is {self.text_width}"
+        for width, ours in zip(encoders, self.widths):
+            if width is not None and width != ours:
+                return f"its text-encoder weights are {width} wide; {self.label}'s encoder is {ours}"
+        return None
 
     # ------------------------------------------------------------------ textual-inversion files
 

@@ -26,6 +26,7 @@ class StableDiffusion(Backbone):
     pipeline_class = "StableDiffusionPipeline"
     pretrained_kwargs = {"safety_checker": None, "requires_safety_checker": False}  # stc renders for the user
     ti_keys = ("emb_params",)  # diffusers, the A1111 webui, ComfyUI and kohya read this single key
+    lora_text_prefixes = (("lora_te_", "text_encoder."),)  # kohya/webui, diffusers/peft
 
     @property
     def single_file_encoders(self):

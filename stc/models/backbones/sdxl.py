@@ -28,6 +28,7 @@ class StableDiffusionXL(Backbone):
     pipeline_class = "StableDiffusionXLPipeline"
     ti_keys = ("clip_l", "clip_g")  # kohya writes it; the webui, ComfyUI, InvokeAI and diffusers read it
     single_file_encoders = (("sgm-clip", "text_encoder"), ("sgm-openclip", "text_encoder_2"))
+    lora_text_prefixes = (("lora_te1_", "text_encoder."), ("lora_te2_", "text_encoder_2."))  # kohya, diffusers
 
     def added_conditioning(self, pooled, height: int, width: int) -> dict:
         """The pooled embeddings and the size "time ids" [H, W, 0, 0, H, W] (original size =
