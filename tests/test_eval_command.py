@@ -12,7 +12,7 @@ from helpers import assert_one_line_error, invoke
 from stc.method.mapper import MapperConfig, NeTIMapper
 from stc.store.conceptio import weights_bytes
 from stc.store.registry import Registry
-from tests.evaluation_models import save_tiny_clip
+from tests.evaluation_models import save_tiny_clip, save_tiny_dino
 from tests.helpers import make_concept
 
 WEDGE = Path(__file__).resolve().parent.parent / "examples" / "wedge"
@@ -120,20 +120,24 @@ def test_interrupting_and_resuming_loses_nothing(tmp_path, monkeypatch):
 
 def test_eval_on_tiny_sdxl_with_a_clip_folder(tmp_path):
     random_concept("blob", "builtin:tiny-sdxl", initializer="cat")
-    clip = save_tiny_clip(tmp_path / "clip")
+    clip, dino = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")
     out = tmp_path / "eval"
     result = invoke("eval", "blob", "--ranks", "1,8", "--seeds", "0,1", "--steps", "1", "--clip-model", clip,
-                    "--prompts", write_prompts(tmp_path), "--out", out, "--json")
+                    "--dino", "--dino-model", dino, "--prompts", write_prompts(tmp_path), "--out", out, "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert set(summary["measures"]) == {"clip_image", "clip_text"}
+    assert set(summary["measures"]) == {"clip_image", "clip_text", "dino_image"}
     for rank in ("1", "8"):
-        for measure in ("clip_image", "clip_text"):
+        for measure in ("clip_image", "clip_text", "dino_image"):
             value = summary["ranks"][rank][measure]
             assert -1.0 <= value["mean"] <= 1.0 and value["seeds"] == 2 and value["std"] >= 0
     assert summary["suggested_rank"] in (1, 8) and summary["suggested_by"] == ["clip_image", "clip_text"]
     assert summary["plan"]["prompts"] == ["a photo of a {}", "a {} on the moon"]
     assert len(list((out / "images").glob("*.png"))) == 2 * 2 * 2
+    svg = (out / "curve.svg").read_text()
+    for label in ("CLIP image similarity", "CLIP text similarity", "DINO image similarity", "truncation rank",
+                  "mean cosine", f"suggested rank {summary['suggested_rank']}"):
+        assert label in svg
 
 
 def write_prompts(folder: Path) -> Path:

@@ -60,7 +60,7 @@ def primitives(plan, results) -> tuple[int, int, list[tuple]]:
             return left + (right - left) * ((positions[rank] - x_low) / (x_high - x_low) if x_high > x_low else 0.5)
 
         def y(value, top=top, bottom=bottom, low=low, high=high):
-            return bottom - (bottom - top) * (value - low) / (high - low)
+            return min(bottom, max(top, bottom - (bottom - top) * (value - low) / (high - low)))  # bars stay inside
 
         colour = COLOURS[info["side"]]
         shapes += [("text", (left + right) / 2, top - 12, info["label"], 12, colour, "middle"),
