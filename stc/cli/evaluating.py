@@ -11,8 +11,6 @@ from rich.markup import escape
 from ._base import DeviceOpt, JsonOpt, ModelOpt, app, command_env, err, handle_errors, open_registry, out, print_json
 from .render import BatchSizeOpt, CfgOpt, DtypeOpt, SchedulerOpt, StepsOpt
 
-EVAL_STEPS, EVAL_BATCH = 50, 8  # the reference's inference steps; images per UNet batch
-
 
 @app.command("eval")
 @handle_errors
@@ -104,9 +102,7 @@ def _new_plan(concept, kind, prompts_file, ranks, seeds, model, given):
         prompts, source = read_prompts(prompts_file), str(prompts_file)
     else:
         prompts, source = default_prompts(kind, spec), ("shapes" if is_shapes_world(spec) else kind)
-    defaults = {"steps": EVAL_STEPS, "batch_size": EVAL_BATCH}
-    settings = RenderSettings(**{key: value if value is not None else defaults.get(key, getattr(RenderSettings(), key))
-                                 for key, value in given.items()})
+    settings = RenderSettings(**{key: value for key, value in given.items() if value is not None})  # gen's defaults
     return EvalPlan(concept=concept.name, model=spec, initializer=concept.initializer,
                     prompts=prompt_templates(prompts, concept.token), prompt_source=source, ranks=rank_list,
                     seeds=parse_seeds(seeds), settings=vars(settings).copy(), weights_sha256=concept.weights_sha256)
