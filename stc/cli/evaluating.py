@@ -66,6 +66,8 @@ def eval_command(
         if plan.weights_sha256 and concept.weights_sha256 and plan.weights_sha256 != concept.weights_sha256:
             raise BadInput(f"{name} was retrained since the eval in {folder.folder} started; start a new one with "
                            "another --out")
+        err.print(f"[dim]Resuming the eval in {escape(str(folder.folder))} with its own prompts, ranks, seeds and "
+                  f"render settings ({len(plan.cells())} images); only what is missing is rendered or scored.[/]")
     else:
         if folder.exists():
             raise BadInput(f"{folder.folder} holds an eval already: finish or re-score it with --resume, or choose "
