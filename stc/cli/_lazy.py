@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gen": ("render", "Render images of a prompt; prints the paths of the PNG files (never overwrites)."),
     "grid": ("render", "Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."),
     "train": ("train", "Train a concept from a folder of photos and save it in the registry."),
+    "eval": ("evaluating", "Measure a concept at several ranks (CLIP image/text similarity, the shapes checker) and "
+                           "suggest a rank."),
 }
 
 

@@ -213,6 +213,7 @@ def _show_record(registry, concept) -> dict:
         "size": sum(file["size"] for file in files),
         "previews": [str(path) for path in preview_paths(concept.path)],
         "extra": concept.extra,
+        "eval": concept.evaluation or None,
     }
 
 
@@ -287,8 +288,20 @@ def _print_show(record: dict) -> None:
     _key_values(f"files ({_human(record['size'])})", [(file["path"], _human(file["size"])) for file in record["files"]])
     if record["previews"]:
         _key_values("previews", [(str(index), path) for index, path in enumerate(record["previews"], 1)])
+    if record.get("eval"):
+        _print_eval(record["eval"])
     if record["extra"]:
         _key_values("other keys (kept as they are)", sorted(record["extra"].items()))
+
+
+def _print_eval(evaluation: dict) -> None:
+    """The latest stc eval: its suggested rank and what it measured."""
+    rows = [("suggested rank", evaluation.get("suggested_rank") if evaluation.get("suggested_rank") is not None
+             else "-"), ("finished", evaluation.get("finished")), ("model", evaluation.get("model")),
+            ("prompts", f"{evaluation.get('prompts')} ({evaluation.get('prompt_count')} prompts), seeds "
+                        f"{_compact(evaluation.get('seeds') or [])}, {evaluation.get('steps')} steps"),
+            ("by", " and ".join(evaluation.get("suggested_by") or []) or "-"), ("folder", evaluation.get("folder"))]
+    _key_values("latest eval (stc eval)", rows)
 
 
 @app.command("show")

@@ -140,7 +140,7 @@ class MetricsRecord:
 
 KNOWN_KEYS = (
     "schema_version", "stc_version", "name", "token", "initializer", "base_model", "text_width",
-    "layer_names", "mapper", "training", "metrics", "created", "weights_sha256", "base_fingerprint",
+    "layer_names", "mapper", "training", "metrics", "created", "weights_sha256", "base_fingerprint", "eval",
 )
 REQUIRED_KEYS = ("name", "base_model", "initializer", "text_width", "layer_names", "mapper")
 
@@ -164,6 +164,7 @@ class Concept:
     schema_version: int = SCHEMA_VERSION
     path: Path | None = None
     extra: dict = field(default_factory=dict)  # keys this stc does not know; written back as they are
+    evaluation: dict = field(default_factory=dict)  # ``eval``: the latest stc eval (protocol.eval_summary)
     migrated_from: int | None = None  # schema version of the file on disk, when older than ours
     # (device, inode, mtime, ctime) of the concept.yaml this was read from: a reader that finds the
     # weights changed can tell a re-save (a new file, even one with the same content) from damage
@@ -225,6 +226,8 @@ class Concept:
         }
         if self.base_fingerprint:
             data["base_fingerprint"] = self.base_fingerprint
+        if self.evaluation:
+            data["eval"] = dict(self.evaluation)
         data.update({key: value for key, value in self.extra.items() if key not in data})
         return data
 
@@ -249,6 +252,7 @@ class Concept:
                 weights_sha256=str(data.get("weights_sha256") or ""),
                 created=str(data.get("created") or ""),
                 base_fingerprint=str(data.get("base_fingerprint") or ""),
+                evaluation=dict(data["eval"]) if isinstance(data.get("eval"), dict) else {},
                 stc_version=str(data.get("stc_version") or ""),
                 schema_version=SCHEMA_VERSION,
                 path=path,

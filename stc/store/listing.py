@@ -53,7 +53,15 @@ def listing_record(concept) -> dict:
         "created": concept.created,
         "path": str(concept.path),
         "weights_problem": problem,
+        "eval": _eval_brief(concept.evaluation),
     }
+
+
+def _eval_brief(evaluation: dict) -> dict | None:
+    """The latest eval in a listing: when, its suggested rank, on which model and prompts."""
+    if not evaluation:
+        return None
+    return {key: evaluation.get(key) for key in ("finished", "suggested_rank", "model", "prompts")}
 
 
 def _read_cache(path: Path) -> dict:
@@ -67,7 +75,7 @@ def _read_cache(path: Path) -> dict:
 
 
 RECORD_KEYS = {"name", "token", "base_model", "steps", "steps_done", "steps_planned", "complete", "rank_max", "size",
-               "created", "path", "weights_problem"}
+               "created", "path", "weights_problem", "eval"}
 
 
 def _usable(entry: dict, name: str) -> bool:

@@ -396,6 +396,16 @@ class Registry:
         concept.source_stamp = None  # not read from disk: nothing to compare a later check with
         return concept
 
+    def record_eval(self, name: str, summary: dict) -> Concept:
+        """Record ``summary`` (plain data) as the concept's latest eval in its ``concept.yaml``,
+        written atomically under the concept's lock; the weights and other files are not touched."""
+        self.refuse_if_training(name, "record an eval of")
+        with self._writing(f"the eval of {name!r}"), self.lock(name):
+            concept = self.load(name)
+            concept.evaluation = dict(summary)
+            write_file(concept.path / CONCEPT_FILE, _yaml_text(concept))
+        return concept
+
     def rename(self, old: str, new: str) -> Concept:
         """Rename a concept (its token follows: ``<new>``); the weights are not rewritten.
 

@@ -1,0 +1,1 @@
+"""Measuring a concept the way the personalization papers do (``stc eval``): metrics, protocol, plot."""
