@@ -33,6 +33,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "gen": ("render", "Render images of a prompt; prints the paths of the PNG files (never overwrites)."),
     "grid": ("render", "Render a truncation grid (ranks x seeds, or ranks x prompts); prints the grid's path."),
     "train": ("train", "Train a concept from a folder of photos and save it in the registry."),
+    "comfyui": ("comfyui", "Install stc's ComfyUI nodes into a ComfyUI folder (custom_nodes/stc_neti) and export "
+                           "concepts into its models/stc_concepts; prints the written paths."),
 }
 
 
