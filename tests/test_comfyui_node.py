@@ -274,3 +274,24 @@ def test_the_command_installs_the_nodes_and_exports_concepts(tmp_path):
     assert header_metadata(comfy / "models" / "stc_concepts" / "cat.safetensors")["token"] == "<cat>"
     assert_one_line_error(invoke("comfyui", tmp_path, "--concept", "cat"), "is not a ComfyUI folder")
     assert_one_line_error(invoke("comfyui", comfy, "--concept", "nope"), "nope")
+
+
+def test_the_example_workflow_wires_the_nodes_as_they_declare_themselves(nodes):
+    from pathlib import Path
+
+    workflow = json.loads((Path(__file__).parent.parent / "examples/comfyui/stc_concept_sd15.json").read_text())
+    by_id = {node["id"]: node for node in workflow["nodes"]}
+    stock = {"CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode", "SaveImage"}
+    assert {node["type"] for node in workflow["nodes"]} <= stock | set(nodes.NODE_CLASS_MAPPINGS)
+    for link_id, source, source_slot, target, target_slot, kind in workflow["links"]:
+        assert by_id[source]["outputs"][source_slot]["type"] == kind and link_id in by_id[source]["outputs"][
+            source_slot]["links"]
+        assert by_id[target]["inputs"][target_slot]["link"] == link_id
+    for name, cls in nodes.NODE_CLASS_MAPPINGS.items():
+        node = next(node for node in workflow["nodes"] if node["type"] == name)
+        assert [output["type"] for output in node["outputs"]] == list(cls.RETURN_TYPES)
+        required = cls.INPUT_TYPES.__func__(cls)["required"] if name != "STCLoadConcept" else {
+            "concept": None, "rank": None}
+        linked = {entry["name"] for entry in node.get("inputs", [])}
+        widgets = [key for key in required if key not in linked]
+        assert len(node["widgets_values"]) == len(widgets), (name, widgets)

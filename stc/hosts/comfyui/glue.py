@@ -226,9 +226,22 @@ def placeholders(concepts, first_free: int) -> dict:
 # --------------------------------------------------------------------------- ComfyUI's CLIP as stc reads it
 
 
+class _Float32Embedding:
+    """ComfyUI's token embedding as ComfyUI's CLIP runs it: fp32 rows from its (often fp16) weights."""
+
+    def __init__(self, embedding):
+        self.module, self.num_embeddings = embedding, embedding.num_embeddings
+
+    def __call__(self, input_ids):
+        try:
+            return self.module(input_ids, out_dtype=torch.float32)
+        except TypeError:  # a plain torch Embedding
+            return self.module(input_ids).float()
+
+
 class _ComfyEmbeddings:
     def __init__(self, embeddings):
-        self.token_embedding = embeddings.token_embedding
+        self.token_embedding = _Float32Embedding(embeddings.token_embedding)
         self.position_embedding = embeddings.position_embedding
 
     def __call__(self, inputs_embeds):
