@@ -3,7 +3,8 @@ with ComfyUI's own checkpoint loader, applies stc's nodes (the stc_nodes.py an i
 samples a few steps at 64 px with ComfyUI's sampler, and records the key and value inputs of
 every cross-attention. tests/test_comfyui_real.py runs it and compares with stc's encodings.
 
-usage: python comfyui_probe.py COMFYUI CHECKPOINT PACK CONCEPT_FILE OUT.pt [timing]
+usage: python comfyui_probe.py COMFYUI CHECKPOINT PACK CONCEPT_FILE OUT.pt [timing SIZE REPEATS]
+(timing: benchmarks/comfyui_cost.py)
 """
 
 import sys
@@ -11,6 +12,7 @@ import time
 
 COMFYUI, CHECKPOINT, PACK, CONCEPT, OUT = sys.argv[1:6]
 TIMING = len(sys.argv) > 6 and sys.argv[6] == "timing"
+SIZE, REPEATS = (int(sys.argv[7]), int(sys.argv[8])) if TIMING else (64, 1)
 sys.argv = ["main.py", "--cpu", "--force-fp32"]
 sys.path[:0] = [COMFYUI, PACK]
 import comfy.options  # noqa: E402
@@ -28,7 +30,7 @@ STEPS, SEED, CFG = 3, 7, 5.0
 
 model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(CHECKPOINT, output_vae=False, output_clip=True,
                                                           embedding_directory=None)
-latent = torch.zeros(1, 4, 8, 8)  # 64 px
+latent = torch.zeros(1, 4, SIZE // 8, SIZE // 8)  # 64 px unless timing
 noise = comfy.sample.prepare_noise(latent, SEED)
 
 
@@ -61,12 +63,16 @@ def recorder(n, context, value, extra_options):
 
 sampling = model.get_model_object("model_sampling")
 if TIMING:  # the node's cost: sampling with it against without, same model, steps and sampler
-    times = {"plain": [], "stc": []}
-    for _ in range(3):
-        times["plain"].append(sample(model, plain_positive, negative)[1])
+    times = {"plain": [], "stc": []}  # the prompt's encoding included: CLIPTextEncode, or the stc node
+    for _ in range(REPEATS):
+        started = time.perf_counter()
+        plain_cond = encode(PROMPT)
+        times["plain"].append(time.perf_counter() - started + sample(model, plain_cond, negative)[1])
+        started = time.perf_counter()
         fresh, cond = stc_nodes.apply_concepts(model, clip, [concept], PROMPT)  # a fresh cache each run
-        times["stc"].append(sample(fresh, cond, negative)[1])
-    torch.save({"times": times, "steps": STEPS}, OUT)
+        times["stc"].append(time.perf_counter() - started + sample(fresh, cond, negative)[1])
+    torch.save({"times": times, "steps": STEPS, "size": SIZE, "rows": len(fresh.model_options["transformer_options"][
+        "patches"]["attn2_patch"][-1].cache) * 16}, OUT)
     sys.exit(0)
 
 recording = patched.clone()
@@ -82,7 +88,7 @@ stock_other, _ = sample(model, other_prompt, negative)
 patched_other, _ = sample(patched, other_prompt, negative)
 tokenizers = stc_nodes.comfy_text_models(clip)[1]
 torch.save({
-    "records": records, "input_ids": patch.input_ids[0].cpu(), "placeholder": sorted(patch.slots)[0],
+    "records": records, "prompt": PROMPT, "input_ids": patch.input_ids[0].cpu(), "placeholder": sorted(patch.slots)[0],
     "timesteps": {s: float(sampling.timestep(torch.tensor(s))) for s in {r["sigma"] for r in records}},
     "with_concept": with_concept, "again": again, "stock": stock, "with_identity": with_identity,
     "stock_other": stock_other, "patched_other": patched_other, "plain_positive": plain_positive[0][0],

@@ -73,6 +73,7 @@ def probe(tmp_path_factory):
 
 def test_every_cross_attention_reads_stcs_keys_and_values(probe):
     from stc.method.encoding import ConceptSlot, encode_schedule
+    from stc.method.placeholders import add_placeholder_tokens
     from stc.models.base import load_base_model
 
     data, mapper, checkpoint = probe
@@ -80,6 +81,12 @@ def test_every_cross_attention_reads_stcs_keys_and_values(probe):
     encoders = base.backbone.text_encoders(base.pipeline)
     ids = data["input_ids"]
     placeholder = data["placeholder"]
+    # the node tokenizes with ComfyUI's tokenizer as stc tokenizes (its vocabulary, the placeholder added)
+    tokenizer = base.pipeline.tokenizer
+    stc_id = add_placeholder_tokens(tokenizer, ["<cat>"])[0]
+    stc_ids = tokenizer(data["prompt"], padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids
+    assert torch.equal(ids, torch.where(stc_ids == stc_id, placeholder, stc_ids))
     sigmas = sorted(data["timesteps"])
     timesteps = torch.tensor([data["timesteps"][sigma] for sigma in sigmas])
     slots = {placeholder: ConceptSlot(placeholder, mapper)}
