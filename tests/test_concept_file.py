@@ -82,3 +82,12 @@ def test_a_damaged_file_is_refused_with_one_line(tmp_path, how, fragment):
     result = invoke("import", path, "--name", "dog")
     assert result.exit_code == 1 and fragment in result.stderr, result.output
     assert "Traceback" not in result.output
+
+
+def test_the_header_says_how_many_layers_each_family_reads_of_its_text_encoders():
+    """ComfyUI keeps all 24 layers of SD 2.x's OpenCLIP and reads the penultimate; stc's (diffusers')
+    SD 2.x encoder has 23 and reads the final state: a host runs the first 23 (docs/comfyui.md)."""
+    from stc.exchange.concept_file import encoder_layers
+    from stc.models.backbones import SD1, SD2, SDXL
+
+    assert [encoder_layers(family) for family in (SD1, SD2, SDXL)] == [[12], [23], [12, 32]]

@@ -89,6 +89,9 @@ def file_metadata(concept: Concept, backbone, rank: int | None = None) -> dict[s
         # second); the UNet's pooled embedding at step t is the mean of the pooled ones over layers
         "text_encoders": json.dumps([dataclasses.asdict(reading) for reading in backbone.readings]),
         "pooled": "mean over layers" if any(reading.pooled for reading in backbone.readings) else "none",
+        # per text encoder: how many transformer layers its "final" state comes after (SD 2.x: 23 of
+        # OpenCLIP's 24; a host whose encoder keeps all 24 runs the first 23); null: unknown (a test layout)
+        "text_encoder_layers": json.dumps(encoder_layers(backbone)),
         "rank": json.dumps(rank),  # a host's default truncation rank; null = full
         "rank_max": json.dumps(concept.rank_max),
         "created": concept.created,
@@ -96,6 +99,18 @@ def file_metadata(concept: Concept, backbone, rank: int | None = None) -> dict[s
         "training": json.dumps(concept.training.to_dict(), sort_keys=True),
         "metrics": json.dumps(concept.metrics.to_dict(), sort_keys=True),
     }
+
+
+def encoder_layers(backbone) -> list[int | None]:
+    """Each text encoder's transformer layers in the family's shipped configs (None: no config)."""
+    counts = []
+    for reading in backbone.readings:
+        path = backbone.config_dir / reading.component / "config.json"
+        try:
+            counts.append(int(json.loads(path.read_text(encoding="utf-8"))["num_hidden_layers"]))
+        except (OSError, ValueError, KeyError):
+            counts.append(None)
+    return counts
 
 
 def file_bytes(concept: Concept, state_dict: dict, backbone, rank: int | None = None) -> bytes:
@@ -132,7 +147,8 @@ def read_concept_file(path: Path) -> tuple[dict, dict]:
     if missing:
         raise BadInput(f"{path} lacks {', '.join(missing)} in its header")
     decoded = dict(metadata)
-    for key in ("mapper", "layer_names", "text_encoders", "rank", "rank_max", "training", "metrics"):
+    for key in ("mapper", "layer_names", "text_encoders", "text_encoder_layers", "rank", "rank_max", "training",
+                "metrics"):
         if key in metadata:
             try:
                 decoded[key] = json.loads(metadata[key])

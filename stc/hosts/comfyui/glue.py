@@ -52,7 +52,7 @@ def read_concept_file(path) -> tuple[dict, dict]:
         raise BadInput(f"{path.name} is not an stc concept file (format {metadata.get('format')!r}, not "
                        f"{FILE_FORMAT!r}); write one with: stc export NAME --format concept-file")
     decoded = dict(metadata)
-    for key in ("mapper", "layer_names", "text_encoders", "rank", "rank_max"):
+    for key in ("mapper", "layer_names", "text_encoders", "text_encoder_layers", "rank", "rank_max"):
         decoded[key] = json.loads(metadata.get(key, "null"))
     return decoded, tensors
 
@@ -253,16 +253,17 @@ class _ComfyEncoder:
     """ComfyUI's CLIPEncoder called as transformers' (``last_hidden_state``), with its causal mask
     and attention; each layer gets a copy of its input (ComfyUI's layers add in place)."""
 
-    def __init__(self, encoder):
+    def __init__(self, encoder, num_layers=None):
         self.module = encoder
+        self._layers = encoder.layers[:num_layers] if num_layers else encoder.layers  # SD 2.x: 23 of 24
 
     @property
     def layers(self):
-        return self.module.layers
+        return self._layers
 
     @layers.setter
     def layers(self, layers):
-        self.module.layers = layers
+        self._layers = layers
 
     def __call__(self, inputs_embeds, attention_mask=None, is_causal=True):
         from comfy.ldm.modules.attention import optimized_attention_for_device
@@ -272,7 +273,7 @@ class _ComfyEncoder:
         mask = torch.full((length, length), -torch.finfo(state.dtype).max, dtype=state.dtype,
                           device=state.device).triu_(1)
         attention = optimized_attention_for_device(state.device, mask=True, small_input=True)
-        for layer in self.module.layers:
+        for layer in self._layers:
             state = layer(state.clone(), mask, attention)
         return types.SimpleNamespace(last_hidden_state=state)
 
@@ -280,10 +281,13 @@ class _ComfyEncoder:
 class ComfyTextModel:
     """One ComfyUI CLIP text model (``SDClipModel``) as stc's encoding reads a transformers one."""
 
-    def __init__(self, clip_model):
+    def __init__(self, clip_model, num_layers=None):
         model = clip_model.transformer.text_model
+        if num_layers and len(model.encoder.layers) < num_layers:
+            raise BadInput(f"this CLIP's text encoder has {len(model.encoder.layers)} layers; the concept's family "
+                           f"reads {num_layers}")
         self.text_model = types.SimpleNamespace(
-            embeddings=_ComfyEmbeddings(model.embeddings), encoder=_ComfyEncoder(model.encoder),
+            embeddings=_ComfyEmbeddings(model.embeddings), encoder=_ComfyEncoder(model.encoder, num_layers),
             final_layer_norm=model.final_layer_norm, eos_token_id=model.eos_token_id, comfy=True,
         )
         self.text_projection = getattr(clip_model.transformer, "text_projection", None)
@@ -321,7 +325,11 @@ def apply_concepts(model, clip, concepts, text: str):
     models, tokenizers = comfy_text_models(clip)
     if hasattr(clip, "load_model"):
         clip.load_model()
-    comfy_models = [ComfyTextModel(module) for module in models]
+    counts = concepts[0].metadata.get("text_encoder_layers") or [None] * len(models)
+    if len(counts) != len(models):
+        raise BadInput(f"{concepts[0].token} is a {concepts[0].label} concept ({len(counts)} text encoders); this "
+                       f"CLIP has {len(models)}")
+    comfy_models = [ComfyTextModel(module, count) for module, count in zip(models, counts)]
     num_layers = spatial_transformers(model)
     check_concepts(concepts, [module.width for module in comfy_models], num_layers)
     num_layers = len(concepts[0].layer_names)
