@@ -41,6 +41,11 @@ def single_file(family: str = "sd15") -> Path:
     CACHE.mkdir(parents=True, exist_ok=True)
     pipeline = build_sd15_pipeline() if family == "sd15" else _sd2_pipeline()
     state = pipeline_to_ldm(randomise(pipeline, seed=15))
+    if family == "sd2":  # a real SD 2.x file holds all 24 OpenCLIP layers; stc's (diffusers') encoder reads 23
+        last = "cond_stage_model.model.transformer.resblocks.22."
+        generator = torch.Generator().manual_seed(24)
+        state.update({key.replace(".22.", ".23."): value * (1 + 0.2 * torch.randn(value.shape, generator=generator))
+                      for key, value in list(state.items()) if key.startswith(last)})
     save_file({key: value.half() for key, value in state.items()}, str(path) + ".tmp")
     os.replace(str(path) + ".tmp", path)
     return path
