@@ -16,7 +16,7 @@ HEAVY = {"torch", "safetensors.torch", "diffusers", "transformers", "stc.method.
 # what every `stc` run imports before it knows the command: no command module, nothing heavy
 CLI_STARTUP = ["cli/__init__.py", "cli/_base.py", "cli/_lazy.py"]
 CLI_COMMAND_MODULES = {"stc.cli.exchange", "stc.cli.inspecting", "stc.cli.render", "stc.cli.store", "stc.cli.train",
-                       "stc.cli.evaluating"}
+                       "stc.cli.evaluating", "stc.cli.comfyui"}
 SLOW_TO_IMPORT = {"yaml", "pydantic"}  # ~15 ms and ~80 ms: only where they are used, not at the top of a module
 
 
@@ -85,7 +85,8 @@ LAYERS = {
     "train": {"foundation", "method", "store", "models", "render"},
     "evaluation": {"foundation", "method", "store", "models", "render"},
     "exchange": {"foundation", "method", "store", "models", "render", "train"},
-    "cli": {"foundation", "method", "store", "models", "render", "train", "evaluation", "exchange"},
+    "hosts": {"foundation", "method", "store", "models", "render", "train", "exchange"},
+    "cli": {"foundation", "method", "store", "models", "render", "train", "evaluation", "exchange", "hosts"},
 }
 
 

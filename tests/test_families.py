@@ -135,6 +135,10 @@ def test_train_gen_grid_inspect_export_import_on_every_family(family, photos, tm
     assert result.exit_code == 0, result.output
     back, trained = load_mapper(Registry().load("back")).state_dict(), load_mapper(stored).state_dict()
     assert back.keys() == trained.keys() and all(torch.equal(back[key], trained[key]) for key in back)
+    result = invoke("import", tmp_path / "concept-file" / "pet.safetensors", "--name", "back-file")
+    assert result.exit_code == 0, result.output
+    back_file = load_mapper(Registry().load("back-file")).state_dict()
+    assert all(torch.equal(back_file[key], trained[key]) for key in trained)  # the single file: bit for bit too
     config = json.loads((tmp_path / "diffusers" / "pet" / "config.json").read_text())
     assert config["pipeline_class"] == base.backbone.pipeline_class == type(base.pipeline).__name__
     assert [reading["component"] for reading in config["text_encoders"]] == [

@@ -35,6 +35,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("train", "Train a concept from a folder of photos and save it in the registry."),
     "eval": ("evaluating", "Measure a concept at several ranks (CLIP image/text similarity, the shapes checker) and "
                            "suggest a rank."),
+    "comfyui": ("comfyui", "Install stc's ComfyUI nodes into a ComfyUI folder (custom_nodes/stc_neti) and export "
+                           "concepts into its models/stc_concepts; prints the written paths."),
 }
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import BadInput, StcError
+from ..method import HOSTED
 from ..method.mapper_config import check_rank
 from ..store.concept import WEIGHTS_FILE, Concept
 
@@ -53,16 +54,10 @@ CARD_TAGS = ("stable-diffusion", "text-to-image", "neti", "stc", "textual-invers
 # stc's code the module carries, in this order: (module, top-level names). Only public names: a
 # function stitched here is part of its module's interface (tests/test_export_diffusers.py checks each
 # one exists, is public and uses only what the export carries)
-STITCHED = (
-    ("stc.method.mapper_config", ("NUM_UNET_LAYERS", "HIDDEN_DIM", "MapperConfig", "check_rank")),
-    ("stc.method.mapper", ("FourierEncoding", "NeTIMapper", "group_factor", "encoder_outputs", "split_outputs",
-                           "truncate", "seeded_init")),
+STITCHED = HOSTED + (
+    ("stc.method.encoding", ("pipeline_text_encoders", "pipeline_tokenizers")),
     ("stc.method.spacetime", ("unet_blocks", "cross_attention_layers", "cross_attention_layer_names",
                               "SpaceTimeConditioning", "SpaceTimeAttnProcessor", "install_processors")),
-    ("stc.method.encoding", ("BYPASS_SCALE", "ConceptSlot", "TextEncoder", "pipeline_text_encoders",
-                             "pipeline_tokenizers", "Encoding", "text_transformer", "causal_mask", "spacetime_rows",
-                             "encode_context", "same_rows", "encode_one", "penultimate_state", "pooled_state",
-                             "encode_layers", "SCHEDULE_CHUNK", "pooled_over_layers", "encode_schedule")),
     ("stc.method.conditioning", ("Conditioning",)),
     ("stc.render.generation", ("stack_step", "with_uncond")),
     ("stc.method.placeholders", ("placeholder_tokens", "add_placeholder_tokens")),
@@ -189,45 +184,55 @@ def _copy_preview(source: Path, target: Path) -> Path:
 def module_source(config: dict) -> str:
     """The text of ``stc_concept.py`` for an export with ``config``: a docstring, the imports,
     stc's code (``STITCHED``) and the glue, checked to be self-contained."""
+    constants = f'STC_VERSION = "{__version__}"  # the stc that wrote this module\nEXPORT_FORMAT = "{EXPORT_FORMAT}"\n'
+    return stitch_module(STITCHED, GLUE_FILE, _module_docstring(config), constants, REPLACEMENTS, MODULE_FILE)
+
+
+def stitch_module(stitched, glue_file: Path, docstring: str, constants: str, replacements: dict,
+                  module_file: str) -> str:
+    """A self-contained module: ``docstring``, the imports, ``constants``, stc's code (``stitched``:
+    (module, top-level public names) in order, copied from their source), and the part of
+    ``glue_file`` below its glue line; ``replacements`` define stc-only names the copied code uses.
+    Checked to import nothing from stc and to use no name it does not define (the diffusers
+    export's ``stc_concept.py``; the ComfyUI nodes of ``stc/hosts/comfyui``)."""
     blocks = []
     imports: dict[str, tuple[str, str | None, str | None]] = {}  # bound name -> (module, attribute, alias)
-    for module_name, names in STITCHED:
+    for module_name, names in stitched:
         module = importlib.import_module(module_name)
         path = Path(inspect.getsourcefile(module))
         text = path.read_text(encoding="utf-8")
         tree = ast.parse(text)
         imports.update(_top_level_imports(tree))
-        constants, definitions = [], []
+        constant_lines, definitions = [], []
         for name in names:
             value = getattr(module, name)
             if inspect.isclass(value) or inspect.isfunction(value):
                 definitions.append(inspect.getsource(value))
             else:
-                constants.append(_assignment_source(text, tree, f"{module_name}.{name}"))
-        parts = ["".join(constants)] if constants else []
+                constant_lines.append(_assignment_source(text, tree, f"{module_name}.{name}"))
+        parts = ["".join(constant_lines)] if constant_lines else []
         blocks.append("\n\n".join([f"{_RULE} from stc/{path.name}\n", *parts, *definitions]))
-    glue = GLUE_FILE.read_text(encoding="utf-8")
+    glue = glue_file.read_text(encoding="utf-8")
     if GLUE_MARKER not in glue:
-        raise RuntimeError(f"{GLUE_FILE} lacks its {GLUE_MARKER!r} line")
+        raise RuntimeError(f"{glue_file} lacks its {GLUE_MARKER!r} line")
     header, body = glue.split(GLUE_MARKER, 1)
     imports.update(_top_level_imports(ast.parse(header)))
-    blocks.append(f"{_RULE} glue, from stc/{GLUE_FILE.name}\n\n\n" + body.strip("\n") + "\n")
+    blocks.append(f"{_RULE} glue, from stc/{glue_file.name}\n\n\n" + body.strip("\n") + "\n")
 
     code = "\n\n".join(block.rstrip("\n") + "\n" for block in blocks)
     used = {node.id for node in ast.walk(ast.parse(code)) if isinstance(node, ast.Name)}
-    replacements = [REPLACEMENTS[name] for name in REPLACEMENTS if name in used]
-    constants = f'STC_VERSION = "{__version__}"  # the stc that wrote this module\nEXPORT_FORMAT = "{EXPORT_FORMAT}"\n'
+    defined = [replacements[name] for name in replacements if name in used]
     source = (
-        _module_docstring(config)
+        docstring
         + "\nfrom __future__ import annotations\n\n"
         + _import_lines({name: spec for name, spec in imports.items() if name in used})
         + "\n"
         + constants
         + "\n\n"
-        + "\n\n".join([*replacements, code]).rstrip("\n")
+        + "\n\n".join([*defined, code]).rstrip("\n")
         + "\n"
     )
-    _check_self_contained(source)
+    _check_self_contained(source, module_file)
     return source
 
 
@@ -273,21 +278,21 @@ def _import_lines(imports: dict[str, tuple[str, str | None, str | None]]) -> str
     return "\n\n".join("\n".join(lines) for lines in groups if lines) + "\n"
 
 
-def _check_self_contained(source: str) -> None:
+def _check_self_contained(source: str, module_file: str = MODULE_FILE) -> None:
     """The module must import nothing from stc and use no name it does not define."""
     for node in ast.walk(ast.parse(source)):
         if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").split(".")[0] == "stc"):
-            raise RuntimeError(f"{MODULE_FILE} would import from stc (line {node.lineno}): stitch that code in")
+            raise RuntimeError(f"{module_file} would import from stc (line {node.lineno}): stitch that code in")
         if isinstance(node, ast.Import) and any(alias.name.split(".")[0] == "stc" for alias in node.names):
-            raise RuntimeError(f"{MODULE_FILE} would import stc (line {node.lineno})")
-    code = compile(source, MODULE_FILE, "exec")
+            raise RuntimeError(f"{module_file} would import stc (line {node.lineno})")
+    code = compile(source, module_file, "exec")
     defined = {ins.argval for ins in dis.get_instructions(code) if ins.opname == "STORE_NAME"}
     defined |= set(dir(builtins)) | {"__file__", "__name__", "__doc__", "__annotations__"}
     undefined = sorted(_global_loads(code) - defined)
     if undefined:
         raise RuntimeError(
-            f"{MODULE_FILE} would use names it does not define: {', '.join(undefined)}; add them to "
-            "STITCHED or REPLACEMENTS in stc/exchange/diffusers_folder.py"
+            f"{module_file} would use names it does not define: {', '.join(undefined)}; add them to "
+            "its STITCHED or REPLACEMENTS (stc/exchange/diffusers_folder.py, stc/hosts/comfyui/__init__.py)"
         )
 
 
@@ -363,7 +368,8 @@ followed by the glue of stc/{GLUE_FILE.name} (text-encoder and UNet hooks, load_
 
 
 def _stitched_files() -> str:
-    files = ["stc/" + module.removeprefix("stc.").replace(".", "/") + ".py" for module, _ in STITCHED]
+    files = list(dict.fromkeys("stc/" + module.removeprefix("stc.").replace(".", "/") + ".py"
+                               for module, _ in STITCHED))
     return ", ".join(files[:-1]) + " and " + files[-1]
 
 

@@ -81,6 +81,12 @@ def _registry_folder(path: Path) -> bool:
 def _reference_checkpoint(path: Path) -> bool:
     return path.is_file() and path.name.endswith("-mapper.pt")
 
+
+def _concept_file(path: Path) -> bool:
+    from .concept_file import is_concept_file  # reads the header only: no torch
+
+    return is_concept_file(path)
+
 _LOSSY = "time and space (one embedding for every step and layer), the textual bypass and ranks"
 
 register(Format(
@@ -97,7 +103,8 @@ register(Format(
     "ti", module="stc.exchange.ti", distils=True,
     keeps="n fixed vectors distilled from the concept at the chosen rank",
     loses=_LOSSY,
-    accepts=lambda path: path.is_file() and path.suffix in EMBEDDING_SUFFIXES and not _reference_checkpoint(path),
+    accepts=lambda path: path.is_file() and path.suffix in EMBEDDING_SUFFIXES and not _reference_checkpoint(path)
+    and not _concept_file(path),
 ))
 register(Format(
     "a1111", module="stc.exchange.a1111", distils=True,
@@ -112,4 +119,11 @@ register(Format(
     refusal="the neti format is the reference implementation's, which is SD 1.x only (text width 768). Export it "
             "as diffusers (lossless) or ti/a1111",
     accepts=_reference_checkpoint,
+))
+register(Format(
+    "concept-file", module="stc.exchange.concept_file",
+    keeps="the mapper exactly (every timestep, layer, rank and the bypass) in one .safetensors, its config, layers, "
+          "token, initializer and family in the header",
+    loses="previews; renders where a host loads it: ComfyUI through stc's nodes (stc comfyui install)",
+    accepts=_concept_file,
 ))
