@@ -84,6 +84,23 @@ class ImportResult:
     warnings: list[str] = field(default_factory=list)  # a name other tools would misread
 
 
+def concept_from_record(record: dict, mapper, request: ImportRequest, source_format: str, where: str) -> Concept:
+    """The concept an export's own record describes (a diffusers export's config.json, a concept
+    file's header), as it was exported; ``--name`` and ``--model`` may change it."""
+    for key in ("training", "metrics"):
+        if not isinstance(record.get(key) or {}, dict):
+            raise BadInput(f"{where}: {key!r} is not a mapping")
+    training = TrainingRecord.from_dict(record.get("training") or {}, request.path)
+    training.imported_from, training.source_format = str(request.path.resolve()), source_format
+    return Concept(
+        name=concept_name(request.name, record["name"]), base_model=request.model or record["base_model"],
+        initializer=record["initializer"], text_width=mapper.config.text_width,
+        layer_names=list(record["layer_names"]), mapper=dict(record["mapper"]), training=training,
+        metrics=MetricsRecord.from_dict(record.get("metrics") or {}), created=str(record.get("created") or ""),
+        base_fingerprint=str(record.get("base_fingerprint") or ""),
+    )
+
+
 def concept_name(name: str | None, fallback: str) -> str:
     """``name`` checked, else a valid spelling of what the file calls the concept."""
     if name is not None:

@@ -167,26 +167,13 @@ def read_concept_file(path: Path) -> tuple[dict, dict]:
 
 def read(request):
     """``stc import`` of a single-file concept: the concept as it was exported."""
-    from ..store.concept import MetricsRecord, TrainingRecord
     from ..store.conceptio import mapper_from_state
-    from .common import Imported, concept_name
+    from .common import Imported, concept_from_record
 
-    path, name, model = request.path, request.name, request.model
-    metadata, state = read_concept_file(path)
+    metadata, state = read_concept_file(request.path)
     try:
-        mapper = mapper_from_state(metadata["mapper"], state, source=str(path))
+        mapper = mapper_from_state(metadata["mapper"], state, source=str(request.path))
     except StcError as exc:
         raise BadInput(str(exc)) from exc
-    for key in ("training", "metrics"):
-        if not isinstance(metadata.get(key) or {}, dict):
-            raise BadInput(f"{path}: its header's {key!r} is not a mapping")
-    training = TrainingRecord.from_dict(metadata.get("training") or {}, path)
-    training.imported_from, training.source_format = str(path.resolve()), "stc-concept-file"
-    concept = Concept(
-        name=concept_name(name, metadata["name"]), base_model=model or metadata["base_model"],
-        initializer=metadata["initializer"], text_width=mapper.config.text_width,
-        layer_names=list(metadata["layer_names"]), mapper=dict(metadata["mapper"]), training=training,
-        metrics=MetricsRecord.from_dict(metadata.get("metrics") or {}), created=str(metadata.get("created") or ""),
-        base_fingerprint=str(metadata.get("base_fingerprint") or ""),
-    )
+    concept = concept_from_record(metadata, mapper, request, "stc-concept-file", f"{request.path}: its header")
     return Imported(concept, mapper, "stc-concept-file")

@@ -494,25 +494,13 @@ def _state_dict(weights: bytes, mapper_config: dict, source: str) -> dict:
 def read(request):
     """``stc import`` of an stc diffusers export (a :class:`~stc.exchange.common.ImportRequest`):
     the concept as it was exported, with its preview and training metrics."""
-    from ..store.concept import MetricsRecord, TrainingRecord
     from ..store.conceptio import mapper_from_state
-    from .common import Imported, concept_name
+    from .common import Imported, concept_from_record
 
-    folder, name, model = request.path, request.name, request.model
+    folder = request.path
     config, state_dict = read_diffusers_export(folder)
     mapper = mapper_from_state(config["mapper"], state_dict, source=str(folder))
-    for key in ("training", "metrics"):
-        if not isinstance(config.get(key) or {}, dict):
-            raise BadInput(f"{folder}: '{key}' in its config.json is not a mapping")
-    training = TrainingRecord.from_dict(config.get("training") or {}, folder)
-    training.imported_from, training.source_format = str(folder.resolve()), "stc-diffusers"
-    concept = Concept(
-        name=concept_name(name, config["name"]), base_model=model or config["base_model"],
-        initializer=config["initializer"], text_width=int(config["text_width"]),
-        layer_names=list(config["layer_names"]), mapper=dict(config["mapper"]), training=training,
-        metrics=MetricsRecord.from_dict(config.get("metrics") or {}), created=str(config.get("created") or ""),
-        base_fingerprint=str(config.get("base_fingerprint") or ""),
-    )
+    concept = concept_from_record(config, mapper, request, "stc-diffusers", f"{folder}: its config.json")
     kept = (folder / PREVIEW_FILE, folder / METRICS_FILE)
     files = {path.name: path for path in kept if path.is_file() and not path.is_symlink()}
     return Imported(concept, mapper, "stc-diffusers", files=files)
