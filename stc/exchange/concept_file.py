@@ -40,7 +40,7 @@ def header_metadata(path: Path) -> dict | None:
             if size > MAX_HEADER:
                 return None
             header = json.loads(handle.read(size).decode("utf-8"))
-    except (OSError, ValueError, UnicodeDecodeError):
+    except (OSError, ValueError, UnicodeDecodeError, RecursionError):  # a lying header is no concept file
         return None
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     return metadata if isinstance(metadata, dict) else {}
@@ -152,7 +152,7 @@ def read_concept_file(path: Path) -> tuple[dict, dict]:
         if key in metadata:
             try:
                 decoded[key] = json.loads(metadata[key])
-            except ValueError as exc:
+            except (ValueError, RecursionError) as exc:
                 raise BadInput(f"{path}: its header's {key!r} is not valid JSON: {exc}") from exc
     kinds = {"mapper": dict, "layer_names": list, "text_encoders": list}
     for key, kind in kinds.items():
