@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from helpers import invoke
 from PIL import Image
+from safetensors.torch import load_file
 
 TINY = ("--model", "builtin:tiny", "--steps", 2)
 
@@ -440,7 +441,7 @@ def test_a_lora_equals_diffusers_load_lora_weights_in_both_layouts(tmp_path):
     peft_file = random_lora(fresh.pipeline, tmp_path / "style.safetensors")
     kohya_file = random_lora(fresh.pipeline, tmp_path / "kohya.safetensors", layout="kohya")
     plain_pipe = copy.deepcopy(fresh.pipeline)
-    plain_pipe.load_lora_weights(str(peft_file), adapter_name="style")
+    plain_pipe.load_lora_weights(load_file(str(peft_file)), adapter_name="style")
     plain_pipe.set_adapters(["style"], adapter_weights=[0.8])
     expected = plain_pipe("a cat on the beach", num_inference_steps=4, guidance_scale=7.5,
                           generator=[torch.Generator().manual_seed(3)], output_type="latent").images
@@ -530,7 +531,7 @@ def test_sdxl_and_text_encoder_loras_equal_diffusers(tmp_path):
         path = random_lora(fresh.pipeline, tmp_path / f"{spec[8:]}.safetensors", text_encoders=True)
         plain_pipe = copy.deepcopy(fresh.pipeline)
         plain_pipe.scheduler = DPMSolverMultistepScheduler.from_config(plain_pipe.scheduler.config)  # stc's
-        plain_pipe.load_lora_weights(str(path), adapter_name="x")
+        plain_pipe.load_lora_weights(load_file(str(path)), adapter_name="x")
         plain_pipe.set_adapters(["x"], adapter_weights=[0.7])
         expected = plain_pipe("a cat on the beach", num_inference_steps=3, guidance_scale=7.5,
                               generator=[torch.Generator().manual_seed(1)], output_type="latent").images

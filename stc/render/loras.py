@@ -149,7 +149,14 @@ def load_loras(pipeline, loras: list[Lora]) -> None:
         raise ModelError("loading LoRAs needs peft: pip install peft") from None
     for index, lora in enumerate(loras):
         try:
-            pipeline.load_lora_weights(str(lora.path), adapter_name=adapter_name(index))
+            # the tensors, not the path: a path makes some diffusers releases look for a hub repository
+            # (offline: "you must specify a weight_name")
+            source = str(lora.path)
+            if lora.path.suffix == ".safetensors":
+                from safetensors.torch import load_file
+
+                source = load_file(source)
+            pipeline.load_lora_weights(source, adapter_name=adapter_name(index))
         except (ValueError, KeyError, RuntimeError, OSError) as exc:
             from ..errors import one_line
 
