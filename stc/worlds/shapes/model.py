@@ -75,6 +75,19 @@ def assemble(tokenizer, text_encoder, unet, vae):
     )
 
 
+def in_module_layout(module, state: dict) -> dict:
+    """``state`` under the key names this transformers release gives ``module``: CLIP's text models
+    name their weights with or without a ``text_model.`` level depending on the release (5.0 has
+    it, later 5.x do not), and the shipped weights were saved by one of them."""
+    expected = set(module.state_dict())
+    if set(state) <= expected:
+        return state
+    level = "text_model."
+    nested = {level + key: value for key, value in state.items()}
+    flat = {key.removeprefix(level): value for key, value in state.items()}
+    return max((state, nested, flat), key=lambda candidate: len(set(candidate) & expected))
+
+
 def save_weights(path: Path, text_encoder, unet, vae, metadata: dict) -> None:
     """One safetensors file (fp16) holding the three models, prefixed by name."""
     import torch
@@ -111,7 +124,7 @@ def build_shapes_pipeline(weights: Path = WEIGHTS):
         text_encoder, unet, vae = build_components(tokenizer, float(metadata["scaling_factor"]))
     for prefix, module in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
         own = {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + ".")}
-        module.load_state_dict(own, strict=True)
+        module.load_state_dict(in_module_layout(module, own), strict=True)
     return assemble(tokenizer, text_encoder, unet, vae)
 
 
@@ -201,7 +214,7 @@ def _read_weights(weights: Path, kind: str, fmt: str, how: str):
 def _load(modules, state: dict) -> None:
     for prefix, module in modules:
         own = {key[len(prefix) + 1:]: value for key, value in state.items() if key.startswith(prefix + ".")}
-        module.load_state_dict(own, strict=True)
+        module.load_state_dict(in_module_layout(module, own), strict=True)
 
 
 def build_shapes_sdxl_pipeline(weights: Path = SDXL_WEIGHTS, world: Path = WEIGHTS):
